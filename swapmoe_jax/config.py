@@ -1,0 +1,182 @@
+"""Model configuration: a frozen dataclass that `jax.jit` can treat as static.
+
+Axis letters used across the package (shape comments and einsum strings):
+  B batch, T target (decoder) length, S source (encoder) length, D model width,
+  F expert / FFN width, E experts, K resident slots, L layers, H heads, V vocab, C head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("SwitchTransformersForConditionalGeneration",)
+SUPPORTED_MODEL_TYPES = ("switch_transformers",)
+SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+
+
+class ConfigError(ValueError):
+  """A configuration this package cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchConfig:
+  """Shape and semantics of a Switch Transformer encoder-decoder (HF `SwitchTransformersConfig`)."""
+
+  vocab_size: int = 32128
+  d_model: int = 768
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_heads: int = 12
+  num_layers: int = 12
+  num_decoder_layers: int = 12
+  num_experts: int = 8
+  expert_capacity: int = 64
+  encoder_sparse_step: int = 2
+  decoder_sparse_step: int = 2
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dense_act_fn: str = "relu"
+  router_bias: bool = False
+  tie_word_embeddings: bool = True
+  pad_token_id: int = 0
+  eos_token_ids: tuple[int, ...] = (1,)
+  decoder_start_token_id: int = 0
+
+  def __post_init__(self):
+    if self.dense_act_fn not in SUPPORTED_ACTIVATIONS:
+      raise ConfigError(
+          f"dense_act_fn={self.dense_act_fn!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+      )
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_experts"):
+      if int(getattr(self, name)) <= 0:
+        raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.num_decoder_layers <= 0:
+      raise ConfigError(f"num_decoder_layers must be positive, got {self.num_decoder_layers}")
+    if self.expert_capacity <= 0:
+      raise ConfigError(f"expert_capacity must be positive, got {self.expert_capacity}")
+
+  # --- derived -----------------------------------------------------------------------------
+  @property
+  def inner_dim(self) -> int:
+    return self.num_heads * self.d_kv
+
+  @staticmethod
+  def _sparse_layers(num_layers: int, step: int) -> tuple[int, ...]:
+    # HF SwitchTransformersStack: sparse if `i % step == 1 or step == 1` (step > 0).
+    if step <= 0:
+      return ()
+    return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
+
+  @property
+  def encoder_sparse_layers(self) -> tuple[int, ...]:
+    return self._sparse_layers(self.num_layers, self.encoder_sparse_step)
+
+  @property
+  def decoder_sparse_layers(self) -> tuple[int, ...]:
+    return self._sparse_layers(self.num_decoder_layers, self.decoder_sparse_step)
+
+  @property
+  def moe_layers(self) -> tuple[tuple[str, int], ...]:
+    """Every MoE layer as (stack, block index), encoder first: the order of all per-layer arrays."""
+    return tuple(("encoder", i) for i in self.encoder_sparse_layers) + tuple(
+        ("decoder", i) for i in self.decoder_sparse_layers
+    )
+
+  @property
+  def num_moe_layers(self) -> int:
+    return len(self.moe_layers)
+
+  def expert_param_count(self) -> int:
+    """Parameters of one expert (wi + wo)."""
+    return 2 * self.d_model * self.d_ff
+
+  # --- (de)serialisation ---------------------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["eos_token_ids"] = list(self.eos_token_ids)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "SwitchConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise ConfigError(f"unknown config fields: {sorted(unknown)}")
+    d = dict(d)
+    if "eos_token_ids" in d:
+      d["eos_token_ids"] = tuple(int(t) for t in d["eos_token_ids"])
+    return cls(**d)
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any]) -> "SwitchConfig":
+    """Builds the config from a Hugging Face `config.json` dict, mirroring `SwitchTransformersConfig`."""
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ConfigError(
+          f"unsupported model_type {model_type!r} (architectures {archs}); supported: "
+          f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
+      )
+    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+      raise ConfigError(
+          f"unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+      )
+    get = lambda k, default: hf[k] if hf.get(k) is not None else default  # noqa: E731
+    num_layers = int(get("num_layers", 12))
+    num_decoder_layers = int(get("num_decoder_layers", num_layers))
+    n_sparse_enc = int(get("num_sparse_encoder_layers", 3))
+    n_sparse_dec = int(get("num_sparse_decoder_layers", 3))
+    # Same arithmetic as SwitchTransformersConfig.__post_init__.
+    enc_step = num_layers // n_sparse_enc if n_sparse_enc > 0 else num_layers
+    dec_step = num_decoder_layers // n_sparse_dec if n_sparse_dec > 0 else num_decoder_layers
+    eos = get("eos_token_id", 1)
+    eos_ids = tuple(int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    pad = int(get("pad_token_id", 0))
+    act = get("dense_act_fn", "relu")
+    if get("router_dtype", "float32") != "float32":
+      raise ConfigError(f"router_dtype={hf.get('router_dtype')!r} is not supported; supported: float32")
+    try:
+      return cls(
+          vocab_size=int(get("vocab_size", 32128)),
+          d_model=int(get("d_model", 768)),
+          d_kv=int(get("d_kv", 64)),
+          d_ff=int(get("d_ff", 2048)),
+          num_heads=int(get("num_heads", 12)),
+          num_layers=num_layers,
+          num_decoder_layers=num_decoder_layers,
+          num_experts=int(get("num_experts", 8)),
+          expert_capacity=int(get("expert_capacity", 64)),
+          encoder_sparse_step=enc_step,
+          decoder_sparse_step=dec_step,
+          relative_attention_num_buckets=int(get("relative_attention_num_buckets", 32)),
+          relative_attention_max_distance=int(get("relative_attention_max_distance", 128)),
+          layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-6)),
+          dense_act_fn=act,
+          router_bias=bool(get("router_bias", False)),
+          tie_word_embeddings=bool(get("tie_word_embeddings", True)),
+          pad_token_id=pad,
+          eos_token_ids=eos_ids,
+          decoder_start_token_id=int(get("decoder_start_token_id", pad)),
+      )
+    except (TypeError, ValueError) as e:
+      if isinstance(e, ConfigError):
+        raise
+      raise ConfigError(f"malformed config: {e}") from e
+
+  @classmethod
+  def from_hf_file(cls, path: str | os.PathLike) -> "SwitchConfig":
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise ConfigError(f"missing config file: {path}")
+    try:
+      with open(path) as f:
+        hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"malformed JSON in {path}: {e}") from e
+    if not isinstance(hf, dict):
+      raise ConfigError(f"malformed config in {path}: expected a JSON object")
+    return cls.from_hf_dict(hf)

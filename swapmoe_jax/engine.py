@@ -1,0 +1,136 @@
+"""`SwitchModel`: the object `swapmoe_jax.load` returns — call it for logits, or `generate` tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swapmoe_jax import decode
+from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.sampling import Sampling
+
+
+class InputError(ValueError):
+  """Bad input ids or masks."""
+
+
+def _as_ids(x, name: str, vocab_size: int) -> np.ndarray:
+  a = np.asarray(x)
+  if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+    raise InputError(f"{name} must be an integer array, got dtype {a.dtype}")
+  if a.ndim == 1:
+    a = a[None]
+  if a.ndim != 2 or a.shape[1] == 0:
+    raise InputError(f"{name} must have shape [batch, length] with length >= 1, got {a.shape}")
+  if a.size and (a.min() < 0 or a.max() >= vocab_size):
+    raise InputError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): min {a.min()}, max {a.max()}")
+  return a.astype(np.int32)
+
+
+def _as_mask(mask, ids: np.ndarray, name: str) -> np.ndarray:
+  if mask is None:
+    return np.ones(ids.shape, bool)
+  m = np.asarray(mask)
+  if m.ndim == 1:
+    m = m[None]
+  if m.shape != ids.shape:
+    raise InputError(f"{name} has shape {m.shape}, expected {ids.shape}")
+  return m.astype(bool)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+  tokens: np.ndarray  # int32 [B, N]
+  steps: int
+
+
+class SwitchModel:
+  """A loaded Switch Transformer. Weights are split once into (graphdef, params, slots).
+
+  Attributes: config, dtype, graphdef, params, slots, store (host experts), tokenizer (or None),
+  policy (residency policy name).
+  """
+
+  def __init__(self, config: SwitchConfig, graphdef, params, slots, *, dtype, store=None, tokenizer=None,
+               policy: str = "full", banks=None, meta: Any = None):
+    self.config = config
+    self.dtype = dtype
+    self.graphdef = graphdef
+    self.params = params
+    self.slots = slots
+    self.store = store
+    self.tokenizer = tokenizer
+    self.policy = policy
+    self._banks = banks
+    self.meta = meta
+    self.last_stats = None
+
+  # --- teacher-forced logits -----------------------------------------------------------------
+  def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
+    """Logits float32 [B, T, V] for `decoder_input_ids` (default: the decoder start token alone)."""
+    ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
+    mask = _as_mask(attention_mask, ids, "attention_mask")
+    if decoder_input_ids is None:
+      dec = np.full((ids.shape[0], 1), self.config.decoder_start_token_id, np.int32)
+    else:
+      dec = _as_ids(decoder_input_ids, "decoder_input_ids", self.config.vocab_size)
+    if dec.shape[0] != ids.shape[0]:
+      raise InputError(f"decoder_input_ids has batch {dec.shape[0]}, input_ids has {ids.shape[0]}")
+    dmask = None if decoder_attention_mask is None else _as_mask(decoder_attention_mask, dec, "decoder_attention_mask")
+    logits, _, stats = decode.forward(self.graphdef, self.params, self.slots, ids, mask, dec, dmask, self._banks)
+    self.last_stats = stats
+    return logits
+
+  def encode(self, input_ids, attention_mask=None):
+    """Encoder output [B, S, D]."""
+    ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
+    mask = _as_mask(attention_mask, ids, "attention_mask")
+    dec = np.full((ids.shape[0], 1), self.config.decoder_start_token_id, np.int32)
+    _, enc_h, _ = decode.forward(self.graphdef, self.params, self.slots, ids, mask, dec, None, self._banks)
+    return enc_h
+
+  # --- generation ----------------------------------------------------------------------------
+  def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None) -> np.ndarray:
+    """Generated ids int32 [B, <=max_new_tokens], without the decoder start token; rows that finished
+    early are padded with the pad id, and generation stops once every row has emitted EOS (as HF does).
+
+    stream: optional callable(step, tokens np.int32[B]) called as tokens are produced.
+    """
+    if max_new_tokens < 1:
+      raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
+    mask = _as_mask(attention_mask, ids, "attention_mask")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    cfg = self.config
+    cache, _ = decode.encode(self.graphdef, self.params, self.slots, ids, mask,
+                             decode.cache_length(max_new_tokens), self._banks)
+    b = ids.shape[0]
+    tokens = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    key = jax.random.key(seed)
+    out = []
+    for step in range(max_new_tokens):
+      tokens, done, cache, stats = decode.decode_step(
+          self.graphdef, self.params, self.slots, tokens, done, cache, jnp.int32(step), key, self._banks,
+          sampling, cfg.pad_token_id, cfg.eos_token_ids)
+      out.append(tokens)
+      if stream is not None:
+        stream(step, np.asarray(tokens))
+      if step % 8 == 7 and bool(jnp.all(done)):
+        break
+    toks = np.asarray(jnp.stack(out, axis=1))
+    return _trim_finished(toks, cfg.eos_token_ids)
+
+
+def _trim_finished(toks: np.ndarray, eos_ids) -> np.ndarray:
+  """Drops the columns after the step at which every row had emitted EOS (HF stops there)."""
+  is_eos = np.isin(toks, np.asarray(eos_ids))
+  if not is_eos.any(axis=1).all():
+    return toks
+  last = int(is_eos.argmax(axis=1).max())
+  return toks[:, : last + 1]
