@@ -1,0 +1,307 @@
+"""The on-disk format of a converted checkpoint: reader, shared constants and writer helpers.
+
+A converted folder (written by `python -m checkpoints_conv`, read here)::
+
+  out/
+    swapmoe.json          # metadata, see `write_metadata`
+    dense/                # one Orbax PyTree checkpoint: every weight except the experts
+    experts/encoder_001/  # one Orbax PyTree checkpoint per MoE layer:
+                          #   {"e0000": {"wi": [D, F], "wo": [F, D]}, "e0001": ...}
+    tokenizer/            # the source's tokenizer files, when it had them
+    generation_config.json  # the source's, when it had one
+
+Dense tree (nested dicts of numpy arrays; matrices are stored [in, out], i.e. torch Linear transposed)::
+
+  {"shared": [V, D], "lm_head": [D, V] (only when not tie_word_embeddings),
+   "encoder": {"rel_bias": [NB, H], "final_norm": [D], "blocks": {"0": BLOCK, "1": BLOCK, ...}},
+   "decoder": {same}}
+  BLOCK: {"attn_norm": [D], "attn": {"q": [D, H*C], "k": [D, H*C], "v": [D, H*C], "o": [H*C, D]},
+          "ffn_norm": [D], and either "mlp": {"wi": [D, F], "wo": [F, D]} (dense block)
+          or "router": {"w": [D, E]} plus "b": [E] iff config.router_bias (sparse block)}
+  decoder BLOCK: the same plus "cross_norm": [D], "cross": {"q", "k", "v", "o"}
+
+NB is `relative_attention_num_buckets`. Experts live apart from the dense tree so that the loader can
+read them once into host memory, and so that one expert can be read alone (`restore_experts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from swapmoe_jax.config import ConfigError, SwitchConfig
+
+FORMAT_VERSION = 1
+METADATA_FILE = "swapmoe.json"
+DENSE_DIR = "dense"
+EXPERTS_DIR = "experts"
+TOKENIZER_DIR = "tokenizer"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Files copied into tokenizer/ when the source has them; the first two are the vocabularies.
+TOKENIZER_VOCAB_FILES = ("spiece.model", "tokenizer.json")
+TOKENIZER_FILES = TOKENIZER_VOCAB_FILES + (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+DTYPES: dict[str, Any] = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class CheckpointError(ValueError):
+  """A converted checkpoint folder that cannot be read."""
+
+
+def expert_key(j: int) -> str:
+  """Key of expert `j` in a layer's expert tree: "e0000", "e0001", ..."""
+  return f"e{j:04d}"
+
+
+def layer_dirname(stack: str, block: int) -> str:
+  """Folder (under experts/) of the MoE layer in block `block` of `stack`: "encoder_001"."""
+  return f"{stack}_{block:03d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+  """What `swapmoe.json` says about a converted folder, validated against the folder.
+
+  Attributes:
+    folder: absolute path of the converted folder.
+    format_version: the format version that wrote it (<= FORMAT_VERSION).
+    config: the model configuration.
+    dtype: "float32" or "bfloat16", the dtype of every stored array.
+    expert_norms: float32[num_moe_layers, E], ‖E_i‖ per MoE layer in `moe_layers` order.
+    moe_layers: ((stack, block), ...), equal to `config.moe_layers`.
+    tokenizer_dir: the tokenizer folder, or None when the source had no tokenizer.
+    hf_config: the source's original `config.json` dict.
+  """
+
+  folder: str
+  format_version: int
+  config: SwitchConfig
+  dtype: str
+  expert_norms: np.ndarray
+  moe_layers: tuple[tuple[str, int], ...]
+  tokenizer_dir: str | None
+  hf_config: dict[str, Any]
+
+  @property
+  def dense_dir(self) -> str:
+    return os.path.join(self.folder, DENSE_DIR)
+
+  def experts_dir(self, layer: int) -> str:
+    """Folder of MoE layer number `layer` (an index into `moe_layers`)."""
+    stack, block = self.moe_layers[layer]
+    return os.path.join(self.folder, EXPERTS_DIR, layer_dirname(stack, block))
+
+
+# --- writer helpers (used by checkpoints_conv) ---------------------------------------------------
+
+def save_tree(path: str | os.PathLike, tree: dict[str, Any]) -> None:
+  """Writes a nested dict of numpy arrays as one Orbax PyTree checkpoint at `path` (must not exist).
+
+  Uncompressed: zstd saves ~7% on float weights but halves the save speed and slows every restore
+  (measured: 0.13 vs 0.27 GB/s save, 0.38 vs 0.47 GB/s restore, 2 CPU cores). Orbax's default numpy
+  handler deep-copies every array before writing (a guard for async saves); this save is
+  synchronous, so the copy is skipped.
+  """
+  import orbax.checkpoint as ocp
+
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeSave(tree))
+
+
+def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig, dtype: str,
+                   hf_config: dict[str, Any], expert_norms: np.ndarray, has_tokenizer: bool,
+                   source: str) -> None:
+  """Writes `swapmoe.json`; `expert_norms` is float32[num_moe_layers, E] in `config.moe_layers` order."""
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+  norms = np.asarray(expert_norms, np.float32)
+  if norms.shape != (config.num_moe_layers, config.num_experts):
+    raise ValueError(f"expert_norms has shape {norms.shape}, expected "
+                     f"{(config.num_moe_layers, config.num_experts)}")
+  meta = {
+      "format_version": FORMAT_VERSION,
+      "config": config.to_dict(),
+      "dtype": dtype,
+      "hf_config": hf_config,
+      "moe_layers": [[stack, block] for stack, block in config.moe_layers],
+      "expert_norms": [[float(x) for x in row] for row in norms],
+      "has_tokenizer": bool(has_tokenizer),
+      "source": source,
+  }
+  with open(os.path.join(os.fspath(folder), METADATA_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+    f.write("\n")
+
+
+# --- reader --------------------------------------------------------------------------------------
+
+def is_converted_checkpoint(folder: str | os.PathLike) -> bool:
+  """Whether `folder` looks like a converted checkpoint (has `swapmoe.json`); does not validate it."""
+  return os.path.isfile(os.path.join(os.fspath(folder), METADATA_FILE))
+
+
+def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
+  """Reads and validates `swapmoe.json` of a converted folder.
+
+  Raises:
+    CheckpointError: one line naming the offending file or folder.
+  """
+  folder = os.path.abspath(os.fspath(folder))
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"no such checkpoint folder: {folder}")
+  path = os.path.join(folder, METADATA_FILE)
+  if not os.path.isfile(path):
+    raise CheckpointError(
+        f"missing {path}: not a converted swapmoe_jax checkpoint (convert one with python -m checkpoints_conv)")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"cannot parse {path}: {e}") from e
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"malformed {path}: expected a JSON object")
+
+  def field(name, typ):
+    if name not in meta:
+      raise CheckpointError(f"malformed {path}: no {name!r}")
+    value = meta[name]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+      raise CheckpointError(f"malformed {path}: {name!r} should be {typ.__name__}, got {value!r:.80}")
+    return value
+
+  version = field("format_version", int)
+  if version > FORMAT_VERSION:
+    raise CheckpointError(
+        f"{path} was written by a newer swapmoe_jax (format_version {version}, this one reads up to "
+        f"{FORMAT_VERSION}); upgrade swapmoe_jax or convert the model again")
+  try:
+    config = SwitchConfig.from_dict(field("config", dict))
+  except (ConfigError, TypeError) as e:
+    raise CheckpointError(f"bad config in {path}: {e}") from e
+  dtype = field("dtype", str)
+  if dtype not in DTYPES:
+    raise CheckpointError(f"unknown dtype {dtype!r} in {path}; known: {', '.join(DTYPES)}")
+  try:
+    moe_layers = tuple((str(s), int(b)) for s, b in field("moe_layers", list))
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"malformed 'moe_layers' in {path}: {e}") from e
+  if moe_layers != config.moe_layers:
+    raise CheckpointError(f"'moe_layers' in {path} is {list(moe_layers)}, but its config gives "
+                          f"{list(config.moe_layers)}")
+  try:
+    norms = np.asarray(field("expert_norms", list), np.float32)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"malformed 'expert_norms' in {path}: {e}") from e
+  want = (config.num_moe_layers, config.num_experts)
+  if norms.shape != want and not (norms.size == 0 and want[0] == 0):
+    raise CheckpointError(f"'expert_norms' in {path} has shape {norms.shape}, but its config has "
+                          f"{want[0]} MoE layers of {want[1]} experts")
+  norms = norms.reshape(want)
+  hf_config = meta.get("hf_config") or {}
+  for sub in (DENSE_DIR, EXPERTS_DIR):
+    if not os.path.isdir(os.path.join(folder, sub)):
+      raise CheckpointError(f"incomplete checkpoint {folder}: no {sub}/ folder")
+  tokenizer_dir = None
+  if field("has_tokenizer", bool):
+    tokenizer_dir = os.path.join(folder, TOKENIZER_DIR)
+    if not os.path.isdir(tokenizer_dir):
+      raise CheckpointError(f"{path} says the checkpoint has a tokenizer, but {tokenizer_dir} is missing")
+  result = CheckpointMeta(folder=folder, format_version=version, config=config, dtype=dtype,
+                          expert_norms=norms, moe_layers=moe_layers, tokenizer_dir=tokenizer_dir,
+                          hf_config=hf_config)
+  for layer in range(len(moe_layers)):
+    if not os.path.isdir(result.experts_dir(layer)):
+      raise CheckpointError(f"incomplete checkpoint {folder}: no {result.experts_dir(layer)}")
+  return result
+
+
+def _restore(path: str, item: dict | None, restore_args: dict, partial: bool) -> dict:
+  import orbax.checkpoint as ocp
+
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=partial))
+  except Exception as e:  # Orbax / tensorstore raise many types; name the folder in one line
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"cannot read the Orbax checkpoint {path}: {detail}") from e
+
+
+def restore_dense(meta: CheckpointMeta) -> dict[str, Any]:
+  """Reads the dense tree (see the module docstring) as numpy arrays of dtype `meta.dtype`."""
+  import orbax.checkpoint as ocp
+
+  path = meta.dense_dir
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree_meta = ckptr.metadata(path).item_metadata.tree
+  except Exception as e:
+    raise CheckpointError(f"cannot read the Orbax checkpoint {path}: {e}") from e
+  restore_args = _map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
+  return _restore(path, None, restore_args, partial=False)
+
+
+def restore_experts(meta: CheckpointMeta, layer: int,
+                    experts: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads some experts of one MoE layer from disk, and only those.
+
+  Args:
+    meta: from `read_metadata`.
+    layer: MoE layer number, an index into `meta.moe_layers`.
+    experts: expert ids in [0, E), in the order wanted (repeats allowed); None: all E in order.
+
+  Returns:
+    (wi, wo): wi [n, D, F], wo [n, F, D], dtype `meta.dtype`, n = len(experts).
+  """
+  import orbax.checkpoint as ocp
+
+  cfg = meta.config
+  if not 0 <= layer < len(meta.moe_layers):
+    raise CheckpointError(f"MoE layer {layer} out of range: {meta.folder} has {len(meta.moe_layers)} MoE layers")
+  ids = list(range(cfg.num_experts)) if experts is None else [int(j) for j in experts]
+  bad = [j for j in ids if not 0 <= j < cfg.num_experts]
+  if bad:
+    raise CheckpointError(f"expert ids {bad} out of range: {meta.folder} has {cfg.num_experts} experts per layer")
+  dtype = DTYPES[meta.dtype]
+  D, F = cfg.d_model, cfg.d_ff
+  if not ids:
+    return np.zeros((0, D, F), dtype), np.zeros((0, F, D), dtype)
+  # Orbax partial restore reads only the keys in `item`; a key missing on disk would silently come
+  # back as its placeholder, hence the shape check below.
+  wanted = sorted(set(ids))
+  item = {expert_key(j): {"wi": np.zeros((), dtype), "wo": np.zeros((), dtype)} for j in wanted}
+  args = {expert_key(j): {"wi": ocp.RestoreArgs(restore_type=np.ndarray),
+                          "wo": ocp.RestoreArgs(restore_type=np.ndarray)} for j in wanted}
+  path = meta.experts_dir(layer)
+  tree = _restore(path, item, args, partial=True)
+  for j in wanted:
+    wi, wo = tree[expert_key(j)]["wi"], tree[expert_key(j)]["wo"]
+    if np.shape(wi) != (D, F) or np.shape(wo) != (F, D):
+      raise CheckpointError(f"expert {j} in {path} has shapes {np.shape(wi)}, {np.shape(wo)}; "
+                            f"expected {(D, F)}, {(F, D)}")
+  wi = np.stack([tree[expert_key(j)]["wi"] for j in ids]).astype(dtype, copy=False)
+  wo = np.stack([tree[expert_key(j)]["wo"] for j in ids]).astype(dtype, copy=False)
+  return wi, wo
+
+
+def restore_all_experts(meta: CheckpointMeta, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Reads every expert: one (wi [E, D, F], wo [E, F, D]) per MoE layer, in `meta.moe_layers` order."""
+  from tqdm.auto import tqdm
+
+  layers = tqdm(range(len(meta.moe_layers)), desc="reading experts", unit="layer", disable=not progress)
+  return [restore_experts(meta, layer) for layer in layers]
+
+
+def _map_leaves(fn, tree):
+  if isinstance(tree, dict):
+    return {k: _map_leaves(fn, v) for k, v in tree.items()}
+  return fn(tree)
