@@ -1,0 +1,304 @@
+"""Memory budgets: parse what the user typed, and count the bytes a plan will occupy.
+
+The budget bounds *everything this package puts on the accelerator*: dense weights, the resident expert
+slots, the KV caches, the staging buffers that incoming experts land in, and an estimate of the
+activation workspace. The paper overshot its limits (3.58 GiB used for a 3.5 GiB limit, SWAPMOE.md §2);
+here a plan whose `MemoryBreakdown.total` exceeds the budget is never produced.
+
+Axis letters: L MoE layers, E experts, K slots, B batch, S source length, T target length, D d_model,
+F d_ff, H heads, C head dim, V vocab, NB relative-position buckets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from swapmoe_jax.config import SwitchConfig
+
+KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+
+# Binary units; single letters follow docker/JVM ("4G" is 4 GiB). "B"-suffixed SI units are decimal.
+_UNITS = {
+    "": 1, "b": 1, "byte": 1, "bytes": 1,
+    "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+}
+_BUDGET_RE = re.compile(
+    r"^\s*(?P<num>[+-]?(?:nan|inf(?:inity)?|[\d_]*\.?[\d_]*(?:e[+-]?\d+)?))\s*(?P<unit>[a-z%]*)\s*$",
+    re.IGNORECASE)
+_EXAMPLES = "'4GiB', '4.5 GiB', '512MiB', '3GB', '1e9' (bytes) or '33%' (of the full model)"
+
+# Activations are estimated in float32 whatever the weight dtype (softmax and router run in float32,
+# HF semantics), times this margin for XLA temporaries the count does not name.
+WORKSPACE_DTYPE_BYTES = 4
+WORKSPACE_MARGIN = 1.25
+
+
+class BudgetError(ValueError):
+  """A budget that is malformed, or too small for the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A memory limit: either absolute bytes or a percentage of the full model's weight bytes."""
+
+  absolute_bytes: int | None = None
+  percent: float | None = None
+
+  def __post_init__(self):
+    if (self.absolute_bytes is None) == (self.percent is None):
+      raise BudgetError("a Budget holds exactly one of absolute_bytes and percent")
+    if self.absolute_bytes is not None and self.absolute_bytes <= 0:
+      raise BudgetError(f"budget must be positive, got {self.absolute_bytes} bytes")
+    if self.percent is not None and not 0 < self.percent <= 100:
+      raise BudgetError(f"budget percentage must be in (0, 100], got {self.percent}%")
+
+  def resolve(self, full_model_bytes: int) -> int:
+    """Bytes this budget allows for a model whose weights (dense + all experts) take `full_model_bytes`."""
+    if self.absolute_bytes is not None:
+      return self.absolute_bytes
+    # Decimal so that "50%" of an odd byte count floors exactly; a budget is a ceiling.
+    return int(decimal.Decimal(int(full_model_bytes)) * decimal.Decimal(repr(self.percent)) / 100)
+
+  def __str__(self) -> str:
+    if self.percent is not None:
+      p = self.percent
+      return f"{int(p)}%" if float(p).is_integer() else f"{p!r}%"
+    n = self.absolute_bytes
+    for name, unit in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+      if n % unit == 0:
+        return f"{n // unit}{name}"
+    return str(n)
+
+
+def parse_budget(value: str | int | float | Budget) -> Budget:
+  """Parses '4GiB', '4.5 GiB', '512MiB', '3GB' (decimal), '1e9' or 4_000_000_000 (bytes), '33%'.
+
+  Units are case-insensitive. Fractional byte counts are floored (a budget is a ceiling).
+
+  Raises:
+    BudgetError: malformed text, an unknown unit, a negative, zero, NaN or infinite amount, a
+      percentage above 100, or an amount below one byte.
+  """
+  if isinstance(value, Budget):
+    return value
+  if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
+    raise BudgetError(f"budget must be text or a number of bytes, got {type(value).__name__}: {value!r}")
+  text = str(value) if isinstance(value, str) else repr(value.item() if hasattr(value, "item") else value)
+  m = _BUDGET_RE.match(text)
+  if not m:
+    raise BudgetError(f"malformed budget {text!r}; expected e.g. {_EXAMPLES}")
+  number, unit = m.group("num"), m.group("unit").lower()
+  try:
+    amount = decimal.Decimal(number)
+  except decimal.InvalidOperation:
+    raise BudgetError(f"malformed budget {text!r}: {number!r} is not a number; expected e.g. {_EXAMPLES}"
+                      ) from None
+  if amount.is_nan():
+    raise BudgetError(f"budget {text!r} is not a number (NaN)")
+  if amount.is_infinite():
+    raise BudgetError(f"budget {text!r} is infinite; give a finite amount, e.g. {_EXAMPLES}")
+  if amount < 0:
+    raise BudgetError(f"budget {text!r} is negative; it must be positive")
+  if amount == 0:
+    raise BudgetError(f"budget {text!r} is zero; it must be positive")
+  if unit == "%":
+    if amount > 100:
+      raise BudgetError(f"budget {text!r} is above 100% of the model; use at most '100%'")
+    return Budget(percent=float(amount))
+  if unit not in _UNITS:
+    raise BudgetError(f"unknown unit {m.group('unit')!r} in budget {text!r}; "
+                      "use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB or %")
+  if amount.adjusted() > 30:  # also keeps int() below cheap for inputs like '1e999999999'
+    raise BudgetError(f"budget {text!r} is implausibly large")
+  n = int(amount * _UNITS[unit])  # floors: amount > 0
+  if n < 1:
+    hint = " (for a fraction of the model write e.g. '33%')" if unit == "" else ""
+    raise BudgetError(f"budget {text!r} is less than one byte{hint}")
+  return Budget(absolute_bytes=n)
+
+
+def format_bytes(n: int | float) -> str:
+  """'512 B', '1.50 KiB', '4.38 GiB': binary units, two decimals."""
+  sign, n = ("-" if n < 0 else ""), abs(n)
+  for name, unit in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+    if n >= unit:
+      return f"{sign}{n / unit:.2f} {name}"
+  return f"{sign}{int(n)} B"
+
+
+def dtype_size(dtype: int | str | np.dtype) -> int:
+  """Bytes per element: an int passes through; 'bfloat16', 'float32', np.float16, ... via numpy."""
+  if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+    if dtype <= 0:
+      raise ValueError(f"dtype_bytes must be positive, got {dtype}")
+    return int(dtype)
+  import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
+
+  return np.dtype(dtype).itemsize
+
+
+# --- parameter counts -------------------------------------------------------------------------------
+
+
+def dense_param_count(config: SwitchConfig) -> int:
+  """Parameters that are always resident: everything but the experts.
+
+  Counts the model's dense parameters: shared [V,D] when embeddings are tied; otherwise each stack's
+  own input embedding [V,D] (transformers 5 unties them with the LM head) and lm_head [D,V]; per stack rel_bias [NB,H]
+  (block 0 only, reused by all blocks) and final_norm [D]; per block attn_norm [D], q/k/v [D,H*C],
+  o [H*C,D], ffn_norm [D], then either a dense mlp wi [D,F] + wo [F,D] or a router w [D,E] (+ b [E]);
+  decoder blocks also cross_norm [D] and cross q/k/v/o.
+  """
+  c = config
+  d, hc, e = c.d_model, c.inner_dim, c.num_experts
+  attention = 4 * d * hc
+  dense_ffn = 2 * d * c.d_ff
+  router = d * e + (e if c.router_bias else 0)
+  total = c.vocab_size * d if c.tie_word_embeddings else 3 * c.vocab_size * d
+  for num_blocks, sparse, cross in ((c.num_layers, c.encoder_sparse_layers, False),
+                                    (c.num_decoder_layers, c.decoder_sparse_layers, True)):
+    total += c.relative_attention_num_buckets * c.num_heads + d  # rel_bias, final_norm
+    for i in range(num_blocks):
+      total += 2 * d + attention  # attn_norm, ffn_norm, self-attention
+      total += router if i in sparse else dense_ffn
+      if cross:
+        total += d + attention  # cross_norm, cross-attention
+  return total
+
+
+def router_param_count(config: SwitchConfig) -> int:
+  """Router parameters (w [D,E], b [E]) of all MoE layers: held in float32 whatever the model dtype."""
+  e = config.num_experts
+  return config.num_moe_layers * (config.d_model * e + (e if config.router_bias else 0))
+
+
+def dense_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -> int:
+  """Device bytes of the dense parameters: routers in float32 (HF routes in float32), plus each MoE
+  layer's expert norms [E] and index map [E] (4 bytes each); the rest in the model dtype."""
+  routers = router_param_count(config)
+  per_layer = 2 * 4 * config.num_experts
+  return ((dense_param_count(config) - routers) * dtype_size(dtype_bytes) + routers * 4
+          + config.num_moe_layers * per_layer)
+
+
+def expert_bytes_each(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -> int:
+  """Bytes of one expert (wi [D,F] + wo [F,D]) in the model dtype."""
+  return config.expert_param_count() * dtype_size(dtype_bytes)
+
+
+def full_model_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -> int:
+  """Weight bytes of the whole model: dense + every expert of every MoE layer."""
+  experts = config.num_moe_layers * config.num_experts * config.expert_param_count()
+  return dense_bytes(config, dtype_bytes) + experts * dtype_size(dtype_bytes)
+
+
+# --- the memory a plan occupies ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBreakdown:
+  """Accelerator bytes of one plan, by kind. `total` is their sum."""
+
+  dense_bytes: int
+  expert_bytes: int
+  kv_cache_bytes: int
+  staging_bytes: int
+  workspace_bytes: int
+  total: int = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "total", self.dense_bytes + self.expert_bytes + self.kv_cache_bytes
+                       + self.staging_bytes + self.workspace_bytes)
+
+  def __str__(self) -> str:
+    return (f"total {format_bytes(self.total)} = dense {format_bytes(self.dense_bytes)} + experts "
+            f"{format_bytes(self.expert_bytes)} + kv cache {format_bytes(self.kv_cache_bytes)} + staging "
+            f"{format_bytes(self.staging_bytes)} + workspace {format_bytes(self.workspace_bytes)}")
+
+
+def kv_cache_bytes(config: SwitchConfig, dtype_bytes, batch: int, src_len: int, tgt_len: int) -> int:
+  """Decoder caches in the model dtype: self-attention K,V [B,H,T,C] and cross K,V [B,H,S,C] per layer."""
+  per_position = 2 * batch * config.num_heads * config.d_kv
+  return config.num_decoder_layers * per_position * (tgt_len + src_len) * dtype_size(dtype_bytes)
+
+
+def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int) -> int:
+  """A conservative estimate of activation memory at the peak of a generate call.
+
+  Counted in float32 (`WORKSPACE_DTYPE_BYTES`) even for bf16 models, times `WORKSPACE_MARGIN`. The peak
+  is the larger of two phases, since XLA frees one before the other runs:
+    encoder over B*S tokens: residual, normed input, attention and FFN outputs [B,S,D] x4; q,k,v
+      [B,S,H*C]; the FFN / expert intermediate [B,S,F]; router logits and probabilities [B,S,E] x2;
+      attention scores and probabilities [B,H,S,S] x2; the position bias [H,S,S];
+    one decode step: the same per-token tensors for B tokens; self and cross scores
+      [B,H,T] + [B,H,S], x2; logits and log-probabilities [B,V] x2 (HF computes them in float32).
+  Plus bookkeeping that stays resident: an index map int32[E] and an expert norm float32[E] per MoE
+  layer. Teacher-forced scoring of all T positions at once ([B,T,V] logits) is not covered.
+  """
+  c = config
+  d, hc, f, e, h = c.d_model, c.inner_dim, c.d_ff, c.num_experts, c.num_heads
+  per_token = 4 * d + 3 * hc + f + 2 * e
+  encoder = batch * src_len * per_token + 2 * batch * h * src_len * src_len + h * src_len * src_len
+  decode = batch * per_token + 2 * batch * h * (tgt_len + src_len) + h * tgt_len + 2 * batch * c.vocab_size
+  activations = math.ceil(max(encoder, decode) * WORKSPACE_DTYPE_BYTES * WORKSPACE_MARGIN)
+  return activations + c.num_moe_layers * c.num_experts * 8
+
+
+def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, slots_per_layer: Sequence[int],
+                     batch: int, src_len: int, tgt_len: int, staging_slots: int) -> MemoryBreakdown:
+  """Accelerator bytes of serving `config` with K_l = slots_per_layer[l] resident experts.
+
+  Args:
+    config: the model.
+    dtype_bytes: bytes per weight element (2 for bfloat16), or a dtype name.
+    slots_per_layer: K_l for each of the L MoE layers, in `config.moe_layers` order; 0 <= K_l <= E
+      (a plan needs K_l >= 1; 0 gives the bytes of everything but the experts).
+    batch, src_len, tgt_len: B, S and T (T counts every decoder position the cache holds).
+    staging_slots: experts that can be in flight at once (device buffers for incoming copies).
+  """
+  size = dtype_size(dtype_bytes)
+  slots = [int(k) for k in slots_per_layer]
+  if len(slots) != config.num_moe_layers:
+    raise ValueError(f"slots_per_layer has {len(slots)} entries; the model has {config.num_moe_layers} MoE layers")
+  if any(not 0 <= k <= config.num_experts for k in slots):  # 0: accounting without experts
+    raise ValueError(f"every K_l must be in [0, {config.num_experts}], got {slots}")
+  for name, v in (("batch", batch), ("src_len", src_len), ("tgt_len", tgt_len)):
+    if v <= 0:
+      raise ValueError(f"{name} must be positive, got {v}")
+  if staging_slots < 0:
+    raise ValueError(f"staging_slots must be >= 0, got {staging_slots}")
+  one_expert = expert_bytes_each(config, size)
+  return MemoryBreakdown(
+      dense_bytes=dense_bytes(config, size),
+      expert_bytes=sum(slots) * one_expert,
+      kv_cache_bytes=kv_cache_bytes(config, size, batch, src_len, tgt_len),
+      staging_bytes=staging_slots * one_expert,
+      workspace_bytes=workspace_bytes(config, batch, src_len, tgt_len),
+  )
+
+
+def min_budget_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, batch: int, src_len: int,
+                     tgt_len: int, staging_slots: int) -> int:
+  """The smallest budget that runs at all: dense + one expert per layer + caches + staging + workspace."""
+  return memory_breakdown(config, dtype_bytes, [1] * config.num_moe_layers, batch, src_len, tgt_len,
+                          staging_slots).total
+
+
+def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch: int, src_len: int,
+                     tgt_len: int, staging_slots: int) -> None:
+  """Raises BudgetError, stating the minimum, when `budget_bytes` cannot hold one expert per layer."""
+  minimum = min_budget_bytes(config, dtype_bytes, batch, src_len, tgt_len, staging_slots)
+  if budget_bytes < minimum:
+    parts = memory_breakdown(config, dtype_bytes, [1] * config.num_moe_layers, batch, src_len, tgt_len,
+                             staging_slots)
+    raise BudgetError(
+        f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum "
+        f"{format_bytes(minimum)} ({minimum} bytes) for batch {batch}, source {src_len}, target {tgt_len}: "
+        f"{parts} (one expert per MoE layer, {staging_slots} staging slots)")

@@ -1,0 +1,202 @@
+"""The planner: choose K_l (resident slots per MoE layer) and the swap cadence under a memory budget.
+
+SWAPMOE.md §2: the paper searches {K_1..K_L, frequency} with a genetic algorithm over a fitted accuracy
+predictor, and found equal K per layer measurably worse. Every slot costs the same bytes (one expert), so
+with a per-layer objective that is concave in K_l a greedy allocation is already optimal; this file
+offers that (`plan_calibrated`), equal slots (`plan_uniform`) and everything resident (`plan_full`).
+
+Each plan's `breakdown.total` is at most the budget, always (the paper overshot; we do not).
+
+Axis letters: L MoE layers, E experts, K slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from swapmoe_jax.budget import (
+    BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, format_bytes, memory_breakdown)
+from swapmoe_jax.config import SwitchConfig
+
+# The paper's `frequency`, counted in device calls (one prefill or one decode step). A decode step
+# sees one token per row, so one call's importance is noisy; 16 calls average enough tokens and keep
+# the target-recomputation cost (a top-K over [L,E] in numpy) off most steps.
+DEFAULT_UPDATE_EVERY = 16
+# Experts copied per step, and in flight at once (each needs a staging buffer). SWAPMOE.md §5: one
+# switch-base expert (bf16, 9.4 MB) moves in 0.2-0.4 ms from pinned host memory; a switch-base-64
+# decode step takes ~0.76 ms, so two copies per step hide behind compute.
+DEFAULT_MAX_SWAPS_PER_STEP = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A residency plan.
+
+  Attributes:
+    slots_per_layer: K_l per MoE layer, in `config.moe_layers` order.
+    update_every: device calls between recomputations of the target resident set (paper: frequency).
+    max_swaps_per_step: experts written per step and in flight at once; 0 when all are resident.
+    breakdown: the accelerator bytes of this plan; `breakdown.total <= budget_bytes`.
+    reason: why these numbers, for humans.
+    method: 'uniform', 'calibrated' or 'full'.
+    staging_slots: device buffers for incoming experts, = max_swaps_per_step.
+    budget_bytes: the budget planned for (None for an unconstrained `plan_full`).
+  """
+
+  slots_per_layer: tuple[int, ...]
+  update_every: int
+  max_swaps_per_step: int
+  breakdown: MemoryBreakdown
+  reason: str
+  method: str
+  staging_slots: int = 0
+  budget_bytes: int | None = None
+
+  @property
+  def resident_experts(self) -> int:
+    return sum(self.slots_per_layer)
+
+
+def _check_cadence(update_every: int, max_swaps_per_step: int) -> None:
+  if update_every < 1:
+    raise ValueError(f"update_every must be >= 1, got {update_every}")
+  if max_swaps_per_step < 1:
+    raise ValueError(f"max_swaps_per_step must be >= 1, got {max_swaps_per_step}")
+
+
+def _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len) -> bool:
+  """Whether every expert fits, with no staging (nothing ever swaps)."""
+  full = memory_breakdown(config, dtype_bytes, [config.num_experts] * config.num_moe_layers, batch, src_len,
+                          tgt_len, staging_slots=0)
+  return full.total <= budget_bytes
+
+
+def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, staging_slots) -> int:
+  """How many expert slots (over all layers) fit, after the minimum; raises BudgetError below it."""
+  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots)
+  base = memory_breakdown(config, dtype_bytes, [1] * config.num_moe_layers, batch, src_len, tgt_len,
+                          staging_slots)
+  extra = (budget_bytes - base.total) // expert_bytes_each(config, dtype_bytes)
+  return min(config.num_moe_layers + extra, config.num_moe_layers * config.num_experts)
+
+
+def _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
+               max_swaps_per_step, method, reason) -> Plan:
+  """A Plan with one staging buffer per write in flight."""
+  breakdown = memory_breakdown(config, dtype_bytes, slots, batch, src_len, tgt_len, max_swaps_per_step)
+  if budget_bytes is not None and breakdown.total > budget_bytes:  # the invariant, not a user error
+    raise AssertionError(f"plan exceeds its budget: {breakdown.total} > {budget_bytes}")
+  use = f"uses {format_bytes(breakdown.total)}"
+  if budget_bytes is not None:
+    use += f" of {format_bytes(budget_bytes)} ({breakdown.total} <= {budget_bytes} bytes)"
+  return Plan(tuple(int(k) for k in slots), update_every, max_swaps_per_step, breakdown,
+              f"{reason}; {use}: {breakdown}", method, max_swaps_per_step, budget_bytes)
+
+
+def _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, method) -> Plan:
+  """Every expert resident: no staging, and max_swaps_per_step 0 (nothing ever swaps)."""
+  slots = [config.num_experts] * config.num_moe_layers
+  return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every, 0, method,
+                    f"all {config.num_experts} experts of each of {len(slots)} MoE layers resident, no swaps")
+
+
+def plan_full(config: SwitchConfig, budget_bytes: int | None, dtype_bytes, batch: int, src_len: int,
+              tgt_len: int, update_every: int = DEFAULT_UPDATE_EVERY,
+              max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP) -> Plan:
+  """Every expert resident (K_l = E), no staging. Raises BudgetError if a given budget cannot hold it."""
+  _check_cadence(update_every, max_swaps_per_step)
+  if budget_bytes is not None:
+    need = memory_breakdown(config, dtype_bytes, [config.num_experts] * config.num_moe_layers, batch,
+                            src_len, tgt_len, 0).total
+    if need > budget_bytes:
+      raise BudgetError(f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) cannot hold the full "
+                        f"model, which needs {format_bytes(need)} ({need} bytes)")
+  return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "full")
+
+
+def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
+                 tgt_len: int, update_every: int = DEFAULT_UPDATE_EVERY,
+                 max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP) -> Plan:
+  """The largest equal K <= E that fits; leftover single slots go to layers in order.
+
+  Raises:
+    BudgetError: when the budget is below `min_budget_bytes` (the message states the minimum).
+  """
+  _check_cadence(update_every, max_swaps_per_step)
+  num_layers, e = config.num_moe_layers, config.num_experts
+  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len):
+    return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "uniform")
+  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step)
+  k, leftover = divmod(capacity, num_layers)
+  slots = [k + (1 if layer < leftover else 0) for layer in range(num_layers)]
+  return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
+                    max_swaps_per_step, "uniform",
+                    f"equal K={k} of {e} experts per MoE layer, +1 for the first {leftover} layer(s)")
+
+
+def layer_coverage(importance: np.ndarray, slots_per_layer) -> np.ndarray:
+  """float64[L]: share of each layer's importance held by its top-K_l experts.
+
+  Each layer is normalised to sum 1 (a layer that saw no importance counts as uniform), so layers with
+  large activation norms do not crowd out the others: what is scarce per layer is the fraction of
+  routing mass that keeps its preferred expert, which is what masked gating loses.
+  """
+  shares = _normalised(importance)
+  ranked = -np.sort(-shares, axis=1)
+  return np.array([ranked[layer, :k].sum() for layer, k in enumerate(slots_per_layer)])
+
+
+def _normalised(importance: np.ndarray) -> np.ndarray:
+  imp = np.asarray(importance, dtype=np.float64)
+  totals = imp.sum(axis=1, keepdims=True)
+  uniform = np.full_like(imp, 1.0 / imp.shape[1])
+  return np.where(totals > 0, imp / np.where(totals > 0, totals, 1.0), uniform)
+
+
+def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
+                    tgt_len: int, importance: np.ndarray, update_every: int = DEFAULT_UPDATE_EVERY,
+                    max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP) -> Plan:
+  """K_l from calibration importance: each next slot to the layer whose coverage grows most.
+
+  Starts at one slot per layer. The marginal gain of layer l's (k+1)-th slot is its (k+1)-th largest
+  normalised importance (`layer_coverage`). Gains fall with k in every layer and slots all cost one
+  expert's bytes, so this greedy maximises the summed coverage for the slot count that fits. Ties go to
+  the layer with fewer slots, then the earlier layer; slots that gain nothing are still handed out while
+  they fit, round-robin, since calibration may have missed experts that real inputs use.
+
+  Args:
+    importance: float[L,E], Eq. 1 importance summed over calibration inputs with the unmasked router.
+
+  Raises:
+    BudgetError: when the budget is below `min_budget_bytes`.
+    ValueError: when `importance` has the wrong shape, or negative or non-finite entries.
+  """
+  _check_cadence(update_every, max_swaps_per_step)
+  num_layers, e = config.num_moe_layers, config.num_experts
+  imp = np.asarray(importance, dtype=np.float64)
+  if imp.shape != (num_layers, e):
+    raise ValueError(f"importance must be [L={num_layers}, E={e}], got shape {imp.shape}")
+  if not np.all(np.isfinite(imp)) or np.any(imp < 0):
+    raise ValueError("importance must be finite and non-negative")
+  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len):
+    return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every,
+                         "calibrated")
+  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step)
+  ranked = -np.sort(-_normalised(imp), axis=1)
+  slots = [1] * num_layers
+  heap = [(-ranked[layer, 1], 1, layer) for layer in range(num_layers) if e > 1]
+  heapq.heapify(heap)
+  for _ in range(capacity - num_layers):
+    _, _, layer = heapq.heappop(heap)
+    slots[layer] += 1
+    if slots[layer] < e:
+      heapq.heappush(heap, (-ranked[layer, slots[layer]], slots[layer], layer))
+  coverage = layer_coverage(imp, slots)
+  cov = ", ".join(f"{c:.3f}" for c in coverage)
+  return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
+                    max_swaps_per_step, "calibrated",
+                    f"K per layer {slots} of {e} experts, chosen greedily by calibrated importance; "
+                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})")

@@ -1,0 +1,196 @@
+"""Routing statistics from the device step, and run telemetry built from them.
+
+The jitted step returns, per call, numpy arrays after `device_get` (the seam between the two worlds):
+  importance float32[L,E]  paper Eq. 1 over the tokens the *unmasked* router sends to each expert:
+                           sum of ||x|| * G(x)_i * ||E_i||;
+  wanted     int32[L,E]    tokens the unmasked router sends to each expert;
+  served     int32[L,E]    tokens each expert computed after masking (and capacity drops);
+  redirected int32[L]      tokens served by another expert than the one they wanted.
+A layer that saw no tokens in a call (the encoder during decode steps) has all-zero rows.
+
+Axis letters: L MoE layers, E experts, K slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from swapmoe_jax.budget import format_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingStats:
+  """One call's (or several merged calls') routing statistics.
+
+  Stored as float64 / int64 on the host, so that merging many calls neither rounds nor overflows.
+  """
+
+  importance: np.ndarray  # float64[L,E]
+  wanted: np.ndarray  # int64[L,E]
+  served: np.ndarray  # int64[L,E]
+  redirected: np.ndarray  # int64[L]
+
+  def __post_init__(self):
+    # Copies: the fields are made read-only, and the caller's arrays must stay theirs.
+    imp = np.array(self.importance, dtype=np.float64)
+    if imp.ndim != 2:
+      raise ValueError(f"importance must be [L,E], got shape {imp.shape}")
+    wanted = np.array(self.wanted, dtype=np.int64)
+    served = np.array(self.served, dtype=np.int64)
+    redirected = np.array(self.redirected, dtype=np.int64)
+    if wanted.shape != imp.shape or served.shape != imp.shape:
+      raise ValueError(f"wanted {wanted.shape} and served {served.shape} must match importance {imp.shape}")
+    if redirected.shape != imp.shape[:1]:
+      raise ValueError(f"redirected must be [L={imp.shape[0]}], got shape {redirected.shape}")
+    for name, arr in (("importance", imp), ("wanted", wanted), ("served", served), ("redirected", redirected)):
+      arr.flags.writeable = False
+      object.__setattr__(self, name, arr)
+
+  @classmethod
+  def zeros(cls, num_layers: int, num_experts: int) -> "RoutingStats":
+    z = np.zeros((num_layers, num_experts))
+    return cls(z, z, z, np.zeros(num_layers))
+
+  @property
+  def num_layers(self) -> int:
+    return self.importance.shape[0]
+
+  @property
+  def num_experts(self) -> int:
+    return self.importance.shape[1]
+
+  @property
+  def tokens_routed(self) -> int:
+    """Routing decisions: tokens summed over the MoE layers that saw them."""
+    return int(self.wanted.sum())
+
+  def active_layers(self) -> np.ndarray:
+    """bool[L]: layers that saw tokens in these calls."""
+    return (self.wanted.sum(axis=1) > 0) | (self.importance.sum(axis=1) > 0)
+
+  def used(self) -> np.ndarray:
+    """bool[L,E]: experts the unmasked router wanted for at least one token."""
+    return self.wanted > 0
+
+  def merge(self, other: "RoutingStats") -> "RoutingStats":
+    """Element-wise sum of two calls' statistics."""
+    if other.importance.shape != self.importance.shape:
+      raise ValueError(f"cannot merge stats of shape {other.importance.shape} into {self.importance.shape}")
+    return RoutingStats(self.importance + other.importance, self.wanted + other.wanted,
+                        self.served + other.served, self.redirected + other.redirected)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+  """What happened in one device call.
+
+  hits / misses count (layer, expert) pairs the unmasked router wanted in this call, by whether the
+  expert was resident in a committed slot: the events that cost a copy under exact routing.
+  """
+
+  step: int
+  redirected: int = 0
+  wanted: int = 0
+  served: int = 0
+  hits: int = 0
+  misses: int = 0
+  experts_swapped: int = 0
+  bytes_swapped: int = 0
+  transfer_s: float = 0.0
+  wait_s: float = 0.0
+
+  @classmethod
+  def from_stats(cls, step: int, stats: RoutingStats, **kwargs) -> "StepRecord":
+    return cls(step=step, redirected=int(stats.redirected.sum()), wanted=stats.tokens_routed,
+               served=int(stats.served.sum()), **kwargs)
+
+
+_TOTALS = ("redirected", "wanted", "served", "hits", "misses", "experts_swapped", "bytes_swapped",
+           "transfer_s", "wait_s")
+
+
+class Telemetry:
+  """Run totals and rates over StepRecords, plus the current resident set per layer.
+
+  Args:
+    policy: the swap policy's name, for the report.
+    keep_records: keep every StepRecord (for `to_json(records=True)`); totals are kept either way.
+  """
+
+  def __init__(self, policy: str = "", keep_records: bool = True):
+    self.policy = policy
+    self.keep_records = keep_records
+    self.records: list[StepRecord] = []
+    self.steps = 0
+    self.totals: dict[str, float] = {name: 0 for name in _TOTALS}
+    self.resident: list[list[int]] = []
+
+  def add(self, record: StepRecord) -> None:
+    self.steps += 1
+    for name in _TOTALS:
+      self.totals[name] += getattr(record, name)
+    if self.keep_records:
+      self.records.append(record)
+
+  def set_resident(self, slot_experts: Sequence[np.ndarray]) -> None:
+    """Records each layer's resident experts (slot contents, -1 for empty slots, which are dropped)."""
+    self.resident = [sorted(int(e) for e in np.asarray(s) if e >= 0) for s in slot_experts]
+
+  @property
+  def redirect_rate(self) -> float:
+    """Redirected tokens / routing decisions (tokens x MoE layers)."""
+    wanted = self.totals["wanted"]
+    return self.totals["redirected"] / wanted if wanted else 0.0
+
+  @property
+  def hit_rate(self) -> float:
+    """Resident (layer, expert) pairs among those wanted, per call."""
+    looked_up = self.totals["hits"] + self.totals["misses"]
+    return self.totals["hits"] / looked_up if looked_up else 0.0
+
+  def summary(self) -> dict:
+    """JSON-safe totals and rates."""
+    t = self.totals
+    return {
+        "policy": self.policy,
+        "steps": self.steps,
+        "tokens_routed": int(t["wanted"]),
+        "served": int(t["served"]),
+        "redirected": int(t["redirected"]),
+        "redirect_rate": self.redirect_rate,
+        "hits": int(t["hits"]),
+        "misses": int(t["misses"]),
+        "hit_rate": self.hit_rate,
+        "experts_swapped": int(t["experts_swapped"]),
+        "bytes_swapped": int(t["bytes_swapped"]),
+        "transfer_s": float(t["transfer_s"]),
+        "transfer_gb_per_s": t["bytes_swapped"] / t["transfer_s"] / 1e9 if t["transfer_s"] > 0 else None,
+        "wait_s": float(t["wait_s"]),
+        "resident": [list(r) for r in self.resident],
+    }
+
+  def to_json(self, records: bool = False) -> str:
+    out = self.summary()
+    if records:
+      out["records"] = [dataclasses.asdict(r) for r in self.records]
+    return json.dumps(out)
+
+  def __str__(self) -> str:
+    s = self.summary()
+    rate = f" ({s['transfer_gb_per_s']:.1f} GB/s)" if s["transfer_gb_per_s"] else ""
+    rows = [
+        ("policy", f"{s['policy'] or '-'}   steps {s['steps']}"),
+        ("routing", f"tokens {s['tokens_routed']:,}   redirected {s['redirected']:,} "
+                    f"({100 * s['redirect_rate']:.2f}%)   served {s['served']:,}"),
+        ("experts", f"hits {s['hits']:,}   misses {s['misses']:,}   hit rate {100 * s['hit_rate']:.1f}%"),
+        ("swaps", f"{s['experts_swapped']:,} experts   {format_bytes(s['bytes_swapped'])}   transfer "
+                  f"{1e3 * s['transfer_s']:.1f} ms{rate}   compute wait {1e3 * s['wait_s']:.1f} ms"),
+    ]
+    for layer, experts in enumerate(s["resident"]):
+      rows.append((f"layer {layer}", f"{len(experts)} resident {experts}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
