@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -42,12 +41,6 @@ def _as_mask(mask, ids: np.ndarray, name: str) -> np.ndarray:
   return m.astype(bool)
 
 
-@dataclasses.dataclass
-class GenerateResult:
-  tokens: np.ndarray  # int32 [B, N]
-  steps: int
-
-
 class SwitchModel:
   """A loaded Switch Transformer. Weights are split once into (graphdef, params, slots).
 
@@ -56,7 +49,7 @@ class SwitchModel:
   """
 
   def __init__(self, config: SwitchConfig, graphdef, params, slots, *, dtype, store=None, tokenizer=None,
-               policy: str = "full", banks=None, meta: Any = None):
+               policy: str = "full", banks=None, meta: Any = None, residency=None, plan=None, limits=None):
     self.config = config
     self.dtype = dtype
     self.graphdef = graphdef
@@ -67,7 +60,34 @@ class SwitchModel:
     self.policy = policy
     self._banks = banks
     self.meta = meta
-    self.last_stats = None
+    self.residency = residency
+    self.plan = plan
+    self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
+
+  @property
+  def stats(self):
+    """Telemetry of this model's calls so far (`print(model.stats)`), or None without a policy."""
+    return None if self.residency is None else self.residency.telemetry
+
+  def _after(self, enc=None, dec=None):
+    if self.residency is not None:
+      self.slots = self.residency.after_dispatch(self.slots, enc=enc, dec=dec)
+
+  def _flush(self):
+    if self.residency is not None:
+      self.slots = self.residency.flush(self.slots)
+
+  def _check_limits(self, ids: np.ndarray, max_new_tokens: int | None = None):
+    if not self.limits:
+      return
+    b, s = ids.shape
+    lim = self.limits
+    if b > lim["batch"] or s > lim["src_len"] or (
+        max_new_tokens is not None and decode.cache_length(max_new_tokens) > lim["tgt_len"]):
+      raise InputError(
+          f"request (batch {b}, source length {s}, max_new_tokens {max_new_tokens}) exceeds what the budget "
+          f"was planned for (batch {lim['batch']}, source length {lim['src_len']}, cache {lim['tgt_len']}); "
+          "pass larger max_batch_size / max_source_len / max_new_tokens to load()")
 
   # --- teacher-forced logits -----------------------------------------------------------------
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
@@ -81,8 +101,11 @@ class SwitchModel:
     if dec.shape[0] != ids.shape[0]:
       raise InputError(f"decoder_input_ids has batch {dec.shape[0]}, input_ids has {ids.shape[0]}")
     dmask = None if decoder_attention_mask is None else _as_mask(decoder_attention_mask, dec, "decoder_attention_mask")
-    logits, _, stats = decode.forward(self.graphdef, self.params, self.slots, ids, mask, dec, dmask, self._banks)
-    self.last_stats = stats
+    self._check_limits(ids)
+    logits, _, (enc_stats, dec_stats) = decode.forward(
+        self.graphdef, self.params, self.slots, ids, mask, dec, dmask, self._banks)
+    self._after(enc=enc_stats, dec=dec_stats)
+    self._flush()
     return logits
 
   def encode(self, input_ids, attention_mask=None):
@@ -105,10 +128,12 @@ class SwitchModel:
       raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
     mask = _as_mask(attention_mask, ids, "attention_mask")
+    self._check_limits(ids, max_new_tokens)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg = self.config
-    cache, _ = decode.encode(self.graphdef, self.params, self.slots, ids, mask,
-                             decode.cache_length(max_new_tokens), self._banks)
+    cache, enc_stats = decode.encode(self.graphdef, self.params, self.slots, ids, mask,
+                                     decode.cache_length(max_new_tokens), self._banks)
+    self._after(enc=enc_stats)
     b = ids.shape[0]
     tokens = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -118,12 +143,14 @@ class SwitchModel:
       tokens, done, cache, stats = decode.decode_step(
           self.graphdef, self.params, self.slots, tokens, done, cache, jnp.int32(step), key, self._banks,
           sampling, cfg.pad_token_id, cfg.eos_token_ids)
+      self._after(dec=stats)
       out.append(tokens)
       if stream is not None:
         stream(step, np.asarray(tokens))
       if step % 8 == 7 and bool(jnp.all(done)):
         break
-    toks = np.asarray(jnp.stack(out, axis=1))
+    self._flush()
+    toks = np.stack(jax.device_get(out), axis=1)
     return _trim_finished(toks, cfg.eos_token_ids)
 
 

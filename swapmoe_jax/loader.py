@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from swapmoe_jax import checkpoint as ckpt
 from swapmoe_jax import decode
 from swapmoe_jax.config import SwitchConfig
 from swapmoe_jax.engine import SwitchModel
@@ -26,8 +25,10 @@ def _norm(w):
 def nnx_tree_from_dense(cfg: SwitchConfig, dense: dict) -> dict:
   """Checkpoint dense tree (see `checkpoint.py`) -> the pure dict of `SwitchTransformer`'s params
   (experts excluded: those are slots)."""
-  out = {"shared": dense["shared"]}
-  if not cfg.tie_word_embeddings:
+  out = {}
+  if cfg.tie_word_embeddings:
+    out["shared"] = dense["shared"]
+  else:
     out["lm_head"] = dense["lm_head"]
   for stack in ("encoder", "decoder"):
     src = dense[stack]
@@ -45,23 +46,29 @@ def nnx_tree_from_dense(cfg: SwitchConfig, dense: dict) -> dict:
         b["mlp"] = dict(blk["mlp"])
       blocks[int(key)] = b
     out[stack] = {"rel_bias": src["rel_bias"], "final_norm": _norm(src["final_norm"]), "blocks": blocks}
+    if not cfg.tie_word_embeddings:
+      out[stack]["embed"] = src["embed"] if "embed" in src else dense["shared"]
   return out
 
 
 def _fill(abstract: dict, values: dict, path=()) -> dict:
   """Replaces every leaf of the abstract pure dict with the matching value, checking shapes."""
+  try:
+    from swapmoe_jax.checkpoint import CheckpointError
+  except ImportError:
+    CheckpointError = ValueError
   out = {}
   for k, a in abstract.items():
     p = path + (k,)
     if k not in values:
-      raise ckpt.CheckpointError(f"checkpoint has no tensor for {'/'.join(map(str, p))}")
+      raise CheckpointError(f"checkpoint has no tensor for {'/'.join(map(str, p))}")
     v = values[k]
     if isinstance(a, dict):
       out[k] = _fill(a, v, p)
     else:
       v = np.asarray(v)
       if tuple(v.shape) != tuple(a.shape):
-        raise ckpt.CheckpointError(f"{'/'.join(map(str, p))}: checkpoint shape {v.shape}, model expects {a.shape}")
+        raise CheckpointError(f"{'/'.join(map(str, p))}: checkpoint shape {v.shape}, model expects {a.shape}")
       out[k] = jnp.asarray(v, dtype=a.dtype)
   return out
 
@@ -89,34 +96,131 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
     wi, wo = store.gather_to_device(l, experts)
     slot_of = np.full((cfg.num_experts,), -1, np.int32)
     slot_of[experts] = np.arange(len(experts), dtype=np.int32)
-    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi.astype(dtype), "wo": wo.astype(dtype), "slot_of": jnp.asarray(slot_of)}
+    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi.astype(dtype), "wo": wo.astype(dtype), "slot_of": jax.device_put(slot_of, store.device)}
   nnx.replace_by_pure_dict(slots, slot_pure)
   return graphdef, params, slots
 
 
-def load(folder: str | os.PathLike, *, dtype: str | None = None, policy: str = "full", progress: bool = False):
-  """Loads a converted checkpoint (see `python -m checkpoints_conv`).
+POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
+PLANNERS = ("uniform", "calibrated")
+
+
+def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, planner: str = "uniform",
+         gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
+         max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
+         max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False):
+  """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
     folder: a folder written by the converter.
+    budget: accelerator bytes for the model: "4GiB", "512MiB", "33%" (of the full model), or a number
+      of bytes. None: no budget (policy "full").
+    policy: "full" (every expert resident), "swapmoe" (virtual experts, masked gating, importance-driven
+      asynchronous swaps), "pruned" (static top-K by expert norm, masked gating), "lru" (exact routing,
+      least-recently-used eviction), "lfu" (exact routing, decayed-frequency eviction). Default: "full"
+      without a budget, "swapmoe" with one.
+    planner: "uniform" (equal K per layer) or "calibrated" (K_l by routing importance measured on
+      `calibration_inputs`, a list of int token-id arrays).
+    gate_mode: "original" or "renormalized" gate after masked routing.
     dtype: "float32" or "bfloat16" (default: the checkpoint's).
-    policy: expert residency policy; "full" keeps every expert on the device.
+    max_batch_size, max_source_len, max_new_tokens: the largest request the budget must hold (KV caches
+      and workspace are accounted for them; larger requests are refused).
+    update_every, max_swaps_per_step: swap cadence (defaults: the planner's).
     progress: show a progress bar while experts are read.
   """
+  from swapmoe_jax import budget as budget_lib
+  from swapmoe_jax import checkpoint as ckpt
+  from swapmoe_jax import planner as planner_lib
+
+  policy = policy or ("full" if budget is None else "swapmoe")
+  if policy not in POLICIES:
+    raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
+  if planner not in PLANNERS:
+    raise ValueError(f"unknown planner {planner!r}; supported: {', '.join(PLANNERS)}")
+  if policy != "full" and budget is None:
+    raise ValueError(f"policy {policy!r} needs a budget (e.g. budget='33%')")
   meta = ckpt.read_metadata(folder)
   dtype_name = dtype or meta.dtype
   if dtype_name not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-  if policy != "full":
-    raise ValueError(f"unknown policy {policy!r}; supported: full")
   jdtype = DTYPES[dtype_name]
   cfg = meta.config
+  dbytes = jnp.dtype(jdtype).itemsize
+  shape = dict(batch=max_batch_size, src_len=max_source_len, tgt_len=decode.cache_length(max_new_tokens))
+  cadence = {}
+  if update_every is not None:
+    cadence["update_every"] = update_every
+  if max_swaps_per_step is not None:
+    cadence["max_swaps_per_step"] = max_swaps_per_step
+  budget_bytes = None
+  if budget is not None:
+    budget_bytes = budget_lib.parse_budget(budget).resolve(budget_lib.full_model_bytes(cfg, dbytes))
   dense = ckpt.restore_dense(meta)
-  experts = ckpt.restore_all_experts(meta, progress=progress)
-  store = HostExpertStore.from_numpy(experts, meta.expert_norms, jdtype)
-  graphdef, params, slots = build_model(cfg, dense, store, dtype=jdtype)
-  return SwitchModel(cfg, graphdef, params, slots, dtype=jdtype, store=store, tokenizer=_tokenizer(meta),
-                     policy=policy, meta=meta)
+  store = HostExpertStore.from_numpy(ckpt.restore_all_experts(meta, progress=progress), meta.expert_norms, jdtype)
+  if policy == "full":
+    plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, **cadence)
+  elif planner == "uniform":
+    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, **cadence)
+  else:
+    if not calibration_inputs:
+      raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays)")
+    importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype)
+    plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, **cadence)
+  return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
+                  tokenizer=_tokenizer(meta), meta=meta,
+                  limits=shape if budget_bytes is not None else None)
+
+
+def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, importance=None):
+  """Experts placed in the slots at start: all for "full"; else the top-K_l by calibration importance
+  when given, by expert norm otherwise (the paper's Pruning choice)."""
+  from swapmoe_jax.swap import pruned_resident
+
+  if policy == "full":
+    return [np.arange(k) for k in slots_per_layer]
+  return pruned_resident(store.norms if importance is None else importance, slots_per_layer)
+
+
+def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
+             dtype, tokenizer=None, meta=None, limits=None, importance=None) -> SwitchModel:
+  """Builds the serving model for a plan and a policy (controller, executor, telemetry)."""
+  from swapmoe_jax.executor import SwapExecutor
+  from swapmoe_jax.residency import EXACT_POLICIES, Residency
+  from swapmoe_jax.stats import Telemetry
+  from swapmoe_jax.swap import make_controller
+
+  slots = plan.slots_per_layer
+  resident = initial_resident(policy, store, slots, importance)
+  exact = policy in EXACT_POLICIES
+  graphdef, params, slot_state = build_model(cfg, dense, store, dtype=dtype, slots_per_layer=slots,
+                                             resident=resident, routing="exact" if exact else "masked",
+                                             gate_mode=gate_mode)
+  controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=plan.update_every,
+                               max_swaps_per_step=plan.max_swaps_per_step)
+  executor = None
+  if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
+    executor = SwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step)
+  residency = Residency(cfg, controller, executor, Telemetry(policy))
+  return SwitchModel(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
+                     policy=policy, banks=store.banks() if exact else None, meta=meta,
+                     residency=residency, plan=plan, limits=limits)
+
+
+def calibrate(cfg: SwitchConfig, dense: dict, store: HostExpertStore, inputs, *, dtype, new_tokens: int = 16):
+  """Importance float64[L, E] of every expert (Eq. 1, unmasked router) over calibration prompts, measured
+  with exact routing and one resident expert per layer, so calibration itself fits any valid budget."""
+  plan = _OneSlotPlan(cfg.num_moe_layers)
+  model = assemble(cfg, dense, store, plan, policy="lru", gate_mode="original", dtype=dtype)
+  for ids in inputs:
+    model.generate(np.asarray(ids), max_new_tokens=new_tokens)
+  return model.residency.totals.importance
+
+
+class _OneSlotPlan:
+  def __init__(self, num_layers):
+    self.slots_per_layer = (1,) * num_layers
+    self.update_every = 1 << 30
+    self.max_swaps_per_step = 0
 
 
 def _tokenizer(meta):

@@ -67,6 +67,9 @@ class Stack(nnx.Module):
     self.rel_bias = nnx.Param(nnx.initializers.normal(cfg.d_model**-0.5)(
         rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), dtype))
     self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+    if not cfg.tie_word_embeddings:
+      # transformers 5 unties the stacks' token embeddings from `shared` together with the LM head.
+      self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model), dtype))
     self.blocks = nnx.List([
         Block(cfg, decoder=decoder, sparse=i in sparse, num_slots=slots.get(i, cfg.num_experts),
               routing=routing, gate_mode=gate_mode, dtype=dtype, rngs=rngs)
@@ -100,15 +103,16 @@ class SwitchTransformer(nnx.Module):
     enc = {i: k for (s, i), k in zip(cfg.moe_layers, slots_per_layer) if s == "encoder"}
     dec = {i: k for (s, i), k in zip(cfg.moe_layers, slots_per_layer) if s == "decoder"}
     self.cfg = cfg
-    self.shared = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model), dtype))
-    if not cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
+      self.shared = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model), dtype))
+    else:
       self.lm_head = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), dtype))
     self.encoder = Stack(cfg, decoder=False, slots=enc, routing=routing, gate_mode=gate_mode, dtype=dtype, rngs=rngs)
     self.decoder = Stack(cfg, decoder=True, slots=dec, routing=routing, gate_mode=gate_mode, dtype=dtype, rngs=rngs)
 
   # --- helpers ---------------------------------------------------------------------------
   def _bank(self, banks, stack: str, i: int):
-    if banks is None:
+    if banks is None or (stack, i) not in self.cfg.moe_layers:
       return None
     return banks[self.cfg.moe_layers.index((stack, i))]
 
@@ -116,6 +120,10 @@ class SwitchTransformer(nnx.Module):
     c = self.cfg
     return position_bias(stack.rel_bias[...], query_pos, key_len, bidirectional=bidirectional,
                          num_buckets=c.relative_attention_num_buckets, max_distance=c.relative_attention_max_distance)
+
+  def embed(self, stack: Stack, ids: jax.Array) -> jax.Array:
+    table = self.shared[...] if self.cfg.tie_word_embeddings else stack.embed[...]
+    return table[ids]
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final decoder hidden states [..., D] -> float32 logits [..., V]."""
@@ -129,7 +137,7 @@ class SwitchTransformer(nnx.Module):
   # --- encoder ---------------------------------------------------------------------------
   def encode(self, input_ids: jax.Array, mask: jax.Array, banks: Banks = None):
     """input_ids: int32[B, S]; mask: bool[B, S]. Returns hidden [B, S, D] and stacked encoder LayerStats."""
-    x = self.shared[...][input_ids]
+    x = self.embed(self.encoder, input_ids)
     s = input_ids.shape[1]
     bias = self._bias(self.encoder, jnp.arange(s, dtype=jnp.int32), s, True)
     attn_mask = mask[:, None, None, :]
@@ -167,7 +175,7 @@ class SwitchTransformer(nnx.Module):
 
   def decode_full(self, decoder_input_ids, enc_h, enc_mask, decoder_mask=None, banks: Banks = None):
     """Teacher-forced decoder pass. decoder_input_ids: int32[B, T]. Returns float32 logits [B, T, V], stats."""
-    x = self.shared[...][decoder_input_ids]
+    x = self.embed(self.decoder, decoder_input_ids)
     t = decoder_input_ids.shape[1]
     pos = jnp.arange(t, dtype=jnp.int32)
     bias = self._bias(self.decoder, pos, t, False)
@@ -193,7 +201,7 @@ class SwitchTransformer(nnx.Module):
 
     Returns float32 logits [B, V], the updated cache and stacked decoder LayerStats.
     """
-    x = self.shared[...][tokens][:, None, :]  # [B, 1, D]
+    x = self.embed(self.decoder, tokens)[:, None, :]  # [B, 1, D]
     max_len = cache.self_k[0].shape[2]
     bias = self._bias(self.decoder, pos[None].astype(jnp.int32), max_len, False)
     self_mask = (jnp.arange(max_len) <= pos)[None, None, None, :]

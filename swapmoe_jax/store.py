@@ -69,6 +69,8 @@ class HostExpertStore:
     """Copies experts of one layer to the device (asynchronous). Returns wi [n, D, F], wo [n, F, D]."""
     idx = np.asarray(experts, np.int32)
     dev = SingleDeviceSharding(self.device)
+    if self.memory_kind is None:  # numpy host arrays: gather on the host, one transfer
+      return jax.device_put(self.wi[layer][idx], dev), jax.device_put(self.wo[layer][idx], dev)
     return _gather(self.wi[layer], self.wo[layer], jax.device_put(idx, dev))
 
 
