@@ -53,8 +53,8 @@ class SwitchModel:
     self.config = config
     self.dtype = dtype
     self.graphdef = graphdef
-    self.params = params
-    self.slots = slots
+    self._params = decode.Flat.of(params)  # flat: cheap to pass to every jitted call
+    self._slots = decode.Flat.of(slots)
     self.store = store
     self.tokenizer = tokenizer
     self.policy = policy
@@ -65,17 +65,34 @@ class SwitchModel:
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
 
   @property
+  def params(self):
+    """Dense weights, routers and expert norms (an `nnx.State`)."""
+    return self._params.tree()
+
+  @property
+  def slots(self):
+    """Expert slot buffers and index maps (an `nnx.State`); swaps replace it."""
+    return self._slots.tree()
+
+  @slots.setter
+  def slots(self, value):
+    self._slots = decode.Flat.of(value)
+
+  @property
   def stats(self):
     """Telemetry of this model's calls so far (`print(model.stats)`), or None without a policy."""
     return None if self.residency is None else self.residency.telemetry
 
-  def _after(self, enc=None, dec=None):
+  def _after_prefill(self, enc, dec=None):
     if self.residency is not None:
-      self.slots = self.residency.after_dispatch(self.slots, enc=enc, dec=dec)
+      self._slots = self.residency.after_prefill(self._slots, enc, dec)
 
-  def _flush(self):
+  def _flush(self, stats_sum=None):
     if self.residency is not None:
-      self.slots = self.residency.flush(self.slots)
+      self._slots = self.residency.flush(self._slots, stats_sum)
+
+  def _zero_stats(self):
+    return decode.zero_stats(len(self.config.decoder_sparse_layers), self.config.num_experts)
 
   def _check_limits(self, ids: np.ndarray, max_new_tokens: int | None = None):
     if not self.limits:
@@ -103,8 +120,8 @@ class SwitchModel:
     dmask = None if decoder_attention_mask is None else _as_mask(decoder_attention_mask, dec, "decoder_attention_mask")
     self._check_limits(ids)
     logits, _, (enc_stats, dec_stats) = decode.forward(
-        self.graphdef, self.params, self.slots, ids, mask, dec, dmask, self._banks)
-    self._after(enc=enc_stats, dec=dec_stats)
+        self.graphdef, self._params, self._slots, ids, mask, dec, dmask, self._banks)
+    self._after_prefill(enc_stats, dec_stats)
     self._flush()
     return logits
 
@@ -113,7 +130,7 @@ class SwitchModel:
     ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
     mask = _as_mask(attention_mask, ids, "attention_mask")
     dec = np.full((ids.shape[0], 1), self.config.decoder_start_token_id, np.int32)
-    _, enc_h, _ = decode.forward(self.graphdef, self.params, self.slots, ids, mask, dec, None, self._banks)
+    _, enc_h, _ = decode.forward(self.graphdef, self._params, self._slots, ids, mask, dec, None, self._banks)
     return enc_h
 
   # --- generation ----------------------------------------------------------------------------
@@ -131,25 +148,29 @@ class SwitchModel:
     self._check_limits(ids, max_new_tokens)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg = self.config
-    cache, enc_stats = decode.encode(self.graphdef, self.params, self.slots, ids, mask,
+    cache, enc_stats = decode.encode(self.graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
-    self._after(enc=enc_stats)
+    self._after_prefill(enc_stats)
     b = ids.shape[0]
     tokens = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
     key = jax.random.key(seed)
+    stats_sum = None
     out = []
+    pos = jnp.zeros((), jnp.int32)
     for step in range(max_new_tokens):
-      tokens, done, cache, stats = decode.decode_step(
-          self.graphdef, self.params, self.slots, tokens, done, cache, jnp.int32(step), key, self._banks,
-          sampling, cfg.pad_token_id, cfg.eos_token_ids)
-      self._after(dec=stats)
+      tokens, done, cache, pos, stats_sum = decode.decode_step(
+          self.graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
+          stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
+          cfg.eos_token_ids)
+      if self.residency is not None:
+        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum)
       out.append(tokens)
       if stream is not None:
         stream(step, np.asarray(tokens))
       if step % 8 == 7 and bool(jnp.all(done)):
         break
-    self._flush()
+    self._flush(stats_sum)
     toks = np.stack(jax.device_get(out), axis=1)
     return _trim_finished(toks, cfg.eos_token_ids)
 

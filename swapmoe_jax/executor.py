@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from swapmoe_jax.decode import Flat, unflat
 from swapmoe_jax.store import HostExpertStore
 from swapmoe_jax.swap import SlotWrite
 
@@ -26,7 +27,9 @@ from swapmoe_jax.swap import SlotWrite
 def _commit(layer_paths, slots, staged, slot_idx, index_maps):
   """slots: the model's slot state (donated); staged: M rows of (wi [1, D, F], wo [1, F, D]);
   slot_idx: int32[L, M] (target slot per staged row and layer, out of range = not this layer);
-  index_maps: int32[L, E]. Returns the new slot state."""
+  index_maps: int32[L, E]. Returns the new slot state (a `Flat` when given one)."""
+  flat = isinstance(slots, Flat)
+  slots = unflat(slots)
   staged_wi = jnp.concatenate([wi for wi, _ in staged])
   staged_wo = jnp.concatenate([wo for _, wo in staged])
   pure = nnx.to_pure_dict(slots)
@@ -36,7 +39,7 @@ def _commit(layer_paths, slots, staged, slot_idx, index_maps):
     moe["wo"] = moe["wo"].at[slot_idx[l]].set(staged_wo.astype(moe["wo"].dtype), mode="drop")
     moe["slot_of"] = index_maps[l]
   nnx.replace_by_pure_dict(slots, pure)
-  return slots
+  return Flat.of(slots) if flat else slots
 
 
 class SwapExecutor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -73,6 +74,25 @@ def _fill(abstract: dict, values: dict, path=()) -> dict:
   return out
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(buf, row, k):
+  return jax.lax.dynamic_update_slice_in_dim(buf, row.astype(buf.dtype), k, axis=0)
+
+
+def _fill_slots(store: HostExpertStore, layer: int, experts: np.ndarray, dtype):
+  """Slot buffers wi [K, D, F], wo [K, F, D] of one layer, filled one expert at a time into buffers
+  allocated at their final size, so loading never holds more than one extra expert on the device."""
+  e_wi, e_wo = store.wi[layer], store.wo[layer]
+  sharding = jax.sharding.SingleDeviceSharding(store.device)
+  wi = jnp.zeros((len(experts),) + e_wi.shape[1:], dtype, device=sharding)
+  wo = jnp.zeros((len(experts),) + e_wo.shape[1:], dtype, device=sharding)
+  for k, e in enumerate(experts):
+    a, b = store.gather_to_device(layer, [int(e)])
+    wi = _set_row(wi, a, np.int32(k))
+    wo = _set_row(wo, b, np.int32(k))
+  return wi, wo
+
+
 def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype=jnp.float32,
                 slots_per_layer=None, resident=None, routing="masked", gate_mode="original"):
   """Builds (graphdef, params, slots) with the given resident experts per MoE layer.
@@ -93,10 +113,10 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
     resident = [np.arange(k) for k in slots_per_layer]
   for l, (stack, i) in enumerate(cfg.moe_layers):
     experts = np.asarray(resident[l], np.int32)
-    wi, wo = store.gather_to_device(l, experts)
+    wi, wo = _fill_slots(store, l, experts, dtype)
     slot_of = np.full((cfg.num_experts,), -1, np.int32)
     slot_of[experts] = np.arange(len(experts), dtype=np.int32)
-    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi.astype(dtype), "wo": wo.astype(dtype), "slot_of": jax.device_put(slot_of, store.device)}
+    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi, "wo": wo, "slot_of": jax.device_put(slot_of, store.device)}
   nnx.replace_by_pure_dict(slots, slot_pure)
   return graphdef, params, slots
 
@@ -195,12 +215,14 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   graphdef, params, slot_state = build_model(cfg, dense, store, dtype=dtype, slots_per_layer=slots,
                                              resident=resident, routing="exact" if exact else "masked",
                                              gate_mode=gate_mode)
-  controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=plan.update_every,
+  # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
+  # the device), so it recomputes its targets at every observation.
+  controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
                                max_swaps_per_step=plan.max_swaps_per_step)
   executor = None
   if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
     executor = SwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step)
-  residency = Residency(cfg, controller, executor, Telemetry(policy))
+  residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
   return SwitchModel(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
                      policy=policy, banks=store.banks() if exact else None, meta=meta,
                      residency=residency, plan=plan, limits=limits)

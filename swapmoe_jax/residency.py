@@ -44,53 +44,85 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
 
 
 class Residency:
-  """A policy at work: controller (which experts), executor (bytes), telemetry (what happened)."""
+  """A policy at work: controller (which experts), executor (bytes), telemetry (what happened).
+
+  Statistics are summed on the device (inside `decode_step`) and read by the host once per window of
+  `update_every` calls, one window late, so that the read never waits on the call just dispatched and
+  the host never synchronises per step. Writes (at most `max_swaps_per_step` per call) are issued after
+  every call while the controller has moves left.
+  """
 
   def __init__(self, cfg: SwitchConfig, controller: SwapController, executor: SwapExecutor | None,
-               telemetry: Telemetry):
+               telemetry: Telemetry, update_every: int = 16):
     self.cfg = cfg
     self.controller = controller
     self.executor = executor
     self.telemetry = telemetry
-    self._prev = None  # (enc stats, dec stats) of the last dispatched call, still on the device
-    self._calls = 0
+    self.update_every = max(1, int(update_every))
+    self._open = []  # device statistics (enc, dec) of the open window
+    self._closed = []  # statistics of the window closed at the last call: read at the next one
+    self._steps = 0
+    self._swap = dict(experts_swapped=0, bytes_swapped=0, transfer_s=0.0)  # since the last record
+    self._may_write = True  # False once the controller has no moves left, until the next observation
     self.totals = RoutingStats.zeros(cfg.num_moe_layers, cfg.num_experts)  # merged over all calls
     telemetry.set_resident(controller.state.slot_expert)
 
-  def after_dispatch(self, slots, enc=None, dec=None):
-    """Call right after dispatching a device call whose statistics are `enc`/`dec` (device arrays).
-    Returns the slot state the next call must use."""
-    slots = self._observe_previous(slots)
-    self._prev = (enc, dec)
-    return slots
+  def after_prefill(self, slots, enc_stats, dec_stats=None):
+    """After an encoder (or full forward) call: its statistics join the open window."""
+    self._open.append((enc_stats, dec_stats))
+    return self._issue_writes(self._observe(slots))
 
-  def flush(self, slots):
-    """Learns from the last call (end of a request); returns the slot state."""
-    return self._observe_previous(slots)
+  def after_step(self, slots, stats_sum):
+    """After dispatching a decode step whose output accumulator is `stats_sum`.
 
-  def _observe_previous(self, slots):
-    if self._prev is None:
+    Returns (slots for the next call, accumulator for the next step — None when this call closed a
+    window and handed the accumulator over: start a fresh one)."""
+    slots = self._observe(slots)  # the window closed one call ago; the call just dispatched is not waited on
+    self._steps += 1
+    if self._steps % self.update_every == 0:
+      self._closed = self._open + [(None, stats_sum)]
+      self._open, stats_sum = [], None
+    return self._issue_writes(slots), stats_sum
+
+  def flush(self, slots, stats_sum=None):
+    """End of a request: reads everything outstanding (this waits for the device); returns slots."""
+    self._closed += self._open + ([(None, stats_sum)] if stats_sum is not None else [])
+    self._open = []
+    return self._observe(slots)
+
+  def _observe(self, slots):
+    if not self._closed:
       return slots
     t0 = time.perf_counter()
-    stats = routing_stats(self.cfg, *self._prev)
+    stats = RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
+    for enc, dec in self._closed:
+      stats = stats.merge(routing_stats(self.cfg, enc, dec))
+    self._closed = []
     wait_s = time.perf_counter() - t0
-    self._prev = None
     self.totals = self.totals.merge(stats)
     hits, misses = self.controller.observe(stats)
-    writes = self.controller.next_writes() if self.executor is not None else []
-    transfer_s = 0.0
-    if writes:
-      planned = [self.controller.planned_slots(l) for l in range(self.controller.num_layers)]
-      maps = [_index_map(p, self.cfg.num_experts) for p in planned]
-      slots, transfer_s = self.executor.apply(slots, writes, maps)
-      # Device programs run in issue order: every later call sees these slots, so the writes landed.
-      self.controller.commit(writes)
-      self.telemetry.set_resident(self.controller.state.slot_expert)
-    self.telemetry.add(StepRecord.from_stats(
-        self._calls, stats, hits=hits, misses=misses, experts_swapped=len(writes),
-        bytes_swapped=len(writes) * (self.executor.store.expert_bytes if self.executor else 0),
-        transfer_s=transfer_s, wait_s=wait_s))
-    self._calls += 1
+    self._may_write = True
+    self.telemetry.add(StepRecord.from_stats(self.telemetry.steps, stats, hits=hits, misses=misses,
+                                             wait_s=wait_s, **self._swap))
+    self._swap = dict(experts_swapped=0, bytes_swapped=0, transfer_s=0.0)
+    return slots
+
+  def _issue_writes(self, slots):
+    if self.executor is None or not self._may_write:
+      return slots
+    writes = self.controller.next_writes()
+    if not writes:
+      self._may_write = bool(self.controller.pending)
+      return slots
+    planned = [self.controller.planned_slots(l) for l in range(self.controller.num_layers)]
+    maps = [_index_map(p, self.cfg.num_experts) for p in planned]
+    slots, transfer_s = self.executor.apply(slots, writes, maps)
+    # Device programs run in issue order: every later call sees these slots, so the writes landed.
+    self.controller.commit(writes)
+    self.telemetry.set_resident(self.controller.state.slot_expert)
+    self._swap["experts_swapped"] += len(writes)
+    self._swap["bytes_swapped"] += len(writes) * self.executor.store.expert_bytes
+    self._swap["transfer_s"] += transfer_s
     return slots
 
 

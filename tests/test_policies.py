@@ -228,9 +228,10 @@ def test_24_swaps_between_decode_steps_never_recompile(parts):
   resident = [list(range(kk)) for kk in k]
   rng = np.random.default_rng(0)
   swaps, before = 0, None
+  acc = decode.zero_stats(len(cfg.decoder_sparse_layers), E)
   for step in range(14):
-    tokens, done, cache, _ = decode.decode_step(graphdef, params, slots, tokens, done, cache, jnp.int32(step),
-                                                jax_key(), None, swapmoe_jax.Sampling(), 0, (1,))
+    tokens, done, cache, _, acc = decode.decode_step(graphdef, params, slots, tokens, done, cache, jnp.int32(step),
+                                                  jax_key(), None, acc, swapmoe_jax.Sampling(), 0, (1,))
     if step == 1:
       before = _compiles()  # every program has run once (the first swap happened after step 0)
     writes = []
