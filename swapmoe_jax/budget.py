@@ -239,16 +239,20 @@ def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int
       attention scores and probabilities [B,H,S,S] x2; the position bias [H,S,S];
     one decode step: the same per-token tensors for B tokens; self and cross scores
       [B,H,T] + [B,H,S], x2; logits and log-probabilities [B,V] x2 (HF computes them in float32).
-  Plus bookkeeping that stays resident: an index map int32[E] and an expert norm float32[E] per MoE
-  layer. Teacher-forced scoring of all T positions at once ([B,T,V] logits) is not covered.
+  The encoder also holds the MoE dispatch buffers (experts.py): tokens [K,C,D], the intermediate
+  [K,C,F] and the outputs [K,C,D] with C = min(B*S, B*expert_capacity), counted with K = E, plus the
+  [B*S, E] one-hot ranks. Teacher-forced scoring of all T positions at once ([B,T,V] logits) is not
+  covered.
   """
   c = config
   d, hc, f, e, h = c.d_model, c.inner_dim, c.d_ff, c.num_experts, c.num_heads
   per_token = 4 * d + 3 * hc + f + 2 * e
   encoder = batch * src_len * per_token + 2 * batch * h * src_len * src_len + h * src_len * src_len
+  cap = min(batch * src_len, batch * c.expert_capacity)
+  encoder += e * cap * (2 * d + f) + batch * src_len * e
   decode = batch * per_token + 2 * batch * h * (tgt_len + src_len) + h * tgt_len + 2 * batch * c.vocab_size
   activations = math.ceil(max(encoder, decode) * WORKSPACE_DTYPE_BYTES * WORKSPACE_MARGIN)
-  return activations + c.num_moe_layers * c.num_experts * 8
+  return activations
 
 
 def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, slots_per_layer: Sequence[int],

@@ -53,6 +53,7 @@ class SwitchModel:
     self.config = config
     self.dtype = dtype
     self.graphdef = graphdef
+    self._graphdef = decode.Static(graphdef)  # hashed by identity on every jitted call
     self._params = decode.Flat.of(params)  # flat: cheap to pass to every jitted call
     self._slots = decode.Flat.of(slots)
     self.store = store
@@ -120,7 +121,7 @@ class SwitchModel:
     dmask = None if decoder_attention_mask is None else _as_mask(decoder_attention_mask, dec, "decoder_attention_mask")
     self._check_limits(ids)
     logits, _, (enc_stats, dec_stats) = decode.forward(
-        self.graphdef, self._params, self._slots, ids, mask, dec, dmask, self._banks)
+        self._graphdef, self._params, self._slots, ids, mask, dec, dmask, self._banks)
     self._after_prefill(enc_stats, dec_stats)
     self._flush()
     return logits
@@ -130,7 +131,7 @@ class SwitchModel:
     ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
     mask = _as_mask(attention_mask, ids, "attention_mask")
     dec = np.full((ids.shape[0], 1), self.config.decoder_start_token_id, np.int32)
-    _, enc_h, _ = decode.forward(self.graphdef, self._params, self._slots, ids, mask, dec, None, self._banks)
+    _, enc_h, _ = decode.forward(self._graphdef, self._params, self._slots, ids, mask, dec, None, self._banks)
     return enc_h
 
   # --- generation ----------------------------------------------------------------------------
@@ -148,7 +149,7 @@ class SwitchModel:
     self._check_limits(ids, max_new_tokens)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg = self.config
-    cache, enc_stats = decode.encode(self.graphdef, self._params, self._slots, ids, mask,
+    cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
     self._after_prefill(enc_stats)
     b = ids.shape[0]
@@ -160,7 +161,7 @@ class SwitchModel:
     pos = jnp.zeros((), jnp.int32)
     for step in range(max_new_tokens):
       tokens, done, cache, pos, stats_sum = decode.decode_step(
-          self.graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
+          self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
           stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
           cfg.eos_token_ids)
       if self.residency is not None:

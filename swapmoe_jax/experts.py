@@ -2,7 +2,10 @@
 
 Two dispatch implementations, chosen by the (static) token count:
 - gather: each token gathers its expert's weights by slot — few tokens (decode steps);
-- grouped: tokens sorted by slot and multiplied with `lax.ragged_dot` — many tokens (prefill).
+- dispatch: tokens scattered into a [K, C, D] buffer (C = per-slot capacity), one batched matmul per
+  weight, results gathered back (Switch / T5X style) — many tokens (prefill). The weights are read in
+  place: `lax.ragged_dot` was measured on an H200 to add ~0.5 GiB of transient device memory per
+  switch-base-64 layer (a copy of the slot buffer), which would break the memory budget.
 Both compute the same function; a test asserts they agree.
 """
 
@@ -20,21 +23,36 @@ def _ffn_gather(x, slot, wi, wo, act):
   return jnp.einsum("nf,nfd->nd", h, wo[slot])
 
 
-def _ffn_grouped(x, slot, wi, wo, act):
-  num_slots = wi.shape[0]
-  order = jnp.argsort(slot, stable=True)
-  group_sizes = jnp.bincount(slot, length=num_slots).astype(jnp.int32)
-  xs = x[order]
-  h = act(jax.lax.ragged_dot(xs, wi, group_sizes))
-  ys = jax.lax.ragged_dot(h.astype(wo.dtype), wo, group_sizes)
-  return jnp.zeros_like(ys).at[order].set(ys)
+def _ffn_dispatch(x, slot, wi, wo, act, keep, capacity):
+  """Per slot, up to `capacity` kept tokens in position order; others get 0."""
+  num_slots, n = wi.shape[0], x.shape[0]
+  one_hot = jax.nn.one_hot(slot, num_slots, dtype=jnp.int32) * keep[:, None].astype(jnp.int32)  # [N, K]
+  pos = jnp.sum(jnp.cumsum(one_hot, axis=0) * one_hot, axis=-1) - 1  # rank of the token in its slot
+  pos = jnp.where(keep & (pos >= 0) & (pos < capacity), pos, capacity)  # `capacity` = out of range: dropped
+  buf = jnp.zeros((num_slots, capacity, x.shape[1]), x.dtype).at[slot, pos].set(x, mode="drop")
+  h = act(jnp.einsum("kcd,kdf->kcf", buf, wi))
+  y = jnp.einsum("kcf,kfd->kcd", h.astype(wo.dtype), wo)
+  del n
+  return y.at[slot, pos].get(mode="fill", fill_value=0)
 
 
-def expert_ffn(x: jax.Array, slot: jax.Array, wi: jax.Array, wo: jax.Array, act, *, grouped: bool | None = None):
-  """Each token through the expert in its slot. x: [N, D]; slot: int32[N] in [0, K). Returns [N, D]."""
+def dispatch_capacity(num_tokens: int, batch: int, capacity: int) -> int:
+  """C of the dispatch buffer: HF's capacity is per batch row, so no slot keeps more than B * capacity."""
+  return min(num_tokens, batch * capacity)
+
+
+def expert_ffn(x: jax.Array, slot: jax.Array, wi: jax.Array, wo: jax.Array, act, *, keep: jax.Array | None = None,
+               capacity: int | None = None, grouped: bool | None = None):
+  """Each kept token through the expert in its slot. x: [N, D]; slot: int32[N] in [0, K); keep: bool[N]
+  (default all); capacity: most tokens any slot keeps (default N). Returns [N, D] (0 where not kept
+  by the dispatch path; the caller zeroes dropped tokens in either path)."""
+  n = x.shape[0]
   if grouped is None:
-    grouped = x.shape[0] > GATHER_MAX_TOKENS
-  return (_ffn_grouped if grouped else _ffn_gather)(x, slot, wi, wo, act)
+    grouped = n > GATHER_MAX_TOKENS
+  if not grouped:
+    return _ffn_gather(x, slot, wi, wo, act)
+  keep = jnp.ones((n,), bool) if keep is None else keep
+  return _ffn_dispatch(x, slot, wi, wo, act, keep, n if capacity is None else min(capacity, n))
 
 
 def _to_device(x: jax.Array) -> jax.Array:

@@ -106,7 +106,9 @@ class VirtualExpertMoE(nnx.Module):
     flat_x = x.reshape(-1, d)
     slot = routing.slot.reshape(-1)
     hit = slot >= 0
-    y = experts_lib.expert_ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act)
+    y = experts_lib.expert_ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act,
+                               keep=routing.keep.reshape(-1) & hit,
+                               capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
     if exact:
       y_miss = experts_lib.expert_ffn_misses(flat_x, routing.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
       y = jnp.where(hit[:, None], y, y_miss)

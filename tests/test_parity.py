@@ -225,6 +225,13 @@ def test_gather_and_grouped_dispatch_agree(n):
   b = experts_lib.expert_ffn(x, slot, wi, wo, act, grouped=True)
   ref = np.stack([np.maximum(x[j] @ wi[slot[j]], 0) @ wo[slot[j]] for j in range(n)])
   assert _rel(a, ref) < 1e-5 and _rel(b, ref) < 1e-5
+  # Dispatch with a mask and a per-slot capacity: a slot keeps its first `cap` kept tokens only.
+  keep = rng.random(n) < 0.7
+  cap = 2
+  c = experts_lib.expert_ffn(x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True)
+  rank = np.array([np.sum((slot[:j] == slot[j]) & keep[:j]) for j in range(n)])
+  served = keep & (rank < cap)
+  np.testing.assert_allclose(np.asarray(c), np.where(served[:, None], ref, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_model_accepts_jax_and_numpy_ids_and_rejects_bad_ones(pairs):

@@ -1,0 +1,109 @@
+"""Where the device memory and the decode-step time go, stage by stage (one policy, one shape).
+
+  python benchmarks/profile_step.py --shape switch-base-64 --dtype bfloat16 --policy swapmoe --budget 33%
+
+Prints device bytes in use and peak after each stage (host store, model build, first generate), the
+largest live device arrays, and for the decode step: host dispatch time per step (no sync) against the
+device time per step (a 64-step loop synchronised once), so host-bound and device-bound steps can be
+told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--shape", default="switch-base-8")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--policy", default="swapmoe")
+  p.add_argument("--budget", default="33%")
+  p.add_argument("--src-len", type=int, default=128)
+  p.add_argument("--new-tokens", type=int, default=64)
+  args = p.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+
+  from bench_decode import random_model_parts
+  from shapes import SHAPES
+  from swapmoe_jax import budget as budget_lib
+  from swapmoe_jax import decode, loader
+  from swapmoe_jax import planner as planner_lib
+  from swapmoe_jax.store import HostExpertStore
+
+  dev = jax.devices()[0]
+  gib = 2**30
+
+  def mem(stage):
+    s = dev.memory_stats() or {}
+    print(f"{stage:<28} in use {s.get('bytes_in_use', 0) / gib:7.3f} GiB   peak {s.get('peak_bytes_in_use', 0) / gib:7.3f} GiB",
+          flush=True)
+
+  cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))
+  jdtype = loader.DTYPES[args.dtype]
+  dbytes = jnp.dtype(jdtype).itemsize
+  mem("start")
+  dense, experts, norms = random_model_parts(cfg, args.dtype)
+  store = HostExpertStore.from_numpy(experts, norms, jdtype)
+  del experts
+  mem(f"host store ({store.memory_kind})")
+  shape = dict(batch=1, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
+  full = budget_lib.full_model_bytes(cfg, dbytes)
+  if args.policy == "full":
+    plan = planner_lib.plan_full(cfg, None, dbytes, **shape)
+  else:
+    plan = planner_lib.plan_uniform(cfg, budget_lib.parse_budget(args.budget).resolve(full), dbytes, **shape)
+  print("plan:", plan.breakdown, plan.slots_per_layer[:4], flush=True)
+  model = loader.assemble(cfg, dense, store, plan, policy=args.policy, gate_mode="original", dtype=jdtype)
+  jax.block_until_ready(model._slots.leaves)
+  mem("model built")
+  by_shape = collections.Counter()
+  for a in jax.live_arrays():
+    if a.sharding.memory_kind in (None, "device"):
+      by_shape[(a.shape, str(a.dtype))] += a.nbytes
+  for (shp, dt), n in by_shape.most_common(8):
+    print(f"   live {n / gib:7.3f} GiB  {dt}{list(shp)}")
+  print(f"   live device total {sum(by_shape.values()) / gib:.3f} GiB")
+  ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.src_len))
+  model.generate(ids, max_new_tokens=args.new_tokens)
+  mem("after first generate")
+  # Decode step alone: host dispatch vs device time.
+  cache, _ = decode.encode(model._graphdef, model._params, model._slots, ids, np.ones_like(ids, bool),
+                           decode.cache_length(args.new_tokens), model._banks)
+  tokens, done, pos = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool), jnp.zeros((), jnp.int32)
+  acc = decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts)
+  key = jax.random.key(0)
+  from swapmoe_jax.sampling import Sampling
+
+  def step():
+    nonlocal tokens, done, cache, pos, acc
+    tokens, done, cache, pos, acc = decode.decode_step(model._graphdef, model._params, model._slots, tokens, done,
+                                                       cache, pos, key, model._banks, acc, Sampling(), 0, (-1,))
+  step()
+  jax.block_until_ready(tokens)
+  n = min(48, args.new_tokens - 2)
+  t0 = time.perf_counter()
+  for _ in range(n):
+    step()
+  t1 = time.perf_counter()
+  jax.block_until_ready(tokens)
+  t2 = time.perf_counter()
+  print(f"decode step: host dispatch {1e3 * (t1 - t0) / n:.3f} ms/step, wall {1e3 * (t2 - t0) / n:.3f} ms/step "
+        f"({n} steps, one sync)")
+  mem("end")
+
+
+if __name__ == "__main__":
+  main()
