@@ -1,5 +1,16 @@
 """swapmoe_jax: serve Mixture-of-Experts models under a memory budget with SwapMoE virtual experts."""
 
+import os as _os
+
+# XLA's GPU GEMM autotuner allocates scratch copies of the operands while it compiles (measured on an
+# H200: +0.5 GiB of peak memory for switch-base-64 programs), which would break the memory budget
+# whenever a new input shape compiles next to resident experts. Off by default (step time was not
+# worse without it); set SWAPMOE_KEEP_XLA_AUTOTUNE=1, or any --xla_gpu_autotune_level yourself, to keep it.
+# It only takes effect if JAX's GPU backend has not started yet.
+if "xla_gpu_autotune_level" not in _os.environ.get("XLA_FLAGS", "") and not _os.environ.get(
+    "SWAPMOE_KEEP_XLA_AUTOTUNE"):
+  _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+
 from swapmoe_jax.config import ConfigError, SwitchConfig
 from swapmoe_jax.engine import InputError, SwitchModel
 from swapmoe_jax.loader import build_model, load

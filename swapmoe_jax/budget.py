@@ -38,6 +38,10 @@ _EXAMPLES = "'4GiB', '4.5 GiB', '512MiB', '3GB', '1e9' (bytes) or '33%' (of the 
 # HF semantics), times this margin for XLA temporaries the count does not name.
 WORKSPACE_DTYPE_BYTES = 4
 WORKSPACE_MARGIN = 1.25
+# Device memory the runtime takes besides our arrays (cuBLAS workspaces, small constants of the compiled
+# programs): a fixed reserve in every plan. XLA's GEMM autotuner is switched off (see __init__.py): on
+# an H200 it took ~0.5 GiB of scratch while compiling switch-base-64 programs.
+RUNTIME_RESERVE_BYTES = 64 * 2**20
 
 
 class BudgetError(ValueError):
@@ -252,7 +256,7 @@ def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int
   encoder += e * cap * (2 * d + f) + batch * src_len * e
   decode = batch * per_token + 2 * batch * h * (tgt_len + src_len) + h * tgt_len + 2 * batch * c.vocab_size
   activations = math.ceil(max(encoder, decode) * WORKSPACE_DTYPE_BYTES * WORKSPACE_MARGIN)
-  return activations
+  return activations + RUNTIME_RESERVE_BYTES
 
 
 def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, slots_per_layer: Sequence[int],

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from swapmoe_jax.budget import (
     GiB, MiB, Budget, BudgetError, dense_param_count, dtype_size, expert_bytes_each, format_bytes,
-    full_model_bytes, kv_cache_bytes, memory_breakdown, min_budget_bytes, parse_budget)
+    full_model_bytes, kv_cache_bytes, memory_breakdown, min_budget_bytes, parse_budget, RUNTIME_RESERVE_BYTES)
 from swapmoe_jax.config import SwitchConfig
 from swapmoe_jax.planner import (
     DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, plan_calibrated, plan_full, plan_uniform)
@@ -171,7 +171,7 @@ def test_memory_breakdown_fields_add_up():
   assert m.dense_bytes == 4 * dense_param_count(TINY) + 4 * 2 * TINY.num_experts * TINY.num_moe_layers
   assert m.total == m.dense_bytes + m.expert_bytes + m.kv_cache_bytes + m.staging_bytes + m.workspace_bytes
   # The workspace holds at least the encoder's FFN intermediate and attention scores in float32.
-  assert m.workspace_bytes >= 4 * (2 * 16 * TINY.d_ff + 2 * TINY.num_heads * 16 * 16)
+  assert m.workspace_bytes >= 4 * (2 * 16 * TINY.d_ff + 2 * TINY.num_heads * 16 * 16) + RUNTIME_RESERVE_BYTES
   with pytest.raises(ValueError):
     memory_breakdown(TINY, 4, [2, 3, 1], 2, 16, 8, 2)
   with pytest.raises(ValueError):
