@@ -102,6 +102,34 @@ def main(argv=None):
   t2 = time.perf_counter()
   print(f"decode step: host dispatch {1e3 * (t1 - t0) / n:.3f} ms/step, wall {1e3 * (t2 - t0) / n:.3f} ms/step "
         f"({n} steps, one sync)")
+  ex = model.residency.executor if model.residency is not None else None
+  if ex is not None:  # the two halves of a swap, each synchronised
+    from swapmoe_jax.swap import SlotWrite
+
+    ctrl = model.residency.controller
+    st, cm = [], []
+    for r in range(8):
+      writes = []
+      for layer in range(min(ex.max_writes, ctrl.num_layers)):
+        cur = ctrl.state.slot_expert[layer]
+        out = [e for e in range(cfg.num_experts) if e not in set(cur.tolist())][r % 2]
+        writes.append(SlotWrite(layer, 0, out, int(cur[0])))
+      t0 = time.perf_counter()
+      staged = ex.stage(writes)
+      jax.block_until_ready(staged)
+      t1 = time.perf_counter()
+      ctrl._pending.extend(writes)
+      ctrl.commit(writes)
+      maps = [ctrl.state.index_map(l) for l in range(ctrl.num_layers)]
+      model._slots = ex.commit(model._slots, staged, writes, maps)
+      jax.block_until_ready(model._slots.leaves)
+      t2 = time.perf_counter()
+      if r:
+        st.append(t1 - t0)
+        cm.append(t2 - t1)
+    mb = ex.max_writes * model.store.expert_bytes / 1e6
+    print(f"swap of {ex.max_writes} experts ({mb:.1f} MB): stage {1e3 * np.median(st):.3f} ms "
+          f"({mb / 1e3 / np.median(st):.1f} GB/s), commit {1e3 * np.median(cm):.3f} ms")
   mem("end")
 
 

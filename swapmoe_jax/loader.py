@@ -222,6 +222,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   executor = None
   if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
     executor = SwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step)
+    maps = [controller.state.index_map(l) for l in range(cfg.num_moe_layers)]
+    slot_state = executor.warm_up(slot_state, resident, maps).tree()
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
   return SwitchModel(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
                      policy=policy, banks=store.banks() if exact else None, meta=meta,
