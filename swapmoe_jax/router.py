@@ -72,7 +72,9 @@ def route(
     chosen = wanted
   else:
     masked = jnp.where(resident, probs_in.astype(jnp.float32), -1.0)
-    chosen = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    # A resident wanted expert is served as is: deriving both choices from one argmax keeps them equal
+    # even where XLA keeps excess precision in one fusion and not the other (seen in bf16 on a GPU).
+    chosen = jnp.where(resident[wanted], wanted, jnp.argmax(masked, axis=-1).astype(jnp.int32))
   if gate_mode == "original" or exact:
     gate = jnp.take_along_axis(probs_in, chosen[..., None], axis=-1)[..., 0]
   elif gate_mode == "renormalized":
