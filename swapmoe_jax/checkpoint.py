@@ -110,6 +110,7 @@ def save_tree(path: str | os.PathLike, tree: dict[str, Any]) -> None:
   """
   import orbax.checkpoint as ocp
 
+  _quiet_orbax()
   registry = ocp.type_handlers.create_type_handler_registry(
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
   handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
@@ -224,9 +225,18 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
   return result
 
 
+def _quiet_orbax() -> None:
+  """Orbax logs a warning through absl on every restore of numpy arrays ("No jax.Array in
+  TypeHandlerRegistry"): noise for users of the CLI."""
+  import logging
+
+  logging.getLogger("absl").setLevel(max(logging.getLogger("absl").level, logging.ERROR))
+
+
 def _restore(path: str, item: dict | None, restore_args: dict, partial: bool) -> dict:
   import orbax.checkpoint as ocp
 
+  _quiet_orbax()
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       return ckptr.restore(path, args=ocp.args.PyTreeRestore(
