@@ -110,9 +110,14 @@ def save_tree(path: str | os.PathLike, tree: dict[str, Any]) -> None:
   """
   import orbax.checkpoint as ocp
 
+  import inspect
+
   _quiet_orbax()
+  kwargs = {}
+  if "deepcopy_host_arrays" in inspect.signature(ocp.type_handlers.NumpyHandler).parameters:
+    kwargs["deepcopy_host_arrays"] = False  # newer Orbax only (0.12.8 has it, 0.12.0 does not)
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+      (np.ndarray, ocp.type_handlers.NumpyHandler(**kwargs)))
   handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeSave(tree))
