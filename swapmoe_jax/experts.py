@@ -32,14 +32,13 @@ def _ffn_gather(x, slot, wi, wo, act):
 
 def _ffn_dispatch(x, slot, wi, wo, act, keep, capacity):
   """Per slot, up to `capacity` kept tokens in position order; others get 0."""
-  num_slots, n = wi.shape[0], x.shape[0]
+  num_slots = wi.shape[0]
   one_hot = jax.nn.one_hot(slot, num_slots, dtype=jnp.int32) * keep[:, None].astype(jnp.int32)  # [N, K]
   pos = jnp.sum(jnp.cumsum(one_hot, axis=0) * one_hot, axis=-1) - 1  # rank of the token in its slot
   pos = jnp.where(keep & (pos >= 0) & (pos < capacity), pos, capacity)  # `capacity` = out of range: dropped
   buf = jnp.zeros((num_slots, capacity, x.shape[1]), x.dtype).at[slot, pos].set(x, mode="drop")
   h = act(jnp.einsum("kcd,kdf->kcf", buf, wi))
   y = jnp.einsum("kcf,kfd->kcd", h.astype(wo.dtype), wo)
-  del n
   return y.at[slot, pos].get(mode="fill", fill_value=0)
 
 
