@@ -101,14 +101,15 @@ def encode(graphdef, params, slots, input_ids, mask, max_len, banks):
   return model.init_cache(enc_h, mask, max_len), enc_stats
 
 
-@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12), donate_argnums=(5, 9))
+@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12), donate_argnums=(5,))
 def decode_step(graphdef, params, slots, tokens, done, cache, pos, key, banks, stats_sum, sampling, pad_id,
                 eos_ids):
   """One generated token per row.
 
   tokens: int32[B] (previous tokens); done: bool[B] (rows that already emitted EOS); cache: donated;
-  stats_sum: decoder LayerStats summed over the steps since the host last read them (donated), so the
-  host reads statistics once per window instead of synchronising every step.
+  stats_sum: decoder LayerStats summed over the steps since the host last read them, so the host reads
+  statistics once per window instead of synchronising every step (not donated: a window starts from
+  one cached zero accumulator).
   pos: int32[] on the device (returned + 1, so the loop sends nothing to the device per step).
   Returns (next tokens int32[B] — pad for finished rows, done, cache, pos + 1, stats_sum + this step's
   stats).

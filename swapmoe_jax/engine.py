@@ -62,6 +62,7 @@ class SwitchModel:
     self._banks = banks
     self.meta = meta
     self.residency = residency
+    self._zeros = None
     self.plan = plan
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
 
@@ -93,7 +94,14 @@ class SwitchModel:
       self._slots = self.residency.flush(self._slots, stats_sum)
 
   def _zero_stats(self):
-    return decode.zero_stats(len(self.config.decoder_sparse_layers), self.config.num_experts)
+    if self._zeros is None:  # created once: a fresh one per window would compile small programs on first use
+      self._zeros = self._put(decode.zero_stats(len(self.config.decoder_sparse_layers), self.config.num_experts))
+    return self._zeros
+
+  def _put(self, x):
+    """Commits arrays to the model's device: the jitted step's outputs are committed, so inputs made
+    with jnp.zeros & co. (uncommitted) would give the step a second signature and a second compile."""
+    return jax.device_put(x, self._params.leaves[0].sharding)
 
   def _check_limits(self, ids: np.ndarray, max_new_tokens: int | None = None):
     if not self.limits:
@@ -153,12 +161,12 @@ class SwitchModel:
                                      decode.cache_length(max_new_tokens), self._banks)
     self._after_prefill(enc_stats)
     b = ids.shape[0]
-    tokens = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
-    key = jax.random.key(seed)
+    tokens = self._put(np.full((b,), cfg.decoder_start_token_id, np.int32))
+    done = self._put(np.zeros((b,), bool))
+    key = self._put(jax.random.key(seed))
     stats_sum = None
     out = []
-    pos = jnp.zeros((), jnp.int32)
+    pos = self._put(np.zeros((), np.int32))
     for step in range(max_new_tokens):
       tokens, done, cache, pos, stats_sum = decode.decode_step(
           self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
@@ -169,7 +177,7 @@ class SwitchModel:
       out.append(tokens)
       if stream is not None:
         stream(step, np.asarray(tokens))
-      if step % 8 == 7 and bool(jnp.all(done)):
+      if step % 8 == 7 and bool(np.asarray(done).all()):
         break
     self._flush(stats_sum)
     toks = np.stack(jax.device_get(out), axis=1)

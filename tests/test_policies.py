@@ -253,6 +253,16 @@ def jax_key():
   return jax.random.key(0)
 
 
+def test_a_request_compiles_the_decode_step_once(folder):
+  """Every input of the step is committed to the device like its outputs, so the first, second and
+  window-closing steps share one program (uncommitted inputs once gave three compiles per model)."""
+  model = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=4, **SHAPE)
+  before = decode.decode_step._cache_size()
+  ids, mask = _ids(3)
+  model.generate(ids, mask, max_new_tokens=12)
+  assert decode.decode_step._cache_size() - before == 1
+
+
 @pytest.mark.parametrize("policy", ["swapmoe", "lru"])
 def test_policies_swap_through_generate_without_recompiling(folder, policy):
   model = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy=policy, update_every=1,
