@@ -8,7 +8,6 @@ folder next to the output and renamed into place at the end: an error leaves nei
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from checkpoints_conv import rules
 from checkpoints_conv.errors import ConversionError
 from checkpoints_conv.sources import WeightReader, resolve_source
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax.config import ConfigError, SwitchConfig
+from swapmoe_jax.config import ConfigError, SwitchConfig, read_json_object
 
 
 def convert(hf_source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
@@ -110,13 +109,7 @@ def _read_config(src: str) -> tuple[dict, SwitchConfig]:
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"missing {path}: a Hugging Face model folder has config.json next to the weights")
-  try:
-    with open(path) as f:
-      hf_config = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConversionError(f"cannot parse {path}: {e}") from e
-  if not isinstance(hf_config, dict):
-    raise ConversionError(f"malformed {path}: expected a JSON object")
+  hf_config = read_json_object(path, ConversionError)
   try:
     return hf_config, SwitchConfig.from_hf_dict(hf_config)
   except ConfigError as e:

@@ -35,7 +35,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from swapmoe_jax.config import ConfigError, SwitchConfig
+from swapmoe_jax.config import ConfigError, SwitchConfig, read_json_object
 
 FORMAT_VERSION = 1
 METADATA_FILE = "swapmoe.json"
@@ -168,13 +168,7 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
   if not os.path.isfile(path):
     raise CheckpointError(
         f"missing {path}: not a converted swapmoe_jax checkpoint (convert one with python -m checkpoints_conv)")
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"cannot parse {path}: {e}") from e
-  if not isinstance(meta, dict):
-    raise CheckpointError(f"malformed {path}: expected a JSON object")
+  meta = read_json_object(path, CheckpointError)
 
   def field(name, typ):
     if name not in meta:

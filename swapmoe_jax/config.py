@@ -167,16 +167,15 @@ class SwitchConfig:
         raise
       raise ConfigError(f"malformed config: {e}") from e
 
-  @classmethod
-  def from_hf_file(cls, path: str | os.PathLike) -> "SwitchConfig":
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-      raise ConfigError(f"missing config file: {path}")
-    try:
-      with open(path) as f:
-        hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"malformed JSON in {path}: {e}") from e
-    if not isinstance(hf, dict):
-      raise ConfigError(f"malformed config in {path}: expected a JSON object")
-    return cls.from_hf_dict(hf)
+
+def read_json_object(path: str, error: type[Exception]) -> dict[str, Any]:
+  """The JSON object in `path`; a file that cannot be read or parsed, or holds something else, raises
+  `error` with one line naming the file."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f"cannot parse {path}: {e}") from e
+  if not isinstance(obj, dict):
+    raise error(f"malformed {path}: expected a JSON object")
+  return obj
