@@ -12,6 +12,7 @@ if "xla_gpu_autotune_level" not in _os.environ.get("XLA_FLAGS", "") and not _os.
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 
 from swapmoe_jax.config import ConfigError, SwitchConfig
+from swapmoe_jax.demo import default_checkpoint
 from swapmoe_jax.engine import InputError, SwitchModel
 from swapmoe_jax.loader import build_model, load
 from swapmoe_jax.model import SwitchTransformer
@@ -20,6 +21,6 @@ from swapmoe_jax.sampling import Sampling
 
 __all__ = [
     "ConfigError", "InputError", "Sampling", "SlotIndex", "ExpertSlots", "SwitchConfig", "SwitchModel",
-    "SwitchTransformer", "VirtualExpertMoE", "build_model", "load",
+    "SwitchTransformer", "VirtualExpertMoE", "build_model", "default_checkpoint", "load",
 ]
 __version__ = "0.1.0"

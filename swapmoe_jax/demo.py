@@ -100,6 +100,13 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
       raise
 
 
+def default_checkpoint(progress: bool = False) -> str:
+  """The folder of the built-in default model's converted checkpoint (what `load` takes).
+
+  For now this is the random demo model (see `demo_checkpoint`)."""
+  return demo_checkpoint(progress=progress)
+
+
 def build_hf_model(torch, transformers):
   """The random demo model as a transformers SwitchTransformersForConditionalGeneration, eval mode."""
   cfg = transformers.SwitchTransformersConfig(**_CONFIG)
