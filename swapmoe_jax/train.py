@@ -68,7 +68,7 @@ class Settings:
   num_experts: int = 16
   save_dtype: str = "bfloat16"
   eval_examples: int = 1000
-  pool_size: int = 200_000  # training examples generated and tokenized once; batches are drawn from it
+  pool_size: int = 3_000_000  # training examples generated and tokenized once; batches are drawn from it
   max_seconds: float = 0.0  # > 0: stop training after this long (the record says how many steps ran)
 
 
@@ -143,6 +143,29 @@ def batch_arrays(spiece_file: str, examples, s: Settings) -> dict[str, np.ndarra
   labels = _pad(sp.encode([e.answer for e in examples]), s.tgt_len)
   dec_in = np.concatenate([np.zeros_like(labels[:, :1]), labels[:, :-1]], axis=1)
   return dict(ids=ids, mask=ids != 0, dec_in=dec_in, labels=labels, label_mask=(labels != 0).astype(np.float32))
+
+
+_CHUNK = 50_000
+
+
+def _pool_chunk(args):
+  spiece, s, k = args
+  n = min(_CHUNK, s.pool_size - k * _CHUNK)
+  return batch_arrays(spiece, tasks.training_examples(n, random.Random(s.seed * 1_000_003 + k)), s)
+
+
+def training_pool(spiece: str, s: Settings) -> dict[str, np.ndarray]:
+  """`s.pool_size` training examples as token arrays, generated in seeded chunks of 50,000 (in
+  parallel processes when there are several chunks; the result does not depend on the process count)."""
+  chunks = [(spiece, s, k) for k in range(-(-s.pool_size // _CHUNK))]
+  if len(chunks) == 1:
+    parts = [_pool_chunk(chunks[0])]
+  else:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(len(chunks), os.cpu_count() or 1)) as workers:
+      parts = workers.map(_pool_chunk, chunks)
+  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def loss_fn(model: SwitchTransformer, batch: dict, aux_coef: float):
@@ -267,7 +290,7 @@ def train(out: str, s: Settings, progress: bool = True, keep_hf: str | None = No
     model = init_model(dataclasses.replace(cfg, expert_capacity=s.train_capacity), s)
     graphdef, state = nnx.split((model, make_optimizer(model, s)))
     spiece = os.path.join(hf_dir, "spiece.model")
-    pool = batch_arrays(spiece, tasks.training_examples(s.pool_size, random.Random(s.seed)), s)
+    pool = training_pool(spiece, s)
     rng = np.random.default_rng(s.seed)
     heldout = batch_arrays(spiece, tasks.make_examples(256, seed=s.seed + 2), s)
     history = []
