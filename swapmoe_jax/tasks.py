@@ -78,9 +78,12 @@ def _dedupe(rng):
   return _join(w), _join(dict.fromkeys(w))
 
 
+LETTERS = tuple(sorted(set("".join(WORDS))))  # the letters `shift` draws from
+
+
 def _shift(rng):
-  word = rng.choice(WORDS)
-  return _join(word), _join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
+  s = rng.choices(LETTERS, k=rng.randint(3, 5))
+  return _join(s), _join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
 
 
 def _convert(rng):

@@ -70,6 +70,7 @@ class Settings:
   eval_examples: int = 1000
   pool_size: int = 3_000_000  # training examples generated and tokenized once; batches are drawn from it
   max_seconds: float = 0.0  # > 0: stop training after this long (the record says how many steps ran)
+  init_from: str = ""  # fine-tune: start from this converted checkpoint's weights (and reuse its tokenizer)
 
 
 TINY = dict(steps=20, batch_size=16, pool_size=2000, d_model=32, d_kv=8, d_ff=32, num_heads=2, num_layers=2,
@@ -110,6 +111,18 @@ def hf_config(s: Settings, vocab_size: int) -> dict:
       layer_norm_epsilon=1e-6, initializer_factor=1.0, dense_act_fn="relu", feed_forward_proj="relu",
       is_encoder_decoder=True, tie_word_embeddings=True, use_cache=True, pad_token_id=0, eos_token_id=1,
       decoder_start_token_id=0, add_router_probs=False)
+
+
+def _load_weights(model: SwitchTransformer, folder: str) -> None:
+  """Overwrites the model's weights (routers, dense weights, every expert) with a converted checkpoint's."""
+  from swapmoe_jax import checkpoint as ckpt
+  from swapmoe_jax import loader
+
+  meta = ckpt.read_metadata(folder)
+  store = loader.HostExpertStore.from_numpy(ckpt.restore_all_experts(meta), meta.expert_norms, jnp.float32)
+  graphdef, params, slots = loader.build_model(meta.config, ckpt.restore_dense(meta), store)
+  src = nnx.merge(graphdef, params, slots)
+  nnx.update(model, nnx.state(src, nnx.Any(nnx.Param, ExpertSlots)))
 
 
 def init_model(cfg: SwitchConfig, s: Settings) -> SwitchTransformer:
@@ -278,6 +291,9 @@ def train(out: str, s: Settings, progress: bool = True, keep_hf: str | None = No
   t_start = time.time()
   hf_dir = tempfile.mkdtemp(prefix="swapmoe-train-hf-")
   try:
+    if s.init_from and not tokenizer_dir:
+      from swapmoe_jax import checkpoint as ckpt
+      tokenizer_dir = ckpt.read_metadata(s.init_from).tokenizer_dir
     if tokenizer_dir:  # a tokenizer built earlier by `build_tokenizer` with the same settings
       for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), hf_dir)
@@ -288,6 +304,8 @@ def train(out: str, s: Settings, progress: bool = True, keep_hf: str | None = No
     config_json = hf_config(s, len(tok))
     cfg = SwitchConfig.from_hf_dict(config_json)
     model = init_model(dataclasses.replace(cfg, expert_capacity=s.train_capacity), s)
+    if s.init_from:
+      _load_weights(model, s.init_from)
     graphdef, state = nnx.split((model, make_optimizer(model, s)))
     spiece = os.path.join(hf_dir, "spiece.model")
     pool = training_pool(spiece, s)
@@ -333,7 +351,11 @@ def train(out: str, s: Settings, progress: bool = True, keep_hf: str | None = No
   examples = tasks.make_examples(s.eval_examples, seed=s.seed + 3)
   for fam in tasks.FAMILIES:
     em[fam] = exact_match(out, [e for e in examples if e.family == fam])
-  record = dict(settings=dataclasses.asdict(s), steps_run=steps_run, tokenizer_pieces_kept=len(tok),
+  base = None
+  if s.init_from and os.path.exists(os.path.join(s.init_from, "TRAINING.json")):
+    with open(os.path.join(s.init_from, "TRAINING.json")) as f:
+      base = json.load(f)
+  record = dict(settings=dataclasses.asdict(s), base_model_training=base, steps_run=steps_run, tokenizer_pieces_kept=len(tok),
                 train_seconds=round(train_s, 1),
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__, history=history,
                 heldout_exact_match=dict(overall=float(np.mean(list(em.values()))), per_family=em))
