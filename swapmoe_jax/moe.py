@@ -82,6 +82,9 @@ class VirtualExpertMoE(nnx.Module):
     self.act_name = act
     self.routing = routing
     self.gate_mode = gate_mode
+    # Training only (`swapmoe_jax.train`): sow the router's probabilities and choices as
+    # `nnx.Intermediate` for the load-balancing loss. Off when serving.
+    self.sow_router = False
 
   @property
   def num_experts(self) -> int:
@@ -169,6 +172,8 @@ class VirtualExpertMoE(nnx.Module):
         x, self.router_w[...], b, slot_of, self.capacity, exact=exact, gate_mode=self.gate_mode
     )
     stats = router_lib.layer_stats(x, probs, routing, slot_of, self.norms[...], token_mask)
+    if self.sow_router:
+      self.sow(nnx.Intermediate, "router", (probs, routing.wanted))
     bsz, t, d = x.shape
     act = activation(self.act_name)
     flat_x = x.reshape(-1, d)
