@@ -1,14 +1,27 @@
 """swapmoe_jax: serve Mixture-of-Experts models under a memory budget with SwapMoE virtual experts."""
 
 import os as _os
+import pkgutil as _pkgutil
+
+
+def _gpu_plugin_installed() -> bool:
+  """Whether a JAX GPU plugin (jax_cuda*_plugin, jax_rocm*_plugin) is importable and JAX_PLATFORMS, if
+  set, allows a GPU. Looks the modules up on sys.path without importing them."""
+  platforms = _os.environ.get("JAX_PLATFORMS", "")
+  if platforms and not any(p in platforms for p in ("cuda", "gpu", "rocm")):
+    return False
+  return any(m.name.startswith(("jax_cuda", "jax_rocm")) for m in _pkgutil.iter_modules())
+
 
 # XLA's GPU GEMM autotuner allocates scratch copies of the operands while it compiles (measured on an
 # H200: +0.5 GiB of peak memory for switch-base-64 programs), which would break the memory budget
 # whenever a new input shape compiles next to resident experts. Off by default (step time was not
 # worse without it); set SWAPMOE_KEEP_XLA_AUTOTUNE=1, or any --xla_gpu_autotune_level yourself, to keep it.
-# It only takes effect if JAX's GPU backend has not started yet.
-if "xla_gpu_autotune_level" not in _os.environ.get("XLA_FLAGS", "") and not _os.environ.get(
-    "SWAPMOE_KEEP_XLA_AUTOTUNE"):
+# It only takes effect if JAX's GPU backend has not started yet. Set only where a GPU plugin is
+# installed: XLA aborts on flags it does not know ("Unknown flags in XLA_FLAGS"), and whether a TPU
+# runtime knows this GPU flag was not checked (no TPU was available to this project).
+if (_gpu_plugin_installed() and "xla_gpu_autotune_level" not in _os.environ.get("XLA_FLAGS", "")
+    and not _os.environ.get("SWAPMOE_KEEP_XLA_AUTOTUNE")):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 
 from swapmoe_jax.config import ConfigError, SwitchConfig

@@ -299,6 +299,18 @@ def min_budget_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, ba
                           staging_slots).total
 
 
+def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, experts_per_layer: int, batch: int,
+                       src_len: int, tgt_len: int, staging_slots: int) -> int:
+  """The budget in bytes whose uniform plan holds exactly `experts_per_layer` experts in every MoE layer
+  (1 <= K <= E; K = E is the full model, which needs no staging): for sweeps over K instead of bytes,
+  e.g. on a tiny model, whose every percentage of its weights is below the runtime reserve."""
+  if not 1 <= experts_per_layer <= config.num_experts:
+    raise ValueError(f"experts_per_layer must be in [1, {config.num_experts}], got {experts_per_layer}")
+  staging = 0 if experts_per_layer == config.num_experts else staging_slots
+  return memory_breakdown(config, dtype_bytes, [experts_per_layer] * config.num_moe_layers, batch, src_len, tgt_len,
+                          staging).total
+
+
 def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch: int, src_len: int,
                      tgt_len: int, staging_slots: int) -> None:
   """Raises BudgetError, stating the minimum, when `budget_bytes` cannot hold one expert per layer."""

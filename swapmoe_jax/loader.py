@@ -191,6 +191,28 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
                   limits=shape if budget_bytes is not None else None)
 
 
+def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
+                   max_batch_size: int = 1, max_source_len: int = 512, max_new_tokens: int = 64,
+                   max_swaps_per_step: int | None = None) -> int:
+  """The budget in bytes that `load` (uniform planner, same dtype and request shape) turns into exactly
+  `experts_per_layer` resident experts per MoE layer; K = E is the full model.
+
+  For sweeps over K, which mean the same on every model, where a percentage of a tiny model's weights
+  is below the runtime reserve. Reads only the checkpoint's metadata.
+  """
+  from swapmoe_jax import budget as budget_lib
+  from swapmoe_jax import checkpoint as ckpt
+  from swapmoe_jax.planner import DEFAULT_MAX_SWAPS_PER_STEP
+
+  meta = ckpt.read_metadata(folder)
+  dtype_name = dtype or meta.dtype
+  if dtype_name not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+  staging = DEFAULT_MAX_SWAPS_PER_STEP if max_swaps_per_step is None else max_swaps_per_step
+  return budget_lib.budget_for_experts(meta.config, jnp.dtype(DTYPES[dtype_name]).itemsize, experts_per_layer,
+                                       max_batch_size, max_source_len, decode.cache_length(max_new_tokens), staging)
+
+
 def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, importance=None):
   """Experts placed in the slots at start: all for "full"; else the top-K_l by calibration importance
   when given, by expert norm otherwise (the paper's Pruning choice)."""

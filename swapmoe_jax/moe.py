@@ -4,6 +4,8 @@ The router (always resident) scores all E experts; expert weights come from a fi
 `wi: [K, D, F]`, `wo: [K, F, D]` and an index map `slot_of: int32[E]` (slot, or -1). Slots and map are
 `ExpertSlots` / `SlotIndex` variables: split them out with `nnx.split` and pass them to jitted functions
 as arguments, so that swapping experts changes values, never shapes, and never recompiles.
+`place_experts` / `put_expert` fill and swap slots eagerly (for a model of one's own; the serving
+engine swaps through `executor.SwapExecutor`, in place, between jitted steps).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from swapmoe_jax import experts as experts_lib
@@ -86,6 +89,71 @@ class VirtualExpertMoE(nnx.Module):
   @property
   def num_experts(self) -> int:
     return self.slot_of.shape[0]
+
+  @property
+  def num_slots(self) -> int:
+    return self.wi.shape[0]
+
+  def resident_experts(self) -> np.ndarray:
+    """int32[K]: the expert in each slot, or -1 for a slot that no expert maps to."""
+    slot_of = np.asarray(self.slot_of[...])
+    out = np.full((self.num_slots,), -1, np.int32)
+    held = np.flatnonzero(slot_of >= 0)
+    out[slot_of[held]] = held
+    return out
+
+  def place_experts(self, experts, wi, wo) -> None:
+    """Puts expert `experts[k]` in slot k for every k, and sets the index map to match.
+
+    Eager, outside `jit`; it changes values, never shapes, so jitted functions that take the slots as
+    arguments (see the module docstring) do not recompile.
+
+    Args:
+      experts: int[n], distinct experts in [0, E), n <= K; slots n..K-1 are left out of the index map.
+      wi, wo: every expert's weights, [E, D, F] and [E, F, D] (numpy or jax arrays, any memory).
+    """
+    experts = np.asarray(experts)
+    e, k = self.num_experts, self.num_slots
+    if experts.ndim != 1 or not 1 <= experts.size <= k or not np.issubdtype(experts.dtype, np.integer):
+      raise ValueError(f"experts must be 1 to K={k} integers, got {experts.tolist()}")
+    if experts.min() < 0 or experts.max() >= e or len(set(experts.tolist())) != experts.size:
+      raise ValueError(f"experts must be distinct and in [0, {e}), got {experts.tolist()}")
+    self._check_bank("wi", wi, (e,) + self.wi.shape[1:])
+    self._check_bank("wo", wo, (e,) + self.wo.shape[1:])
+    n = experts.size
+    self.wi[:n] = jnp.asarray(np.asarray(wi)[experts], self.wi.dtype)
+    self.wo[:n] = jnp.asarray(np.asarray(wo)[experts], self.wo.dtype)
+    slot_of = np.full((e,), -1, np.int32)
+    slot_of[experts] = np.arange(n, dtype=np.int32)
+    self.slot_of[...] = jnp.asarray(slot_of)
+
+  def put_expert(self, slot: int, expert: int, wi, wo) -> int:
+    """Writes one expert's weights wi [D, F], wo [F, D] into `slot` and points the index map at it;
+    the slot's previous expert leaves the map. Eager, values only (no recompilation, as above).
+
+    Returns:
+      The expert evicted from `slot`, or -1 if the slot held none (or already held `expert`).
+    """
+    if not 0 <= slot < self.num_slots:
+      raise ValueError(f"slot must be in [0, {self.num_slots}), got {slot}")
+    if not 0 <= expert < self.num_experts:
+      raise ValueError(f"expert must be in [0, {self.num_experts}), got {expert}")
+    self._check_bank("wi", wi, self.wi.shape[1:])
+    self._check_bank("wo", wo, self.wo.shape[1:])
+    evicted = int(self.resident_experts()[slot])
+    slot_of = np.array(self.slot_of[...])
+    if evicted >= 0:
+      slot_of[evicted] = -1
+    slot_of[expert] = slot
+    self.wi[slot] = jnp.asarray(wi, self.wi.dtype)
+    self.wo[slot] = jnp.asarray(wo, self.wo.dtype)
+    self.slot_of[...] = jnp.asarray(slot_of)
+    return -1 if evicted == expert else evicted
+
+  @staticmethod
+  def _check_bank(name: str, array, shape: tuple) -> None:
+    if tuple(np.shape(array)) != tuple(shape):
+      raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(np.shape(array))}")
 
   def __call__(
       self,

@@ -61,7 +61,10 @@ def route(
 
   Returns the routing and the float32 router probabilities [B, T, E].
   """
-  logits = x.astype(jnp.float32) @ w.astype(jnp.float32)
+  # HIGHEST: XLA's default precision multiplies float32 in one bfloat16 pass on TPUs (and in TF32 on
+  # recent NVIDIA GPUs), which flips near-tied routing decisions; HF routes in float32. The router is
+  # [D, E]: full precision costs nothing measurable. On the CPU it changes nothing.
+  logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   if b is not None:
     logits = logits + b.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)  # float32 [B, T, E]

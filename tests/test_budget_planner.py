@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swapmoe_jax.budget import (
-    GiB, MiB, Budget, BudgetError, dense_param_count, dtype_size, expert_bytes_each, format_bytes,
+    GiB, MiB, Budget, BudgetError, budget_for_experts, dense_param_count, dtype_size, expert_bytes_each, format_bytes,
     full_model_bytes, kv_cache_bytes, memory_breakdown, min_budget_bytes, parse_budget, RUNTIME_RESERVE_BYTES)
 from swapmoe_jax.config import SwitchConfig
 from swapmoe_jax.planner import (
@@ -271,3 +271,16 @@ def test_calibrated_rejects_bad_importance():
     plan_calibrated(TINY, 10**9, 2, 1, 16, 8, np.ones((3, 8)))
   with pytest.raises(ValueError, match="non-negative"):
     plan_calibrated(TINY, 10**9, 2, 1, 16, 8, -np.ones((4, 8)))
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_budget_for_experts_plans_exactly_k_per_layer(k):
+  budget = budget_for_experts(TINY, 2, k, 2, 32, 16, DEFAULT_MAX_SWAPS_PER_STEP)
+  plan = plan_uniform(TINY, budget, 2, 2, 32, 16)
+  assert plan.slots_per_layer == (k,) * 4 and plan.breakdown.total == budget
+  if k == 1:  # the minimum budget
+    assert budget == min_budget_bytes(TINY, 2, 2, 32, 16, DEFAULT_MAX_SWAPS_PER_STEP)
+  elif k < 8:  # one byte less loses a slot somewhere
+    assert sum(plan_uniform(TINY, budget - 1, 2, 2, 32, 16).slots_per_layer) == 4 * k - 1
+  with pytest.raises(ValueError, match=r"experts_per_layer must be in \[1, 8\], got 9"):
+    budget_for_experts(TINY, 2, 9, 2, 32, 16, DEFAULT_MAX_SWAPS_PER_STEP)

@@ -26,23 +26,10 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent XLA compilation cache for this module: every CLI run loads the model anew, which
-  retraces its programs; with the cache, runs after the first (and the subprocess) skip XLA compiles."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  folder = str(tmp_path_factory.mktemp("xla-cache"))
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (folder, 0.0, 0)):
-    jax.config.update(name, value)
-  cc.reset_cache()
-  yield folder
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+def compile_cache(xla_compile_cache):
+  """Every CLI run loads the model anew, which retraces its programs; with a persistent XLA cache, runs
+  after the first (and the subprocess) skip XLA compiles."""
+  return xla_compile_cache
 
 
 @pytest.fixture(autouse=True)

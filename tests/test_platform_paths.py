@@ -1,0 +1,72 @@
+"""Code paths that differ between CPU, GPU and TPU, checked where they can be checked on the CPU.
+
+Nothing here runs on a TPU; see the README's TPU section for what was not run.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swapmoe_jax import router as router_lib
+from swapmoe_jax import store as store_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _xla_flags_after_import(tmp_path, jax_platforms, fake_plugin):
+  """XLA_FLAGS as `import swapmoe_jax` leaves them, in a fresh interpreter."""
+  tmp_path.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SWAPMOE_KEEP_XLA_AUTOTUNE", "JAX_PLATFORMS")}
+  path = [ROOT]
+  if fake_plugin:  # a module named like a JAX GPU plugin; never imported (the backend is not started)
+    (tmp_path / "jax_cuda99_plugin").mkdir()
+    (tmp_path / "jax_cuda99_plugin" / "__init__.py").write_text("")
+    path.append(str(tmp_path))
+  env["PYTHONPATH"] = os.pathsep.join(path)
+  if jax_platforms is not None:
+    env["JAX_PLATFORMS"] = jax_platforms
+  out = subprocess.run([sys.executable, "-c", "import os, swapmoe_jax; print(os.environ.get('XLA_FLAGS', ''))"],
+                       env=env, capture_output=True, text=True, check=True, cwd=str(tmp_path))
+  return out.stdout.strip()
+
+
+def test_gpu_autotune_flag_only_where_a_gpu_plugin_is_installed(tmp_path):
+  # No GPU plugin (the CPU, a TPU VM): XLA_FLAGS untouched, so no runtime sees a flag it may not know.
+  assert _xla_flags_after_import(tmp_path / "a", None, fake_plugin=False) == ""
+  # A GPU plugin, but JAX_PLATFORMS keeps JAX off the GPU: untouched too.
+  assert _xla_flags_after_import(tmp_path / "b", "cpu", fake_plugin=True) == ""
+  assert _xla_flags_after_import(tmp_path / "c", "cuda,cpu", fake_plugin=True) == "--xla_gpu_autotune_level=0"
+
+
+def test_router_logits_use_full_float32_precision():
+  """XLA's default precision is one bfloat16 pass on TPUs: the router must ask for HIGHEST."""
+  x = jnp.zeros((1, 3, 8), jnp.bfloat16)
+  w = jnp.zeros((8, 4), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda x, w: router_lib.route(x, w, None, jnp.arange(4, dtype=jnp.int32), 4,
+                                                       exact=False))(x, w)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 1, dots
+  precision = dots[0].params["precision"]
+  assert precision is not None and all(p == jax.lax.Precision.HIGHEST for p in precision), precision
+  assert dots[0].invars[0].aval.dtype == jnp.float32
+
+
+def test_host_store_falls_back_to_numpy_without_pinned_host(monkeypatch):
+  """Platforms without a `pinned_host` memory keep experts in numpy and gather them on the host."""
+  rng = np.random.default_rng(0)
+  experts = [(rng.normal(size=(4, 3, 5)).astype(np.float32), rng.normal(size=(4, 5, 3)).astype(np.float32))]
+  pinned = store_lib.HostExpertStore.from_numpy(experts, np.ones((1, 4)), jnp.float32)
+  monkeypatch.setattr(store_lib, "host_memory_kind", lambda device: None)
+  plain = store_lib.HostExpertStore.from_numpy(experts, np.ones((1, 4)), jnp.float32)
+  assert pinned.memory_kind == "pinned_host"  # the CPU backend of jax >= 0.6 has it
+  assert pinned.wi[0].sharding.memory_kind == "pinned_host"
+  assert plain.memory_kind is None and isinstance(plain.wi[0], np.ndarray)
+  for store in (pinned, plain):
+    wi, wo = store.gather_to_device(0, [3, 1])
+    assert wi.sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(wi), experts[0][0][[3, 1]])
+    np.testing.assert_array_equal(np.asarray(wo), experts[0][1][[3, 1]])
