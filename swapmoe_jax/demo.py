@@ -100,11 +100,32 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
       raise
 
 
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
+DEFAULT_NOTICE = ("a small Switch Transformer (16 experts per MoE layer) trained by this project on 10 synthetic "
+                  "tasks: reverse, sort, add, upper, count, dedupe, shift, convert, max, sum — e.g. "
+                  "--prompt \"sort: 5 2 9\"")
+
+
+class DefaultModelMissingError(FileNotFoundError):
+  """The package was installed without its built-in model."""
+
+
 def default_checkpoint(progress: bool = False) -> str:
   """The folder of the built-in default model's converted checkpoint (what `load` takes).
 
-  For now this is the random demo model (see `demo_checkpoint`)."""
-  return demo_checkpoint(progress=progress)
+  The model ships inside the package (`swapmoe_jax/assets/default_model`, a few MB): a small Switch
+  Transformer trained with `python -m swapmoe_jax.train` on the tasks of `swapmoe_jax.tasks`; its
+  `TRAINING.json` records the settings and the held-out exact match.
+
+  Raises:
+    DefaultModelMissingError: the package was installed without its assets.
+  """
+  del progress  # nothing to build: the checkpoint ships converted
+  if not _is_complete(DEFAULT_MODEL_DIR):
+    raise DefaultModelMissingError(
+        f"the built-in model is missing from {DEFAULT_MODEL_DIR}; reinstall swapmoe_jax with its package data, "
+        "or pass --model")
+  return DEFAULT_MODEL_DIR
 
 
 def build_hf_model(torch, transformers):

@@ -56,20 +56,6 @@ def make_requests(tokenizer, examples, src_len: int = SRC_LEN, tgt_len: int = NE
   return out
 
 
-def budget_for_slots(folder: str, slots: int, dtype: str | None = None, max_swaps_per_step: int | None = None) -> int:
-  """The budget in bytes under which the uniform planner keeps exactly `slots` experts per MoE layer
-  (for batch 1, SRC_LEN source tokens and NEW_TOKENS new tokens)."""
-  from swapmoe_jax import budget as budget_lib
-  from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax import decode, planner
-
-  meta = ckpt.read_metadata(folder)
-  cfg = meta.config
-  staging = planner.DEFAULT_MAX_SWAPS_PER_STEP if max_swaps_per_step is None else max_swaps_per_step
-  return budget_lib.memory_breakdown(cfg, dtype or meta.dtype, [slots] * cfg.num_moe_layers, 1, SRC_LEN,
-                                     decode.cache_length(NEW_TOKENS), staging).total
-
-
 def _decode_text(tokenizer, ids) -> str:
   return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -127,7 +113,7 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
              dtype: str | None = None, progress=None) -> list[dict]:
   """The evaluation grid; one row per (stream, budget, policy, gate). See the module docstring."""
   from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax.loader import load
+  from swapmoe_jax.loader import experts_budget, load
 
   meta = ckpt.read_metadata(folder)
   e = meta.config.num_experts
@@ -153,7 +139,7 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
       if policy == "full":
         model, res, lp, budget = full, ref, ref_lp, None
       else:
-        budget = budget_for_slots(folder, k, dtype)
+        budget = experts_budget(folder, k, dtype=dtype, **limits)
         model = load(folder, budget=budget, policy=policy, gate_mode=gate, dtype=dtype, **limits)
         res = run_stream(model, reqs)
         lp = teacher_forced(model, reqs)
@@ -189,8 +175,17 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> str | None:
-  """Exact match against resident expert fraction, one line per policy/gate, one panel per stream."""
+METRICS = {"exact_match": ("exact match (%)", 100), "agreement": ("token agreement with full (%)", 100),
+           "tf_agreement": ("teacher-forced agreement with full (%)", 100),
+           "tf_kl": ("mean KL(full || policy), teacher-forced", 1), "ms_per_token": ("decode ms / token", 1)}
+
+
+def plot(rows: list[dict], path: str, metric: str = "exact_match") -> str | None:
+  """`metric` (a key of METRICS) against resident expert fraction: one line per policy/gate, one panel per
+  stream. Returns the path, or None without matplotlib."""
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+  label, scale = METRICS[metric]
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -204,13 +199,13 @@ def plot(rows: list[dict], path: str) -> str | None:
     sub = [r for r in rows if r["stream"] == stream]
     full = [r for r in sub if r["policy"] == "full"]
     if full:
-      ax.axhline(100 * full[0]["exact_match"], color="k", ls="--", lw=1, label="full")
+      ax.axhline(scale * full[0][metric], color="k", ls="--", lw=1, label="full")
     for key in sorted({(r["policy"], r["gate"]) for r in sub if r["policy"] != "full"}):
-      pts = sorted((r["expert_pct"], 100 * r["exact_match"]) for r in sub if (r["policy"], r["gate"]) == key)
+      pts = sorted((r["expert_pct"], scale * r[metric]) for r in sub if (r["policy"], r["gate"]) == key)
       ax.plot(*zip(*pts), marker="o", label=key[0] if key[1] == "-" else f"{key[0]} ({key[1]})")
     ax.set_title(f"{stream} stream")
     ax.set_xlabel("resident experts per MoE layer (% of E)")
-    ax.set_ylabel("exact match (%)")
+    ax.set_ylabel(label)
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=8)

@@ -1,12 +1,12 @@
 """Command line: generate text with a Switch Transformer under a memory budget.
 
   python -m swapmoe_jax.generate --model google/switch-base-8 --budget 33% --prompt "translate: ..."
-  python -m swapmoe_jax.generate --max-new-tokens 8            # the built-in demo model (random weights)
+  python -m swapmoe_jax.generate --prompt "reverse: cat dog sun"   # the built-in model
 
 `--model` takes a converted checkpoint folder, a Hugging Face folder (config.json + weights) or a hub id;
 the latter two are converted once into `<cache root>/models/<name>` (cache root: $SWAPMOE_CACHE or
-`~/.cache/swapmoe_jax`). Without `--model`, the built-in demo model runs: a tiny Switch Transformer with
-RANDOM weights (gibberish outputs), a stand-in until the trained default model ships.
+`~/.cache/swapmoe_jax`). Without `--model`, the built-in model runs: a small Switch Transformer trained by
+this project on synthetic tasks (`swapmoe_jax.tasks`; `sort: 5 2 9`, `add: 37 + 45`, ...).
 
 Tokens are printed to stdout as they come; one statistics line goes to stderr (or everything into one
 JSON object on stdout with --json). Exit status 0 on success, 2 on bad input (one `error: ...` line on
@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 
-DEFAULT_PROMPT = "translate: hello world"
+DEFAULT_PROMPT = "sort: 5 2 9"
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
               description="Generate text with a Switch Transformer under a memory budget (SwapMoE).")
   p.add_argument("--model", metavar="FOLDER|HUB_ID",
                  help="converted checkpoint folder, Hugging Face folder or hub id (converted once into the "
-                      "cache); default: the built-in demo model (tiny, RANDOM weights: gibberish outputs)")
+                      "cache); default: the built-in model (trained on synthetic tasks, see swapmoe_jax.tasks)")
   p.add_argument("--budget", help="accelerator memory for the model: '4GiB', '512MiB', '33%%' (of the full "
                                   "model's weights) or bytes; default: no budget")
   p.add_argument("--policy", choices=POLICIES,
@@ -153,8 +153,8 @@ def resolve_model(model: str | None, *, quiet: bool = False) -> str:
 
   if model is None:
     if not quiet:
-      print(f"no --model given: using the built-in demo model ({demo.DEMO_NOTICE})", file=sys.stderr)
-    return demo.demo_checkpoint(progress=not quiet and sys.stderr.isatty())
+      print(f"no --model given: using the built-in model ({demo.DEFAULT_NOTICE})", file=sys.stderr)
+    return demo.default_checkpoint()
   if not model.strip():
     raise UsageError("--model is empty")
   if os.path.isdir(model):
