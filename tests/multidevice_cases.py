@@ -157,3 +157,35 @@ def test_too_small_per_device_budget_states_the_minimum(folder):
   with pytest.raises(budget_lib.BudgetError, match="below the minimum .* per device \\(8 devices"):
     swapmoe_jax.load(folder, budget=per_device_budget(folder, 8) - 1, policy="swapmoe", devices=8,
                      **SHAPE)
+
+
+@pytest.mark.parametrize("tokens", [2, 40])  # the decode (gather) and prefill (dispatch) paths
+def test_expert_parallel_ffn_moves_activations_not_experts(tokens):
+  """Each device computes its own slots' tokens; the compiled program all-reduces [N, D] outputs and
+  never gathers slot buffers or host banks (GSPMD alone all-gathered the whole buffer for decode)."""
+  from jax.sharding import NamedSharding
+
+  from swapmoe_jax import experts as experts_lib
+
+  mesh = sharding.expert_mesh(8)
+  rng = np.random.default_rng(tokens)
+  d, f = 8, 12
+  x = rng.standard_normal((tokens, d)).astype(np.float32)
+  slot = rng.integers(0, K * 2, tokens).astype(np.int32)
+  keep = rng.random(tokens) < 0.8
+  wi, wo = rng.standard_normal((K * 2, d, f)).astype(np.float32), rng.standard_normal((K * 2, f, d)).astype(np.float32)
+  split = NamedSharding(mesh, PartitionSpec("expert"))
+  host = NamedSharding(mesh, PartitionSpec("expert"), memory_kind="pinned_host")
+  ffn, misses = sharding.expert_parallel(mesh)
+  run = jax.jit(lambda x, s, k, wi, wo, bi, bo: (ffn(x, s, wi, wo, jax.nn.relu, keep=k, capacity=tokens),
+                                                 misses(x, s, k, bi, bo, jax.nn.relu)))
+  args = (x, slot, keep, jax.device_put(wi, split), jax.device_put(wo, split), jax.device_put(wi, host),
+          jax.device_put(wo, host))
+  y, y_miss = run(*args)
+  ref = experts_lib.expert_ffn(x, slot, wi, wo, jax.nn.relu, keep=keep, capacity=tokens)
+  # tokens not kept are zeroed by the caller (MoE layer), whichever path
+  np.testing.assert_allclose(np.where(keep[:, None], y, 0), np.where(keep[:, None], ref, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_miss, experts_lib.expert_ffn_misses(x, slot, keep, wi, wo, jax.nn.relu),
+                             rtol=1e-5, atol=1e-5)
+  hlo = run.lower(*args).compile().as_text()
+  assert "all-gather" not in hlo and "all-reduce" in hlo
