@@ -92,7 +92,10 @@ def test_sharded_model_equals_one_device(folder, policy, devices):
   assert many.plan.slots_per_layer == one.plan.slots_per_layer
   assert many.plan.slots_per_layer == ((E,) if policy == "full" else (K,)) * 2
   ids, mask = _ids(0)
-  np.testing.assert_array_equal(many.generate(ids, mask, max_new_tokens=12), one.generate(ids, mask, max_new_tokens=12))
+  steps = decode.decode_step._cache_size()
+  out = many.generate(ids, mask, max_new_tokens=12)
+  assert decode.decode_step._cache_size() == steps + 1, "caches and step inputs keep their shardings"
+  np.testing.assert_array_equal(out, one.generate(ids, mask, max_new_tokens=12))
   # Logits of the first decoder position (teacher-forcing more positions compiles 2x longer on the CPU).
   np.testing.assert_allclose(many(ids, mask), one(ids, mask), rtol=0, atol=1e-5)
   programs = len(_PROGRAMS)  # every program of both models has run once
@@ -132,6 +135,17 @@ def test_each_device_holds_its_share_of_the_plan(folder):
   for wi, wo in model._banks:
     assert wi.sharding.memory_kind == "pinned_host" and wi.sharding.spec == PartitionSpec("expert")
     assert {s.data.shape[0] for s in wi.addressable_shards} == {E // 8}
+
+
+def test_calibrated_planner_on_eight_devices(folder):
+  """Calibration runs exact routing with one slot per layer on each device, then plans per device."""
+  model = swapmoe_jax.load(folder, budget=per_device_budget(folder, 8), policy="swapmoe", planner="calibrated",
+                           calibration_inputs=[_ids(s)[0] for s in range(2)], devices=8, **SHAPE)
+  assert model.plan.method == "calibrated" and model.plan.devices == 8
+  assert all(k % 8 == 0 for k in model.plan.slots_per_layer)
+  assert model.plan.breakdown.total <= model.plan.budget_bytes
+  ids, mask = _ids(4)
+  assert model.generate(ids, mask, max_new_tokens=5).shape[0] == 2
 
 
 def test_slots_that_do_not_split_over_the_devices_are_refused(folder):
