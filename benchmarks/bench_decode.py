@@ -75,27 +75,37 @@ def run_one(args) -> dict:
   from swapmoe_jax import budget as budget_lib
   from swapmoe_jax import decode, loader
   from swapmoe_jax import planner as planner_lib
+  from swapmoe_jax import sharding
   from swapmoe_jax.store import HostExpertStore
 
   policy, budget = args.run.split(":")
+  mesh = None if args.devices is None else sharding.expert_mesh(args.devices)
+  devices = [jax.devices()[0]] if mesh is None else sharding.mesh_devices(mesh)
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # never stop early
   jdtype = loader.DTYPES[args.dtype]
   dbytes = jnp.dtype(jdtype).itemsize
   t0 = time.perf_counter()
   dense, experts, norms = random_model_parts(cfg, args.dtype)
-  store = HostExpertStore.from_numpy(experts, norms, jdtype)
+  if mesh is None:
+    store = HostExpertStore.from_numpy(experts, norms, jdtype)
+  else:
+    store = sharding.ShardedExpertStore.from_numpy(experts, norms, jdtype, mesh)
   del experts
-  full_bytes = budget_lib.full_model_bytes(cfg, dbytes)
+  full_bytes = budget_lib.full_model_bytes(cfg, dbytes, len(devices))  # per device
   shape = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
   budget_bytes = None if budget == "none" else budget_lib.parse_budget(budget).resolve(full_bytes)
   if policy == "full":
-    plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape)
+    plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=len(devices))
   else:
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, update_every=args.update_every,
-                                    max_swaps_per_step=args.max_swaps)
-  dev = jax.devices()[0]
-  mem = lambda key: (dev.memory_stats() or {}).get(key)  # noqa: E731
-  model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype)
+                                    max_swaps_per_step=args.max_swaps, devices=len(devices))
+  dev = devices[0]
+
+  def mem(key):  # the largest figure over the devices (None where the platform has no memory stats)
+    figures = [(d.memory_stats() or {}).get(key) for d in devices]
+    return None if None in figures else max(figures)
+
+  model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype, mesh=mesh)
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
@@ -119,6 +129,7 @@ def run_one(args) -> dict:
     model.generate(prompt(), max_new_tokens=args.new_tokens, stream=lambda step, tok: stamps.append(time.perf_counter()))
     lat.extend(np.diff(stamps))
   peak = mem("peak_bytes_in_use")
+  peak_per_device = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
   lat = np.asarray(lat)
   tele = model.stats.summary() if model.stats is not None else {}
   return {
@@ -129,7 +140,8 @@ def run_one(args) -> dict:
       "ms_per_token": 1e3 * float(np.median(per_token)),
       "stream_p50_ms": 1e3 * float(np.median(lat)), "stream_p95_ms": 1e3 * float(np.percentile(lat, 95)),
       "prefill_ms": 1e3 * float(np.median(prefill)), "tokens_per_s": args.batch / float(np.median(per_token)),
-      "setup_s": setup_s, "device": dev.device_kind, "platform": dev.platform,
+      "setup_s": setup_s, "device": dev.device_kind, "platform": dev.platform, "devices": len(devices),
+      "peak_per_device": peak_per_device,
       "redirect_rate": tele.get("redirect_rate"), "experts_swapped": tele.get("experts_swapped"),
       "hit_rate": tele.get("hit_rate"), "misses": tele.get("misses"),
   }
@@ -152,30 +164,17 @@ def _commit():
     return None
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--shape", default="switch-base-8")
-  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  p.add_argument("--runs", nargs="+", default=["full:none", "swapmoe:50%"], help="policy:budget pairs")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--src-len", type=int, default=128)
-  p.add_argument("--new-tokens", type=int, default=64)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--update-every", type=int, default=16)
-  p.add_argument("--max-swaps", type=int, default=2)
-  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
-  p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
-  args = p.parse_args(argv)
-  if args.run:
-    print("RESULT " + json.dumps(run_one(args)), flush=True)
-    return 0
+def run_in_subprocesses(runs, out) -> list[dict]:
+  """Runs each (label, arguments of this script) in a fresh process, so that the runtime's peak-memory
+  counter starts at zero; appends each result, with commit and versions, to `out` as a JSON line.
+  Returns the results of the runs that succeeded."""
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   rows = []
-  for run in args.runs:
-    cmd = [sys.executable, __file__, "--run", run] + [a for a in (argv or sys.argv[1:]) if a not in args.runs and a != "--runs"]
+  for label, run_args in runs:
     t = time.perf_counter()
-    print(f"[{len(rows) + 1}/{len(args.runs)}] {args.shape} {run} ...", flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    print(f"[{len(rows) + 1}/{len(runs)}] {label} ...", flush=True)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + run_args, env=env, capture_output=True,
+                          text=True)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not line:
       print(f"  failed ({proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
@@ -183,8 +182,37 @@ def main(argv=None):
     row = json.loads(line[-1][7:]) | {"commit": _commit(), "versions": _versions()}
     rows.append(row)
     print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
-    with open(args.out, "a") as f:
+    with open(out, "a") as f:
       f.write(json.dumps(row) + "\n")
+  return rows
+
+
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+  """The request shape and swap cadence of every run (shared with bench_multidevice.py)."""
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--src-len", type=int, default=128)
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--update-every", type=int, default=16)
+  p.add_argument("--max-swaps", type=int, default=2)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", default="switch-base-8")
+  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  p.add_argument("--runs", nargs="+", default=["full:none", "swapmoe:50%"], help="policy:budget pairs")
+  add_request_arguments(p)
+  p.add_argument("--devices", type=int, help="split the experts over the first N devices (expert parallelism, "
+                                             "swapmoe_jax/sharding.py); budgets are then per device")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
+  p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
+  args = p.parse_args(argv)
+  if args.run:
+    print("RESULT " + json.dumps(run_one(args)), flush=True)
+    return 0
+  passed = [a for a in (argv or sys.argv[1:]) if a not in args.runs and a != "--runs"]
+  rows = run_in_subprocesses([(f"{args.shape} {run}", ["--run", run] + passed) for run in args.runs], args.out)
   full = next((r for r in rows if r["policy"] == "full"), None)
   gib = 2**30
   print(f"\n{'policy':<9}{'budget':>8}{'plan GiB':>9}{'peak GiB':>9}{'load pk':>8}{'ms/tok':>8}{'vs full':>8}"

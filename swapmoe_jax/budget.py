@@ -197,10 +197,11 @@ def expert_bytes_each(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -
   return config.expert_param_count() * dtype_size(dtype_bytes)
 
 
-def full_model_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -> int:
-  """Weight bytes of the whole model: dense + every expert of every MoE layer."""
+def full_model_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, devices: int = 1) -> int:
+  """Weight bytes of the whole model: dense + every expert of every MoE layer (per device when the
+  experts are split over `devices` and the dense weights replicated)."""
   experts = config.num_moe_layers * config.num_experts * config.expert_param_count()
-  return dense_bytes(config, dtype_bytes) + experts * dtype_size(dtype_bytes)
+  return dense_bytes(config, dtype_bytes) + experts * dtype_size(dtype_bytes) // devices
 
 
 # --- the memory a plan occupies ---------------------------------------------------------------------
@@ -260,8 +261,8 @@ def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int
 
 
 def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, slots_per_layer: Sequence[int],
-                     batch: int, src_len: int, tgt_len: int, staging_slots: int) -> MemoryBreakdown:
-  """Accelerator bytes of serving `config` with K_l = slots_per_layer[l] resident experts.
+                     batch: int, src_len: int, tgt_len: int, staging_slots: int, devices: int = 1) -> MemoryBreakdown:
+  """Accelerator bytes of serving `config` with K_l = slots_per_layer[l] resident experts, on one device.
 
   Args:
     config: the model.
@@ -270,6 +271,9 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       (a plan needs K_l >= 1; 0 gives the bytes of everything but the experts).
     batch, src_len, tgt_len: B, S and T (T counts every decoder position the cache holds).
     staging_slots: experts that can be in flight at once (device buffers for incoming copies).
+    devices: n, the devices each layer's slot axis is split over (`sharding.py`): every K_l must then be
+      a multiple of n, and the breakdown is that of each device, which holds K_l / n slots per layer
+      and its own copy of everything else (dense weights, caches, staging, workspace are replicated).
   """
   size = dtype_size(dtype_bytes)
   slots = [int(k) for k in slots_per_layer]
@@ -282,10 +286,12 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       raise ValueError(f"{name} must be positive, got {v}")
   if staging_slots < 0:
     raise ValueError(f"staging_slots must be >= 0, got {staging_slots}")
+  if devices < 1 or any(k % devices for k in slots):
+    raise ValueError(f"every K_l must be a multiple of the {devices} devices its slots are split over, got {slots}")
   one_expert = expert_bytes_each(config, size)
   return MemoryBreakdown(
       dense_bytes=dense_bytes(config, size),
-      expert_bytes=sum(slots) * one_expert,
+      expert_bytes=sum(slots) // devices * one_expert,
       kv_cache_bytes=kv_cache_bytes(config, size, batch, src_len, tgt_len),
       staging_bytes=staging_slots * one_expert,
       workspace_bytes=workspace_bytes(config, batch, src_len, tgt_len),
@@ -293,10 +299,11 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
 
 
 def min_budget_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, batch: int, src_len: int,
-                     tgt_len: int, staging_slots: int) -> int:
-  """The smallest budget that runs at all: dense + one expert per layer + caches + staging + workspace."""
-  return memory_breakdown(config, dtype_bytes, [1] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging_slots).total
+                     tgt_len: int, staging_slots: int, devices: int = 1) -> int:
+  """The smallest budget that runs at all: dense + one expert per layer + caches + staging + workspace
+  (per device with `devices` > 1: one slot per layer on each device)."""
+  return memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
+                          staging_slots, devices).total
 
 
 def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, experts_per_layer: int, batch: int,
@@ -312,13 +319,14 @@ def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, 
 
 
 def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch: int, src_len: int,
-                     tgt_len: int, staging_slots: int) -> None:
-  """Raises BudgetError, stating the minimum, when `budget_bytes` cannot hold one expert per layer."""
-  minimum = min_budget_bytes(config, dtype_bytes, batch, src_len, tgt_len, staging_slots)
-  if budget_bytes < minimum:
-    parts = memory_breakdown(config, dtype_bytes, [1] * config.num_moe_layers, batch, src_len, tgt_len,
-                             staging_slots)
+                     tgt_len: int, staging_slots: int, devices: int = 1) -> None:
+  """Raises BudgetError, stating the minimum, when `budget_bytes` cannot hold one expert per layer
+  (on each of `devices` devices, `budget_bytes` then being per device)."""
+  parts = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
+                           staging_slots, devices)
+  if budget_bytes < parts.total:
+    where = "" if devices == 1 else f" per device ({devices} devices, one slot per MoE layer on each)"
     raise BudgetError(
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum "
-        f"{format_bytes(minimum)} ({minimum} bytes) for batch {batch}, source {src_len}, target {tgt_len}: "
-        f"{parts} (one expert per MoE layer, {staging_slots} staging slots)")
+        f"{format_bytes(parts.total)} ({parts.total} bytes){where} for batch {batch}, source {src_len}, "
+        f"target {tgt_len}: {parts} (one expert per MoE layer, {staging_slots} staging slots)")

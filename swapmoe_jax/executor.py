@@ -78,12 +78,17 @@ class SwapExecutor:
       self._positions = slot_leaf_positions(slots, self.layer_paths)
     leaves = list(slots.leaves)
     for (row_wi, row_wo), w in zip(staged, writes):
-      a, b, m = self._positions[w.layer]
-      leaves[a], leaves[b], leaves[m] = _write_slot(
-          leaves[a], leaves[b], row_wi, row_wo, np.int32(w.slot), np.asarray(index_maps[w.layer], np.int32))
+      self._write_row(leaves, self._positions[w.layer], row_wi, row_wo, w, np.asarray(index_maps[w.layer], np.int32))
     self.experts_written += len(writes)
     self.bytes_written += len(writes) * self.store.expert_bytes
     return Flat(slots.treedef, leaves)
+
+  def _write_row(self, leaves: list, positions: tuple[int, int, int], row_wi, row_wo, w: SlotWrite,
+                 index_map: np.ndarray) -> None:
+    """Writes one staged row and its layer's index map into `leaves` (the flat slot state, replaced in
+    place; `positions`: the layer's wi, wo, slot_of). `sharding.ShardedSwapExecutor` overrides this."""
+    a, b, m = positions
+    leaves[a], leaves[b], leaves[m] = _write_slot(leaves[a], leaves[b], row_wi, row_wo, np.int32(w.slot), index_map)
 
   def warm_up(self, slots, resident: Sequence[np.ndarray], index_maps: Sequence[np.ndarray]):
     """Compiles the write program for every distinct slot-buffer shape at load time, by rewriting one

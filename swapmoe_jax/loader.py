@@ -52,8 +52,10 @@ def nnx_tree_from_dense(cfg: SwitchConfig, dense: dict) -> dict:
   return out
 
 
-def _fill(abstract: dict, values: dict, path=()) -> dict:
-  """Replaces every leaf of the abstract pure dict with the matching value, checking shapes."""
+def _fill(abstract: dict, values: dict, path=(), put=None) -> dict:
+  """Replaces every leaf of the abstract pure dict with the matching value, checking shapes.
+
+  put(path, value, dtype) -> array places each leaf (default: `jnp.asarray` on the default device)."""
   try:
     from swapmoe_jax.checkpoint import CheckpointError
   except ImportError:
@@ -65,12 +67,12 @@ def _fill(abstract: dict, values: dict, path=()) -> dict:
       raise CheckpointError(f"checkpoint has no tensor for {'/'.join(map(str, p))}")
     v = values[k]
     if isinstance(a, dict):
-      out[k] = _fill(a, v, p)
+      out[k] = _fill(a, v, p, put)
     else:
       v = np.asarray(v)
       if tuple(v.shape) != tuple(a.shape):
         raise CheckpointError(f"{'/'.join(map(str, p))}: checkpoint shape {v.shape}, model expects {a.shape}")
-      out[k] = jnp.asarray(v, dtype=a.dtype)
+      out[k] = jnp.asarray(v, dtype=a.dtype) if put is None else put(p, v, a.dtype)
   return out
 
 
@@ -94,29 +96,40 @@ def _fill_slots(store: HostExpertStore, layer: int, experts: np.ndarray, dtype):
 
 
 def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype=jnp.float32,
-                slots_per_layer=None, resident=None, routing="masked", gate_mode="original"):
+                slots_per_layer=None, resident=None, routing="masked", gate_mode="original", mesh=None):
   """Builds (graphdef, params, slots) with the given resident experts per MoE layer.
 
   resident: per MoE layer, int array [K_l] of the experts placed in slots 0..K_l-1 (default: 0..K_l-1).
+  mesh: None (one device), or a mesh with axis "expert" to split every layer's slots over (then `store`
+    is a `sharding.ShardedExpertStore` and every K_l a multiple of the mesh size; see `sharding.py`).
   """
+  from swapmoe_jax import sharding
+
   slots_per_layer = tuple(slots_per_layer or [cfg.num_experts] * cfg.num_moe_layers)
   abstract = nnx.eval_shape(lambda: SwitchTransformer(
       cfg, slots_per_layer=slots_per_layer, routing=routing, gate_mode=gate_mode, dtype=dtype))
+  if mesh is not None:
+    sharding.mark_expert_parallel(abstract, mesh)
   graphdef, params, slots = decode.split_model(abstract)
   pure = nnx.to_pure_dict(params)
   values = nnx_tree_from_dense(cfg, dense)
   for l, (stack, i) in enumerate(cfg.moe_layers):
     values[stack]["blocks"][i]["moe"]["norms"] = store.norms[l]
-  nnx.replace_by_pure_dict(params, _fill(pure, values))
+  nnx.replace_by_pure_dict(params, _fill(pure, values, put=None if mesh is None else sharding.dense_placer(mesh)))
   slot_pure = nnx.to_pure_dict(slots)
   if resident is None:
     resident = [np.arange(k) for k in slots_per_layer]
   for l, (stack, i) in enumerate(cfg.moe_layers):
     experts = np.asarray(resident[l], np.int32)
-    wi, wo = _fill_slots(store, l, experts, dtype)
     slot_of = np.full((cfg.num_experts,), -1, np.int32)
     slot_of[experts] = np.arange(len(experts), dtype=np.int32)
-    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi, "wo": wo, "slot_of": jax.device_put(slot_of, store.device)}
+    if mesh is None:
+      wi, wo = _fill_slots(store, l, experts, dtype)
+      slot_of = jax.device_put(slot_of, store.device)
+    else:
+      wi, wo = sharding.fill_slots(mesh, store, l, experts, dtype, _fill_slots)
+      slot_of = jax.device_put(slot_of, sharding.replicated(mesh))
+    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi, "wo": wo, "slot_of": slot_of}
   nnx.replace_by_pure_dict(slots, slot_pure)
   return graphdef, params, slots
 
@@ -128,7 +141,8 @@ PLANNERS = ("uniform", "calibrated")
 def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, planner: str = "uniform",
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
-         max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False):
+         max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
+         devices=None):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -147,10 +161,15 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
       and workspace are accounted for them; larger requests are refused).
     update_every, max_swaps_per_step: swap cadence (defaults: the planner's).
     progress: show a progress bar while experts are read.
+    devices: None (one device, the default), or the devices to split every MoE layer's expert slots
+      over: a count (the first n of `jax.devices()`), a list of devices, or a `jax.sharding.Mesh` with
+      the single axis "expert" (see `sharding.py`). The budget is then per device (a percentage is of
+      the fully resident model's bytes per device), and every K_l a multiple of the device count.
   """
   from swapmoe_jax import budget as budget_lib
   from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax import planner as planner_lib
+  from swapmoe_jax import sharding
 
   policy = policy or ("full" if budget is None else "swapmoe")
   if policy not in POLICIES:
@@ -165,6 +184,8 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
   jdtype = DTYPES[dtype_name]
   cfg = meta.config
+  mesh = None if devices is None else sharding.expert_mesh(devices)
+  n = 1 if mesh is None else mesh.size
   dbytes = jnp.dtype(jdtype).itemsize
   shape = dict(batch=max_batch_size, src_len=max_source_len, tgt_len=decode.cache_length(max_new_tokens))
   cadence = {}
@@ -174,21 +195,26 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     cadence["max_swaps_per_step"] = max_swaps_per_step
   budget_bytes = None
   if budget is not None:
-    budget_bytes = budget_lib.parse_budget(budget).resolve(budget_lib.full_model_bytes(cfg, dbytes))
+    budget_bytes = budget_lib.parse_budget(budget).resolve(budget_lib.full_model_bytes(cfg, dbytes, n))
   dense = ckpt.restore_dense(meta)
-  store = HostExpertStore.from_numpy(ckpt.restore_all_experts(meta, progress=progress), meta.expert_norms, jdtype)
+  experts = ckpt.restore_all_experts(meta, progress=progress)
+  if mesh is None:
+    store = HostExpertStore.from_numpy(experts, meta.expert_norms, jdtype)
+  else:
+    store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
+  del experts
   if policy == "full":
-    plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, **cadence)
+    plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   elif planner == "uniform":
-    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, **cadence)
+    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   else:
     if not calibration_inputs:
       raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays)")
-    importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype)
-    plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, **cadence)
+    importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype, mesh=mesh)
+    plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n, **cadence)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
-                  limits=shape if budget_bytes is not None else None)
+                  limits=shape if budget_bytes is not None else None, mesh=mesh)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -224,8 +250,10 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
-             dtype, tokenizer=None, meta=None, limits=None, importance=None) -> SwitchModel:
-  """Builds the serving model for a plan and a policy (controller, executor, telemetry)."""
+             dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None) -> SwitchModel:
+  """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
+  `build_model`."""
+  from swapmoe_jax import sharding
   from swapmoe_jax.executor import SwapExecutor
   from swapmoe_jax.residency import EXACT_POLICIES, Residency
   from swapmoe_jax.stats import Telemetry
@@ -236,14 +264,17 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   exact = policy in EXACT_POLICIES
   graphdef, params, slot_state = build_model(cfg, dense, store, dtype=dtype, slots_per_layer=slots,
                                              resident=resident, routing="exact" if exact else "masked",
-                                             gate_mode=gate_mode)
+                                             gate_mode=gate_mode, mesh=mesh)
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
                                max_swaps_per_step=plan.max_swaps_per_step)
   executor = None
   if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
-    executor = SwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step)
+    if mesh is None:
+      executor = SwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step)
+    else:
+      executor = sharding.ShardedSwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step, mesh)
     maps = [controller.state.index_map(l) for l in range(cfg.num_moe_layers)]
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
@@ -252,19 +283,21 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
                      residency=residency, plan=plan, limits=limits)
 
 
-def calibrate(cfg: SwitchConfig, dense: dict, store: HostExpertStore, inputs, *, dtype, new_tokens: int = 16):
+def calibrate(cfg: SwitchConfig, dense: dict, store: HostExpertStore, inputs, *, dtype, new_tokens: int = 16,
+              mesh=None):
   """Importance float64[L, E] of every expert (Eq. 1, unmasked router) over calibration prompts, measured
-  with exact routing and one resident expert per layer, so calibration itself fits any valid budget."""
-  plan = _OneSlotPlan(cfg.num_moe_layers)
-  model = assemble(cfg, dense, store, plan, policy="lru", gate_mode="original", dtype=dtype)
+  with exact routing and one resident expert per layer (per device with a mesh), so calibration itself
+  fits any valid budget."""
+  plan = _OneSlotPlan(cfg.num_moe_layers, 1 if mesh is None else mesh.size)
+  model = assemble(cfg, dense, store, plan, policy="lru", gate_mode="original", dtype=dtype, mesh=mesh)
   for ids in inputs:
     model.generate(np.asarray(ids), max_new_tokens=new_tokens)
   return model.residency.totals.importance
 
 
 class _OneSlotPlan:
-  def __init__(self, num_layers):
-    self.slots_per_layer = (1,) * num_layers
+  def __init__(self, num_layers, devices=1):
+    self.slots_per_layer = (devices,) * num_layers
     self.update_every = 1 << 30
     self.max_swaps_per_step = 0
 

@@ -47,7 +47,12 @@ class VirtualExpertMoE(nnx.Module):
     routing: "masked" (serve only resident experts; paper) or "exact" (a missing expert is read from the
       host bank passed to `__call__`, so outputs equal the fully resident model).
     gate_mode: "original" or "renormalized" (masked routing only).
+
+  `expert_mesh` (static, default None): a mesh whose axis "expert" splits the slot axis K (and the host
+  bank's E) over devices; set by `sharding.mark_expert_parallel` before `nnx.split`.
   """
+
+  expert_mesh = None
 
   def __init__(
       self,
@@ -179,11 +184,15 @@ class VirtualExpertMoE(nnx.Module):
     flat_x = x.reshape(-1, d)
     slot = routing.slot.reshape(-1)
     hit = slot >= 0
-    y = experts_lib.expert_ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act,
-                               keep=routing.keep.reshape(-1) & hit,
-                               capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
+    ffn, ffn_misses = experts_lib.expert_ffn, experts_lib.expert_ffn_misses
+    if self.expert_mesh is not None:
+      from swapmoe_jax import sharding
+
+      ffn, ffn_misses = sharding.expert_parallel(self.expert_mesh)
+    y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=routing.keep.reshape(-1) & hit,
+            capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
     if exact:
-      y_miss = experts_lib.expert_ffn_misses(flat_x, routing.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
+      y_miss = ffn_misses(flat_x, routing.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
       y = jnp.where(hit[:, None], y, y_miss)
     scale = (routing.gate * routing.keep).reshape(-1, 1).astype(x.dtype)
     y = (y * scale).astype(x.dtype).reshape(bsz, t, d)

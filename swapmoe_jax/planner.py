@@ -7,6 +7,10 @@ offers that (`plan_calibrated`), equal slots (`plan_uniform`) and everything res
 
 Each plan's `breakdown.total` is at most the budget, always (the paper overshot; we do not).
 
+With `devices` = n > 1 (expert parallelism, `sharding.py`) the budget and the breakdown are per device:
+each layer's K_l slots are split evenly over the n devices, so every K_l is a multiple of n (the
+planners round down to one), and each device holds K_l / n slots plus its own copy of the rest.
+
 Axis letters: L MoE layers, E experts, K slots.
 """
 
@@ -44,6 +48,7 @@ class Plan:
     method: 'uniform', 'calibrated' or 'full'.
     staging_slots: device buffers for incoming experts, = max_swaps_per_step.
     budget_bytes: the budget planned for (None for an unconstrained `plan_full`).
+    devices: devices the slots are split over; `breakdown` and `budget_bytes` are then per device.
   """
 
   slots_per_layer: tuple[int, ...]
@@ -54,6 +59,7 @@ class Plan:
   method: str
   staging_slots: int = 0
   budget_bytes: int | None = None
+  devices: int = 1
 
   @property
   def resident_experts(self) -> int:
@@ -67,74 +73,93 @@ def _check_cadence(update_every: int, max_swaps_per_step: int) -> None:
     raise ValueError(f"max_swaps_per_step must be >= 1, got {max_swaps_per_step}")
 
 
-def _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len) -> bool:
+def _check_devices(config: SwitchConfig, devices: int) -> None:
+  if devices < 1 or config.num_experts % devices:
+    raise ValueError(f"the {config.num_experts} experts of each MoE layer do not split evenly over {devices} "
+                     f"devices; use a device count that divides {config.num_experts}")
+
+
+def _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices) -> bool:
   """Whether every expert fits, with no staging (nothing ever swaps)."""
   full = memory_breakdown(config, dtype_bytes, [config.num_experts] * config.num_moe_layers, batch, src_len,
-                          tgt_len, staging_slots=0)
+                          tgt_len, 0, devices)
   return full.total <= budget_bytes
 
 
-def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, staging_slots) -> int:
-  """How many expert slots (over all layers) fit, after the minimum; raises BudgetError below it."""
-  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots)
-  base = memory_breakdown(config, dtype_bytes, [1] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging_slots)
+def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices) -> int:
+  """How many expert slots (over all layers) fit on each device, after the minimum; raises BudgetError
+  below it."""
+  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices)
+  base = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
+                          staging_slots, devices)
   extra = (budget_bytes - base.total) // expert_bytes_each(config, dtype_bytes)
-  return min(config.num_moe_layers + extra, config.num_moe_layers * config.num_experts)
+  return min(config.num_moe_layers + extra, config.num_moe_layers * config.num_experts // devices)
 
 
 def _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
-               max_swaps_per_step, method, reason) -> Plan:
+               max_swaps_per_step, method, reason, devices) -> Plan:
   """A Plan with one staging buffer per write in flight."""
-  breakdown = memory_breakdown(config, dtype_bytes, slots, batch, src_len, tgt_len, max_swaps_per_step)
+  breakdown = memory_breakdown(config, dtype_bytes, slots, batch, src_len, tgt_len, max_swaps_per_step, devices)
   if budget_bytes is not None and breakdown.total > budget_bytes:  # the invariant, not a user error
     raise AssertionError(f"plan exceeds its budget: {breakdown.total} > {budget_bytes}")
   use = f"uses {format_bytes(breakdown.total)}"
   if budget_bytes is not None:
     use += f" of {format_bytes(budget_bytes)} ({breakdown.total} <= {budget_bytes} bytes)"
+  if devices > 1:
+    reason += f", split over {devices} devices"
+    use += " per device"
   return Plan(tuple(int(k) for k in slots), update_every, max_swaps_per_step, breakdown,
-              f"{reason}; {use}: {breakdown}", method, max_swaps_per_step, budget_bytes)
+              f"{reason}; {use}: {breakdown}", method, max_swaps_per_step, budget_bytes, devices)
 
 
-def _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, method) -> Plan:
+def _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, method,
+                  devices) -> Plan:
   """Every expert resident: no staging, and max_swaps_per_step 0 (nothing ever swaps)."""
   slots = [config.num_experts] * config.num_moe_layers
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every, 0, method,
-                    f"all {config.num_experts} experts of each of {len(slots)} MoE layers resident, no swaps")
+                    f"all {config.num_experts} experts of each of {len(slots)} MoE layers resident, no swaps",
+                    devices)
 
 
 def plan_full(config: SwitchConfig, budget_bytes: int | None, dtype_bytes, batch: int, src_len: int,
               tgt_len: int, update_every: int = DEFAULT_UPDATE_EVERY,
-              max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP) -> Plan:
+              max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1) -> Plan:
   """Every expert resident (K_l = E), no staging. Raises BudgetError if a given budget cannot hold it."""
   _check_cadence(update_every, max_swaps_per_step)
+  _check_devices(config, devices)
   if budget_bytes is not None:
     need = memory_breakdown(config, dtype_bytes, [config.num_experts] * config.num_moe_layers, batch,
-                            src_len, tgt_len, 0).total
+                            src_len, tgt_len, 0, devices).total
     if need > budget_bytes:
+      where = "" if devices == 1 else f" on each of {devices} devices"
       raise BudgetError(f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) cannot hold the full "
-                        f"model, which needs {format_bytes(need)} ({need} bytes)")
-  return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "full")
+                        f"model, which needs {format_bytes(need)} ({need} bytes){where}")
+  return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "full", devices)
 
 
 def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                  tgt_len: int, update_every: int = DEFAULT_UPDATE_EVERY,
-                 max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP) -> Plan:
-  """The largest equal K <= E that fits; leftover single slots go to layers in order.
+                 max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1) -> Plan:
+  """The largest equal K <= E that fits; leftover slots go to layers in order (one per device each, so
+  that every K_l stays a multiple of `devices`).
 
   Raises:
     BudgetError: when the budget is below `min_budget_bytes` (the message states the minimum).
   """
   _check_cadence(update_every, max_swaps_per_step)
+  _check_devices(config, devices)
   num_layers, e = config.num_moe_layers, config.num_experts
-  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len):
-    return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "uniform")
-  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step)
+  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices):
+    return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "uniform",
+                         devices)
+  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step,
+                            devices)
   k, leftover = divmod(capacity, num_layers)
-  slots = [k + (1 if layer < leftover else 0) for layer in range(num_layers)]
+  slots = [devices * (k + (1 if layer < leftover else 0)) for layer in range(num_layers)]
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "uniform",
-                    f"equal K={k} of {e} experts per MoE layer, +1 for the first {leftover} layer(s)")
+                    f"equal K={devices * k} of {e} experts per MoE layer, +{devices} for the first {leftover} "
+                    "layer(s)", devices)
 
 
 def layer_coverage(importance: np.ndarray, slots_per_layer) -> np.ndarray:
@@ -158,14 +183,16 @@ def _normalised(importance: np.ndarray) -> np.ndarray:
 
 def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                     tgt_len: int, importance: np.ndarray, update_every: int = DEFAULT_UPDATE_EVERY,
-                    max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP) -> Plan:
+                    max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1) -> Plan:
   """K_l from calibration importance: each next slot to the layer whose coverage grows most.
 
   Starts at one slot per layer. The marginal gain of layer l's (k+1)-th slot is its (k+1)-th largest
   normalised importance (`layer_coverage`). Gains fall with k in every layer and slots all cost one
   expert's bytes, so this greedy maximises the summed coverage for the slot count that fits. Ties go to
   the layer with fewer slots, then the earlier layer; slots that gain nothing are still handed out while
-  they fit, round-robin, since calibration may have missed experts that real inputs use.
+  they fit, round-robin, since calibration may have missed experts that real inputs use. With
+  `devices` = n, slots are handed out n at a time (one per device), the gain being the sum of the
+  next n normalised importances, which also falls with k.
 
   Args:
     importance: float[L,E], Eq. 1 importance summed over calibration inputs with the unmasked router.
@@ -175,28 +202,29 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
     ValueError: when `importance` has the wrong shape, or negative or non-finite entries.
   """
   _check_cadence(update_every, max_swaps_per_step)
-  num_layers, e = config.num_moe_layers, config.num_experts
+  _check_devices(config, devices)
+  num_layers, e, n = config.num_moe_layers, config.num_experts, devices
   imp = np.asarray(importance, dtype=np.float64)
   if imp.shape != (num_layers, e):
     raise ValueError(f"importance must be [L={num_layers}, E={e}], got shape {imp.shape}")
   if not np.all(np.isfinite(imp)) or np.any(imp < 0):
     raise ValueError("importance must be finite and non-negative")
-  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len):
+  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, n):
     return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every,
-                         "calibrated")
-  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step)
+                         "calibrated", n)
+  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n)
   ranked = -np.sort(-_normalised(imp), axis=1)
-  slots = [1] * num_layers
-  heap = [(-ranked[layer, 1], 1, layer) for layer in range(num_layers) if e > 1]
+  slots = [n] * num_layers
+  heap = [(-ranked[layer, n:2 * n].sum(), n, layer) for layer in range(num_layers) if e > n]
   heapq.heapify(heap)
   for _ in range(capacity - num_layers):
     _, _, layer = heapq.heappop(heap)
-    slots[layer] += 1
-    if slots[layer] < e:
-      heapq.heappush(heap, (-ranked[layer, slots[layer]], slots[layer], layer))
+    k = slots[layer] = slots[layer] + n
+    if k < e:
+      heapq.heappush(heap, (-ranked[layer, k:k + n].sum(), k, layer))
   coverage = layer_coverage(imp, slots)
   cov = ", ".join(f"{c:.3f}" for c in coverage)
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "calibrated",
                     f"K per layer {slots} of {e} experts, chosen greedily by calibrated importance; "
-                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})")
+                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n)
