@@ -305,13 +305,19 @@ def restore_dense(meta: CheckpointMeta) -> dict[str, Any]:
   import orbax.checkpoint as ocp
 
   path = meta.dense_dir
+  restore_args = _map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _tree_metadata(path))
+  return _restore(path, None, restore_args, partial=False)
+
+
+def _tree_metadata(path: str) -> dict:
+  """The tree structure an Orbax checkpoint says it holds (no array is read)."""
+  import orbax.checkpoint as ocp
+
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      tree_meta = ckptr.metadata(path).item_metadata.tree
+      return ckptr.metadata(path).item_metadata.tree
   except Exception as e:
     raise CheckpointError(f"cannot read the Orbax checkpoint {path}: {e}") from e
-  restore_args = _map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
-  return _restore(path, None, restore_args, partial=False)
 
 
 def restore_experts(meta: CheckpointMeta, layer: int,
@@ -365,7 +371,14 @@ def restore_all_experts(meta: CheckpointMeta, progress: bool = False) -> list[tu
   from tqdm.auto import tqdm
 
   layers = tqdm(range(len(meta.moe_layers)), desc="reading experts", unit="layer", disable=not progress)
-  return [restore_experts(meta, layer) for layer in layers]
+  out = []
+  for layer in layers:
+    on_disk = len(_tree_metadata(meta.experts_dir(layer)))
+    if on_disk != meta.config.num_experts:
+      raise CheckpointError(f"expert count mismatch: {meta.experts_dir(layer)} holds {on_disk} experts, but the "
+                            f"config in {METADATA_FILE} says num_experts={meta.config.num_experts}")
+    out.append(restore_experts(meta, layer))
+  return out
 
 
 def _map_leaves(fn, tree):
