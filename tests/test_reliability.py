@@ -37,6 +37,7 @@ from test_budget_planner import configs
 from test_swap_concurrency import assert_slots_agree, half_budget
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 2**20
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -606,3 +607,56 @@ def test_too_small_a_budget_names_a_minimum_that_plans(config, dtype_bytes, batc
                planner_lib.plan_calibrated(config, stated, *shape, importance, max_swaps_per_step=swaps)):
     assert plan.breakdown.total <= stated
     assert min(plan.slots_per_layer) >= 1
+
+
+# --- long runs -------------------------------------------------------------------------------------
+
+
+def test_telemetry_keeps_a_bounded_history_and_exact_totals():
+  from swapmoe_jax.stats import StepRecord, Telemetry
+
+  t = Telemetry("swapmoe", max_records=3)
+  for step in range(10):
+    t.add(StepRecord(step, hits=step, misses=1))
+  assert [r.step for r in t.records] == [7, 8, 9]
+  assert t.totals["hits"] == 45 and t.totals["misses"] == 10 and t.steps == 10
+  assert json.loads(t.to_json(records=True))["records"][0]["step"] == 7
+
+
+def _soak():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import soak
+
+  return soak
+
+
+def test_soak_verdict_fails_on_recompiles_memory_growth_and_mismatches():
+  import argparse
+
+  soak = _soak()
+  args = argparse.Namespace(rss_tolerance_mib=16.0, rss_slope_tolerance_mib=0.5, device_tolerance_mib=16.0)
+
+  class _Model:
+    plan = type("P", (), {"slots_per_layer": (4, 4)})()
+    config = type("C", (), {"num_experts": 8})()
+    stats = type("S", (), {"summary": staticmethod(lambda: {"experts_swapped": 9})})()
+
+  models = soak.Models(_Model(), None, None, {}, 1, "test")
+  device = type("D", (), {"device_kind": "cpu", "platform": "cpu"})()
+
+  def rows(compiles=lambda i: 30, rss=lambda i: 600 * MiB, dev=lambda i: None):
+    return [dict(kind="checkpoint", step=1000 * (i + 1), requests=i, elapsed_s=i, compiles=compiles(i),
+                 rss_bytes=rss(i), device_bytes_in_use=dev(i), device_peak_bytes=None, warmup=i == 0)
+            for i in range(11)]
+
+  def verdict(r, bad=None):
+    out = soak.summarize(args, "swapmoe", r, r[0], bad or dict(twin=0, full=0, fresh=0, slots=0), models, device, 0)
+    return out["ok"], " ".join(out["failures"])
+
+  assert verdict(rows()) == (True, "")
+  assert verdict(rows(compiles=lambda i: 30 + (i == 10)))[1] == "1 compilations after the warm-up"
+  assert "RSS still climbs" in verdict(rows(rss=lambda i: 600 * MiB + i * MiB // 5))[1]  # 2 MiB / 10k steps
+  assert "RSS grew 20.0 MiB" in verdict(rows(rss=lambda i: 600 * MiB + (i > 0) * 20 * MiB))[1]
+  assert "device memory grew" in verdict(rows(dev=lambda i: 100 * MiB + i * 2 * MiB))[1]
+  assert verdict(rows(), dict(twin=1, full=0, fresh=0, slots=0)) == (False, "twin: 1 mismatching checks")
+
