@@ -328,6 +328,10 @@ def plot(args, policies) -> str | None:
       axes[2].plot(x, [r["device_bytes_in_use"] / MiB for r in cps], marker=".", label=policy)
   axes[2].text(0.5, 0.5, "" if axes[2].lines else "device memory: n/a on this backend", ha="center",
                transform=axes[2].transAxes)
+  for ax in [a for a in axes[1:] if a.lines]:  # at least 16 MiB of range: page-sized noise is no trend
+    lo, hi = ax.get_ylim()
+    mid = (lo + hi) / 2
+    ax.set_ylim(min(lo, mid - 8), max(hi, mid + 8))
   for ax, label in zip(axes, ("XLA compilations", "host RSS (MiB)", "device bytes in use (MiB)")):
     ax.set_ylabel(label)
     ax.axvline(args.warmup_steps, color="grey", lw=0.8, ls="--")
@@ -365,8 +369,12 @@ def main(argv=None) -> int:
                  help="largest RSS trend over the second half, MiB per 10k steps (default 0.5)")
   p.add_argument("--device-tolerance-mib", type=float, default=16.0)
   p.add_argument("--out", default=os.path.join(HERE, "soak", "soak"), help="prefix of the output files")
+  p.add_argument("--replot", action="store_true", help="only redraw <out>.png from the JSON lines")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one policy in this process
   args = p.parse_args(argv)
+  if args.replot:
+    print(plot(args, args.policy))
+    return 0
   if args.run:
     result = run_one(args, args.run)
     print("RESULT " + json.dumps(result), flush=True)
