@@ -111,7 +111,9 @@ def build_models(args, policy) -> Models:
     meta = ckpt.read_metadata(folder)
     dtype = args.dtype or meta.dtype
     budget = _budget_bytes(args, meta.config, jnp.dtype(loader.DTYPES[dtype]).itemsize)
-    make = lambda: swapmoe_jax.load(folder, budget=budget, policy=policy, dtype=dtype, **shape, **cadence)  # noqa: E731
+    def make():
+      return swapmoe_jax.load(folder, budget=budget, policy=policy, dtype=dtype, **shape, **cadence)
+
     full = swapmoe_jax.load(folder, dtype=dtype, **shape) if exact else None
     return Models(make(), make(), full, ckpt.restore_dense(meta), budget, folder)
   from bench_decode import random_model_parts
@@ -165,9 +167,9 @@ class FreshBuild:
                                                  routing=self.routing)
     if self.graphdef is None:
       self.graphdef = decode.Static(graphdef)
-    ours = decode.forward(m._graphdef, m._params, m._slots, self.ids, self.mask, self.dec, None, m._banks)[0]  # noqa: SLF001
-    fresh = decode.forward(self.graphdef, decode.Flat.of(params), decode.Flat.of(slots), self.ids, self.mask,
-                           self.dec, None, m._banks)[0]  # noqa: SLF001
+    inputs = (self.ids, self.mask, self.dec, None, m._banks)  # noqa: SLF001
+    ours = decode.forward(m._graphdef, m._params, m._slots, *inputs)[0]  # noqa: SLF001
+    fresh = decode.forward(self.graphdef, decode.Flat.of(params), decode.Flat.of(slots), *inputs)[0]
     return bool(np.array_equal(np.asarray(ours), np.asarray(fresh)))
 
 
@@ -402,7 +404,8 @@ def main(argv=None) -> int:
     slope = "n/a" if r["rss_slope_bytes_per_10k_steps"] is None else f"{r['rss_slope_bytes_per_10k_steps'] / MiB:.2f}"
     print(f"{r['policy']:<9}{r['steps_after_warmup']:>7}{r['seconds']:>6.0f}{r['experts_swapped']:>9}"
           f"{r['compiles_at_warmup']:>5}->{r['compiles_at_end']:<4}{r['rss_at_warmup'] / MiB:>9.1f}"
-          f"{r['rss_growth_bytes'] / MiB:>8.2f}{slope:>10}{dev:>11}  {'yes' if not any(r['mismatches'].values()) else 'NO':>5}"
+          f"{r['rss_growth_bytes'] / MiB:>8.2f}{slope:>10}{dev:>11}"
+          f"  {'yes' if not any(r['mismatches'].values()) else 'NO':>5}"
           f"  {'ok' if r['ok'] else 'FAIL: ' + '; '.join(r['failures'])}")
   if figure:
     print(f"figure: {figure}")
