@@ -3,13 +3,17 @@
 The output layout is `swapmoe_jax/checkpoint.py`'s; the name mapping is `rules.RULES`. Tensors are
 read one at a time; each MoE layer's experts are written as soon as the layer is complete, so memory
 holds the dense weights plus about one layer of experts. Everything is written into a temporary
-folder next to the output and renamed into place at the end: an error leaves neither.
+folder next to the output and renamed into place at the end: an error leaves neither, and a process
+killed outright leaves the output absent or complete, never partial. Its temporary folder (named for
+the host and process) is removed by the next conversion to the same output once that process is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 import warnings
 
@@ -52,7 +56,8 @@ def convert(hf_source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
   parent = os.path.dirname(out)
   created = _topmost_missing(parent)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+  _remove_stale(out)
+  tmp = tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=parent)
   try:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would follow the folder through the rename
     norms = _write(tmp, reader, cfg, dtype, progress)
@@ -65,6 +70,36 @@ def convert(hf_source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     _remove_empty(parent, created)
     raise
   return out
+
+
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(out: str, kind: str) -> str:
+  """`<name>.tmp-<host>-<pid>-`: the name says which process owns a temporary folder."""
+  return f"{os.path.basename(out)}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _remove_stale(out: str) -> None:
+  """Removes the temporary folders next to `out` left by conversions killed before they could clean
+  up (SIGKILL, out of memory): those of processes of this host that no longer run."""
+  parent, name = os.path.split(out)
+  owned = re.compile(re.escape(name) + r"\.(?:tmp|old)-" + re.escape(_host()) + r"-(\d+)-")
+  for entry in os.listdir(parent):
+    m = owned.match(entry)
+    if m and not _running(int(m.group(1))):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # exists, owned by someone else
+    return True
+  return True
 
 
 def _describe(hf_source: str | os.PathLike, src: str) -> str:
@@ -236,7 +271,7 @@ def _install(tmp: str, out: str) -> None:
   if not os.path.lexists(out):
     os.rename(tmp, out)
     return
-  old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
+  old = tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=os.path.dirname(out))
   os.rmdir(old)
   os.rename(out, old)
   try:

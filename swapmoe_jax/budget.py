@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -316,6 +317,33 @@ def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, 
   staging = 0 if experts_per_layer == config.num_experts else staging_slots
   return memory_breakdown(config, dtype_bytes, [experts_per_layer] * config.num_moe_layers, batch, src_len, tgt_len,
                           staging).total
+
+
+def device_memory_bytes(device) -> int | None:
+  """Memory a device offers: its allocator's limit where the backend reports one (GPU, TPU), the host's
+  physical memory for a CPU device, else None."""
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - backends without memory statistics raise various errors
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if getattr(device, "platform", None) == "cpu" and hasattr(os, "sysconf"):
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+      return None
+  return None
+
+
+def check_fits_device(total_bytes: int, device) -> None:
+  """Raises BudgetError when a plan's `total_bytes` exceed what `device` has (a budget above the
+  device's memory would otherwise fail later, out of memory, halfway through loading)."""
+  limit = device_memory_bytes(device)
+  if limit is not None and total_bytes > limit:
+    raise BudgetError(f"the plan needs {format_bytes(total_bytes)} ({total_bytes} bytes) on the device, but "
+                      f"{getattr(device, 'device_kind', device)} has {format_bytes(limit)} ({limit} bytes); "
+                      f"give a smaller budget")
 
 
 def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch: int, src_len: int,

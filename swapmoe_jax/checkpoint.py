@@ -39,6 +39,7 @@ from swapmoe_jax.config import ConfigError, SwitchConfig, read_json_object
 
 FORMAT_VERSION = 1
 METADATA_FILE = "swapmoe.json"
+FILES_KEY = "files"  # in swapmoe.json: {relative path: bytes} of every other file (optional in version 1)
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
 TOKENIZER_DIR = "tokenizer"
@@ -126,7 +127,9 @@ def save_tree(path: str | os.PathLike, tree: dict[str, Any]) -> None:
 def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig, dtype: str,
                    hf_config: dict[str, Any], expert_norms: np.ndarray, has_tokenizer: bool,
                    source: str) -> None:
-  """Writes `swapmoe.json`; `expert_norms` is float32[num_moe_layers, E] in `config.moe_layers` order."""
+  """Writes `swapmoe.json`; `expert_norms` is float32[num_moe_layers, E] in `config.moe_layers` order.
+
+  Write it last: it lists the size of every other file in `folder`, which `read_metadata` checks."""
   if dtype not in DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
   norms = np.asarray(expert_norms, np.float32)
@@ -142,6 +145,7 @@ def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig, dtype: st
       "expert_norms": [[float(x) for x in row] for row in norms],
       "has_tokenizer": bool(has_tokenizer),
       "source": source,
+      FILES_KEY: _file_sizes(os.fspath(folder)),
   }
   with open(os.path.join(os.fspath(folder), METADATA_FILE), "w") as f:
     json.dump(meta, f, indent=1)
@@ -153,6 +157,18 @@ def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig, dtype: st
 def is_converted_checkpoint(folder: str | os.PathLike) -> bool:
   """Whether `folder` looks like a converted checkpoint (has `swapmoe.json`); does not validate it."""
   return os.path.isfile(os.path.join(os.fspath(folder), METADATA_FILE))
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+  """Whether `folder` holds a converted checkpoint that `read_metadata` accepts: metadata valid, every
+  file it lists present at its size (a cache folder filled halfway is not)."""
+  if not is_converted_checkpoint(folder):
+    return False
+  try:
+    read_metadata(folder)
+  except (CheckpointError, OSError):
+    return False
+  return True
 
 
 def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
@@ -179,6 +195,8 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
     return value
 
   version = field("format_version", int)
+  if version < 1:
+    raise CheckpointError(f"malformed {path}: 'format_version' must be >= 1, got {version}")
   if version > FORMAT_VERSION:
     raise CheckpointError(
         f"{path} was written by a newer swapmoe_jax (format_version {version}, this one reads up to "
@@ -206,7 +224,11 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
     raise CheckpointError(f"'expert_norms' in {path} has shape {norms.shape}, but its config has "
                           f"{want[0]} MoE layers of {want[1]} experts")
   norms = norms.reshape(want)
+  if not np.all(np.isfinite(norms)) or np.any(norms < 0):
+    raise CheckpointError(f"'expert_norms' in {path} must be finite and >= 0")
   hf_config = meta.get("hf_config") or {}
+  if not isinstance(hf_config, dict):
+    raise CheckpointError(f"malformed {path}: 'hf_config' should be dict, got {hf_config!r:.80}")
   for sub in (DENSE_DIR, EXPERTS_DIR):
     if not os.path.isdir(os.path.join(folder, sub)):
       raise CheckpointError(f"incomplete checkpoint {folder}: no {sub}/ folder")
@@ -221,7 +243,40 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
   for layer in range(len(moe_layers)):
     if not os.path.isdir(result.experts_dir(layer)):
       raise CheckpointError(f"incomplete checkpoint {folder}: no {result.experts_dir(layer)}")
+  _check_files(folder, path, meta.get(FILES_KEY))
   return result
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+  """{path relative to `folder` ('/'-separated): size in bytes} of every file but the metadata."""
+  sizes = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, folder).replace(os.sep, "/")
+      if rel != METADATA_FILE:
+        sizes[rel] = os.path.getsize(full)
+  return dict(sorted(sizes.items()))
+
+
+def _check_files(folder: str, path: str, files: Any) -> None:
+  """Every file the converter wrote is present with its size: a copy cut short, a cache half filled
+  or a file truncated later is named here, before Orbax trips over it. Checkpoints written before
+  the list existed have none, and are read as they are."""
+  if files is None:
+    return
+  if not isinstance(files, dict) or not all(
+      isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in files.items()):
+    raise CheckpointError(f"malformed {path}: {FILES_KEY!r} should map file names to sizes")
+  for rel, size in files.items():
+    full = os.path.normpath(os.path.join(folder, rel))
+    if os.path.isabs(rel) or os.path.commonpath([folder, full]) != folder:
+      raise CheckpointError(f"malformed {path}: file {rel!r} is outside the checkpoint folder")
+    if not os.path.isfile(full):
+      raise CheckpointError(f"incomplete checkpoint {folder}: {rel} is missing")
+    if os.path.getsize(full) != size:
+      raise CheckpointError(f"incomplete checkpoint {folder}: {rel} has {os.path.getsize(full)} bytes, "
+                            f"{METADATA_FILE} says {size}")
 
 
 def _quiet_orbax() -> None:
@@ -250,13 +305,19 @@ def restore_dense(meta: CheckpointMeta) -> dict[str, Any]:
   import orbax.checkpoint as ocp
 
   path = meta.dense_dir
+  restore_args = _map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _tree_metadata(path))
+  return _restore(path, None, restore_args, partial=False)
+
+
+def _tree_metadata(path: str) -> dict:
+  """The tree structure an Orbax checkpoint says it holds (no array is read)."""
+  import orbax.checkpoint as ocp
+
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      tree_meta = ckptr.metadata(path).item_metadata.tree
+      return ckptr.metadata(path).item_metadata.tree
   except Exception as e:
     raise CheckpointError(f"cannot read the Orbax checkpoint {path}: {e}") from e
-  restore_args = _map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
-  return _restore(path, None, restore_args, partial=False)
 
 
 def restore_experts(meta: CheckpointMeta, layer: int,
@@ -294,6 +355,9 @@ def restore_experts(meta: CheckpointMeta, layer: int,
   tree = _restore(path, item, args, partial=True)
   for j in wanted:
     wi, wo = tree[expert_key(j)]["wi"], tree[expert_key(j)]["wo"]
+    if np.shape(wi) == () or np.shape(wo) == ():  # the placeholder came back: not on disk
+      raise CheckpointError(f"expert count mismatch: {path} has no expert {j}, but the config in "
+                            f"{METADATA_FILE} says num_experts={cfg.num_experts}")
     if np.shape(wi) != (D, F) or np.shape(wo) != (F, D):
       raise CheckpointError(f"expert {j} in {path} has shapes {np.shape(wi)}, {np.shape(wo)}; "
                             f"expected {(D, F)}, {(F, D)}")
@@ -307,7 +371,14 @@ def restore_all_experts(meta: CheckpointMeta, progress: bool = False) -> list[tu
   from tqdm.auto import tqdm
 
   layers = tqdm(range(len(meta.moe_layers)), desc="reading experts", unit="layer", disable=not progress)
-  return [restore_experts(meta, layer) for layer in layers]
+  out = []
+  for layer in layers:
+    on_disk = len(_tree_metadata(meta.experts_dir(layer)))
+    if on_disk != meta.config.num_experts:
+      raise CheckpointError(f"expert count mismatch: {meta.experts_dir(layer)} holds {on_disk} experts, but the "
+                            f"config in {METADATA_FILE} says num_experts={meta.config.num_experts}")
+    out.append(restore_experts(meta, layer))
+  return out
 
 
 def _map_leaves(fn, tree):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -47,17 +48,24 @@ class SwitchConfig:
   decoder_start_token_id: int = 0
 
   def __post_init__(self):
+    # Checked field by field, so that a damaged swapmoe.json ("d_model": "768", true, 1.5) is refused
+    # by name here instead of failing somewhere inside a jitted function.
+    for f in dataclasses.fields(self):
+      _check_type(f.name, getattr(self, f.name), f.type)
     if self.dense_act_fn not in SUPPORTED_ACTIVATIONS:
       raise ConfigError(
           f"dense_act_fn={self.dense_act_fn!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
       )
-    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_experts"):
-      if int(getattr(self, name)) <= 0:
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers",
+                 "num_experts", "expert_capacity", "relative_attention_num_buckets",
+                 "relative_attention_max_distance"):
+      if getattr(self, name) <= 0:
         raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.num_decoder_layers <= 0:
-      raise ConfigError(f"num_decoder_layers must be positive, got {self.num_decoder_layers}")
-    if self.expert_capacity <= 0:
-      raise ConfigError(f"expert_capacity must be positive, got {self.expert_capacity}")
+    if not 0 < self.layer_norm_epsilon < 1:
+      raise ConfigError(f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
+    for name in ("pad_token_id", "decoder_start_token_id"):  # looked up in the embedding
+      if not 0 <= getattr(self, name) < self.vocab_size:
+        raise ConfigError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {getattr(self, name)}")
 
   # --- derived -----------------------------------------------------------------------------
   @property
@@ -107,8 +115,8 @@ class SwitchConfig:
     if unknown:
       raise ConfigError(f"unknown config fields: {sorted(unknown)}")
     d = dict(d)
-    if "eos_token_ids" in d:
-      d["eos_token_ids"] = tuple(int(t) for t in d["eos_token_ids"])
+    if isinstance(d.get("eos_token_ids"), list):
+      d["eos_token_ids"] = tuple(d["eos_token_ids"])
     return cls(**d)
 
   @classmethod
@@ -166,6 +174,26 @@ class SwitchConfig:
       if isinstance(e, ConfigError):
         raise
       raise ConfigError(f"malformed config: {e}") from e
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+  """Raises ConfigError unless `value` fits the field's annotation ("int", "float", "bool", "str",
+  "tuple[int, ...]"); bools are not ints here, ints are accepted as floats."""
+  import numbers
+
+  def is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+  ok = {
+      "int": is_int,
+      "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+      "bool": lambda v: isinstance(v, bool),
+      "str": lambda v: isinstance(v, str),
+      "tuple[int, ...]": lambda v: isinstance(v, tuple) and len(v) > 0 and all(is_int(t) for t in v),
+  }[annotation](value)
+  if not ok:
+    what = "a non-empty list of integers" if annotation.startswith("tuple") else f"of type {annotation}"
+    raise ConfigError(f"config field {name} must be {what}, got {value!r:.60}")
 
 
 def read_json_object(path: str, error: type[Exception]) -> dict[str, Any]:

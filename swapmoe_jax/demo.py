@@ -66,7 +66,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
   from swapmoe_jax import checkpoint as ckpt
 
   out = os.path.abspath(os.fspath(cache_dir) if cache_dir is not None else os.path.join(cache_root(), DEMO_NAME))
-  if _is_complete(out):
+  if ckpt.is_complete(out):
     return out
   try:
     import torch
@@ -95,7 +95,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     try:
       return convert(hf_dir, out, dtype="float32", progress=progress, overwrite=overwrite)
     except ConversionError:
-      if _is_complete(out):  # another process converted it meanwhile
+      if ckpt.is_complete(out):  # another process converted it meanwhile
         return out
       raise
 
@@ -139,16 +139,3 @@ def build_hf_model(torch, transformers):
       if ".router.classifier." in name:
         p.copy_(torch.randn(p.shape, generator=gen) * (_ROUTER_STD if name.endswith("weight") else 0.1))
   return model.eval()
-
-
-def _is_complete(folder: str) -> bool:
-  """Whether `folder` holds a converted checkpoint whose metadata reads back."""
-  from swapmoe_jax import checkpoint as ckpt
-
-  if not ckpt.is_converted_checkpoint(folder):
-    return False
-  try:
-    ckpt.read_metadata(folder)
-  except (ckpt.CheckpointError, OSError, ValueError):
-    return False
-  return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -16,14 +17,28 @@ class InputError(ValueError):
   """Bad input ids or masks."""
 
 
+def positive_int(name: str, value) -> int:
+  """`value` as an int; InputError unless it is an integer >= 1 (not a bool, not a float)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+    raise InputError(f"{name} must be an integer >= 1, got {value!r:.40}")
+  return int(value)
+
+
+def _array(x, name: str) -> np.ndarray:
+  try:
+    return np.asarray(x)
+  except (ValueError, TypeError) as e:  # ragged nested lists
+    raise InputError(f"{name} must be a rectangular array [batch, length]: {e}") from None
+
+
 def _as_ids(x, name: str, vocab_size: int) -> np.ndarray:
-  a = np.asarray(x)
+  a = _array(x, name)
   if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
     raise InputError(f"{name} must be an integer array, got dtype {a.dtype}")
   if a.ndim == 1:
     a = a[None]
-  if a.ndim != 2 or a.shape[1] == 0:
-    raise InputError(f"{name} must have shape [batch, length] with length >= 1, got {a.shape}")
+  if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+    raise InputError(f"{name} must have shape [batch, length] with batch, length >= 1, got {a.shape}")
   if a.size and (a.min() < 0 or a.max() >= vocab_size):
     raise InputError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): min {a.min()}, max {a.max()}")
   return a.astype(np.int32)
@@ -32,11 +47,16 @@ def _as_ids(x, name: str, vocab_size: int) -> np.ndarray:
 def _as_mask(mask, ids: np.ndarray, name: str) -> np.ndarray:
   if mask is None:
     return np.ones(ids.shape, bool)
-  m = np.asarray(mask)
+  m = _array(mask, name)
   if m.ndim == 1:
     m = m[None]
   if m.shape != ids.shape:
     raise InputError(f"{name} has shape {m.shape}, expected {ids.shape}")
+  if m.dtype != bool and not (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all()):
+    raise InputError(f"{name} must hold booleans or 0/1, got dtype {m.dtype}")
+  empty = np.flatnonzero(~m.astype(bool).any(axis=1))
+  if empty.size:
+    raise InputError(f"{name} masks every position of row {int(empty[0])}: each row needs a token")
   return m.astype(bool)
 
 
@@ -114,6 +134,23 @@ class SwitchModel:
           f"was planned for (batch {lim['batch']}, source length {lim['src_len']}, cache {lim['tgt_len']}); "
           "pass larger max_batch_size / max_source_len / max_new_tokens to load()")
 
+  def _check_cache_fits(self, ids: np.ndarray, max_new_tokens: int):
+    """Without planned limits, refuses a request whose decoder cache alone exceeds the device's memory
+    (XLA would abort the process on such shapes, or run out of memory halfway)."""
+    from swapmoe_jax import budget as budget_lib
+
+    if self.limits:
+      return
+    tgt = decode.cache_length(max_new_tokens)
+    if tgt >= 2**31:  # positions are int32 on the device
+      raise InputError(f"max_new_tokens must be below {2**31 - 64}, got {max_new_tokens}")
+    b, s = ids.shape
+    need = budget_lib.kv_cache_bytes(self.config, np.dtype(self.dtype).itemsize, b, s, tgt)
+    limit = budget_lib.device_memory_bytes(next(iter(self._params.leaves[0].devices())))
+    if limit is not None and need > limit:
+      raise InputError(f"max_new_tokens {max_new_tokens} needs a decoder cache of {budget_lib.format_bytes(need)} "
+                       f"for batch {b}, source length {s}: more than the device's {budget_lib.format_bytes(limit)}")
+
   # --- teacher-forced logits -----------------------------------------------------------------
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
     """Logits float32 [B, T, V] for `decoder_input_ids` (default: the decoder start token alone)."""
@@ -149,11 +186,13 @@ class SwitchModel:
 
     stream: optional callable(step, tokens np.int32[B]) called as tokens are produced.
     """
-    if max_new_tokens < 1:
-      raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+      raise InputError(f"seed must be an integer, got {seed!r:.40}")
     ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
     mask = _as_mask(attention_mask, ids, "attention_mask")
     self._check_limits(ids, max_new_tokens)
+    self._check_cache_fits(ids, max_new_tokens)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg = self.config
     cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,

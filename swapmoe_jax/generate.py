@@ -134,18 +134,6 @@ def cache_name(source: str) -> str:
   return name
 
 
-def _complete(folder: str) -> bool:
-  from swapmoe_jax import checkpoint as ckpt
-
-  if not ckpt.is_converted_checkpoint(folder):
-    return False
-  try:
-    ckpt.read_metadata(folder)
-  except (ckpt.CheckpointError, OSError):
-    return False
-  return True
-
-
 def resolve_model(model: str | None, *, quiet: bool = False) -> str:
   """The converted checkpoint folder for --model, converting (once, into the cache) when needed."""
   from swapmoe_jax import checkpoint as ckpt
@@ -171,7 +159,7 @@ def resolve_model(model: str | None, *, quiet: bool = False) -> str:
   out = os.path.join(models, cache_name(model))
   if os.path.commonpath([models, os.path.abspath(out)]) != models or os.path.dirname(out) != models:
     raise UsageError(f"cannot derive a cache folder name from {model!r}")
-  if _complete(out):
+  if ckpt.is_complete(out):
     return out
   if os.path.lexists(out):  # an interrupted or damaged conversion in our own cache: redo it
     if os.path.isdir(out) and not os.path.islink(out):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from swapmoe_jax import decode
 from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.engine import SwitchModel
+from swapmoe_jax.engine import SwitchModel, positive_int
 from swapmoe_jax.model import SwitchTransformer
 from swapmoe_jax.store import HostExpertStore
 
@@ -187,7 +187,9 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   mesh = None if devices is None else sharding.expert_mesh(devices)
   n = 1 if mesh is None else mesh.size
   dbytes = jnp.dtype(jdtype).itemsize
-  shape = dict(batch=max_batch_size, src_len=max_source_len, tgt_len=decode.cache_length(max_new_tokens))
+  shape = dict(batch=positive_int("max_batch_size", max_batch_size),
+               src_len=positive_int("max_source_len", max_source_len),
+               tgt_len=decode.cache_length(positive_int("max_new_tokens", max_new_tokens)))
   cadence = {}
   if update_every is not None:
     cadence["update_every"] = update_every
@@ -212,6 +214,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
       raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays)")
     importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype, mesh=mesh)
     plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n, **cadence)
+  budget_lib.check_fits_device(plan.breakdown.total, store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
                   limits=shape if budget_bytes is not None else None, mesh=mesh)

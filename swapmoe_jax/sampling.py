@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +22,12 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not isinstance(self.temperature, numbers.Real) or not 0 <= self.temperature < math.inf:
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r:.40}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+      raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r:.40}")
+    if not isinstance(self.top_p, numbers.Real):
+      raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r:.40}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

@@ -13,6 +13,7 @@ Axis letters: L MoE layers, E experts, K slots.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -118,13 +119,16 @@ class Telemetry:
 
   Args:
     policy: the swap policy's name, for the report.
-    keep_records: keep every StepRecord (for `to_json(records=True)`); totals are kept either way.
+    keep_records: keep the most recent StepRecords (for `to_json(records=True)`); totals are kept
+      either way.
+    max_records: how many: a server runs for millions of steps, and every record kept for ever grew
+      the process by ~1.5 MiB per 10,000 decode steps (benchmarks/soak.py found it).
   """
 
-  def __init__(self, policy: str = "", keep_records: bool = True):
+  def __init__(self, policy: str = "", keep_records: bool = True, max_records: int = 1024):
     self.policy = policy
     self.keep_records = keep_records
-    self.records: list[StepRecord] = []
+    self.records: collections.deque[StepRecord] = collections.deque(maxlen=max_records)
     self.steps = 0
     self.totals: dict[str, float] = {name: 0 for name in _TOTALS}
     self.resident: list[list[int]] = []
