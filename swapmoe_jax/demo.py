@@ -120,8 +120,10 @@ def default_checkpoint(progress: bool = False) -> str:
   Raises:
     DefaultModelMissingError: the package was installed without its assets.
   """
+  from swapmoe_jax import checkpoint as ckpt
+
   del progress  # nothing to build: the checkpoint ships converted
-  if not _is_complete(DEFAULT_MODEL_DIR):
+  if not ckpt.is_complete(DEFAULT_MODEL_DIR):
     raise DefaultModelMissingError(
         f"the built-in model is missing from {DEFAULT_MODEL_DIR}; reinstall swapmoe_jax with its package data, "
         "or pass --model")
