@@ -180,3 +180,36 @@ def test_evaluate_rejects_bad_arguments(args, message, capsys, tmp_path):
   assert evaluate.main(args + ["--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0]
+
+
+# --- the command line on the built-in model ------------------------------------------------------------------
+def test_cli_answers_with_the_built_in_model(capsys):
+  """The README's first command (minus the install): the built-in model, swapmoe at 5 of 16 experts."""
+  from swapmoe_jax import generate
+
+  rc = generate.main(["--policy", "swapmoe", "--budget", "69.6MiB", "--max-source-len", "32",
+                      "--prompt", "max: 3 17 5"])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert out.strip() == "17"
+  assert "built-in model" in err
+  stats = [line for line in err.splitlines() if line.startswith("stats:")]
+  assert len(stats) == 1 and "policy swapmoe" in stats[0] and "tokens/s" in stats[0]
+  from swapmoe_jax.loader import experts_budget
+
+  assert experts_budget(default_checkpoint(), 5, max_source_len=32, max_new_tokens=32) <= 69.6 * 2**20 < \
+      experts_budget(default_checkpoint(), 6, max_source_len=32, max_new_tokens=32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "empty"),
+    (["--prompt", "sort: 1 2", "--budget", "1MiB"], "minimum"),
+    (["--prompt", "sort: 1 2", "--policy", "best"], "policy"),
+    (["--prompt", "sort: 1 2", "--budget", "lots"], "budget"),
+])
+def test_cli_bad_input_on_the_built_in_model(args, message, capsys):
+  from swapmoe_jax import generate
+
+  rc = generate.main(args)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and err[-1].startswith("error:") and message in err[-1], err
