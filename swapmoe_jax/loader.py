@@ -214,7 +214,8 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
       raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays)")
     importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype, mesh=mesh)
     plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n, **cadence)
-  budget_lib.check_fits_device(plan.breakdown.total, store.device)
+  # Per-device plans: every device of a mesh holds the same bytes.
+  budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
                   limits=shape if budget_bytes is not None else None, mesh=mesh)

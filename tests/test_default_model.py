@@ -105,7 +105,7 @@ def test_shipped_model_answers_held_out_prompts(default_model):
     enc = tok([e.prompt for e in chunk], padding="max_length", max_length=32, return_tensors="np")
     out = default_model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=24)
     hits += sum(t.strip() == e.answer for t, e in zip(tok.batch_decode(out, skip_special_tokens=True), chunk))
-  assert hits / len(examples) >= 0.75, hits
+  assert hits / len(examples) >= 0.9, hits  # 95.3% on the 1,000 prompts of TRAINING.json
 
 
 def test_training_tokenization_equals_the_hf_tokenizer(default_model):
