@@ -122,6 +122,32 @@ def decode_step(graphdef, params, slots, tokens, done, cache, pos, key, banks, s
   return nxt, done, cache, pos + 1, jax.tree.map(jnp.add, stats_sum, stats)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13), donate_argnums=(5,))
+def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, stats_sum, sampling, pad_id,
+                 eos_ids, num_steps):
+  """`num_steps` decode steps in one device call (a `lax.scan` of `decode_step`'s body).
+
+  A switch-base decode step is ~300 small kernels: dispatched one call per token, the host's dispatch
+  time (~1 ms) is as long as the step itself. One call per `num_steps` tokens removes it from all
+  but one step in `num_steps`, and gives swaps staged between calls a whole call to land behind.
+  Same arguments and results as `decode_step`, except the tokens: int32[num_steps, B], in order.
+  """
+  model = _merge(graphdef, params, slots)
+  eos = jnp.asarray(eos_ids, jnp.int32)
+
+  def body(carry, _):
+    tokens, done, cache, pos, acc = carry
+    logits, cache, stats = model.decode_step(tokens, pos, cache, banks)
+    nxt = sampling_lib.select(logits, jax.random.fold_in(key, pos), sampling)
+    nxt = jnp.where(done, pad_id, nxt)
+    done = done | jnp.isin(nxt, eos)
+    return (nxt, done, cache, pos + 1, jax.tree.map(jnp.add, acc, stats)), nxt
+
+  (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum), None,
+                                                        length=num_steps)
+  return out, done, cache, pos, stats_sum
+
+
 def zero_stats(num_layers: int, num_experts: int):
   """LayerStats of zeros, [L, E] (an empty accumulator for `decode_step`)."""
   from swapmoe_jax.router import LayerStats

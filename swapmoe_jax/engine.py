@@ -13,6 +13,10 @@ from swapmoe_jax.config import SwitchConfig
 from swapmoe_jax.sampling import Sampling
 
 
+# Decode steps per device call in `generate` (see `decode.decode_steps`).
+DEFAULT_STEPS_PER_CALL = 8
+
+
 class InputError(ValueError):
   """Bad input ids or masks."""
 
@@ -64,11 +68,12 @@ class SwitchModel:
   """A loaded Switch Transformer. Weights are split once into (graphdef, params, slots).
 
   Attributes: config, dtype, graphdef, params, slots, store (host experts), tokenizer (or None),
-  policy (residency policy name).
+  policy (residency policy name), steps_per_call (decode steps per device call in `generate`).
   """
 
   def __init__(self, config: SwitchConfig, graphdef, params, slots, *, dtype, store=None, tokenizer=None,
-               policy: str = "full", banks=None, meta: Any = None, residency=None, plan=None, limits=None):
+               policy: str = "full", banks=None, meta: Any = None, residency=None, plan=None, limits=None,
+               steps_per_call: int = DEFAULT_STEPS_PER_CALL):
     self.config = config
     self.dtype = dtype
     self.graphdef = graphdef
@@ -84,6 +89,7 @@ class SwitchModel:
     self._zeros = None
     self.plan = plan
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
+    self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
 
   @property
   def params(self):
@@ -180,13 +186,18 @@ class SwitchModel:
 
   # --- generation ----------------------------------------------------------------------------
   def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, *, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None) -> np.ndarray:
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None,
+               steps_per_call: int | None = None) -> np.ndarray:
     """Generated ids int32 [B, <=max_new_tokens], without the decoder start token; rows that finished
     early are padded with the pad id, and generation stops once every row has emitted EOS (as HF does).
 
-    stream: optional callable(step, tokens np.int32[B]) called as tokens are produced.
+    stream: optional callable(step, tokens np.int32[B]) called as tokens are produced (they reach the
+      host a device call at a time).
+    steps_per_call: decode steps per device call (default `self.steps_per_call`), a divisor of 64.
+      Swaps are committed between calls. 1 gives one call per token.
     """
     max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+    chunk = check_steps_per_call(self.steps_per_call if steps_per_call is None else steps_per_call)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
       raise InputError(f"seed must be an integer, got {seed!r:.40}")
     ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
@@ -195,6 +206,8 @@ class SwitchModel:
     self._check_cache_fits(ids, max_new_tokens)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg = self.config
+    # Whole calls of `chunk` steps: the cache (a multiple of 64 positions) holds the last call's extra
+    # steps, whose tokens are dropped.
     cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
     self._after_prefill(enc_stats)
@@ -205,21 +218,44 @@ class SwitchModel:
     stats_sum = None
     out = []
     pos = self._put(np.zeros((), np.int32))
-    for step in range(max_new_tokens):
-      tokens, done, cache, pos, stats_sum = decode.decode_step(
+    calls = -(-max_new_tokens // chunk)
+    for call in range(calls):
+      toks, done, cache, pos, stats_sum = decode.decode_steps(
           self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
           stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
-          cfg.eos_token_ids)
+          cfg.eos_token_ids, chunk)
+      tokens = toks[-1]
       if self.residency is not None:
-        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum)
-      out.append(tokens)
-      if stream is not None:
-        stream(step, np.asarray(tokens))
-      if step % 8 == 7 and bool(np.asarray(done).all()):
+        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=chunk)
+      out.append((toks, done))
+      # The host runs one call ahead: what it reads below belongs to the call before this one, which
+      # has finished (or is about to) while this one is queued behind it.
+      if call and self._emit(out[-2], call - 1, chunk, max_new_tokens, stream):
+        out.pop()  # every row had finished: this call's tokens are all padding
         break
+    else:
+      self._emit(out[-1], calls - 1, chunk, max_new_tokens, stream)
     self._flush(stats_sum)
-    toks = np.stack(jax.device_get(out), axis=1)
+    toks = np.concatenate(jax.device_get([t for t, _ in out]), axis=0).T[:, :max_new_tokens]
     return _trim_finished(toks, cfg.eos_token_ids)
+
+  @staticmethod
+  def _emit(entry, call: int, chunk: int, max_new_tokens: int, stream) -> bool:
+    """Hands one call's tokens to `stream`; True when every row had emitted EOS by its end."""
+    toks, done = entry
+    if stream is not None:
+      toks = np.asarray(toks)
+      for j in range(min(chunk, max_new_tokens - call * chunk)):
+        stream(call * chunk + j, toks[j])
+    return bool(np.asarray(done).all())
+
+
+def check_steps_per_call(n) -> int:
+  """`n` as an int; InputError unless it divides 64 (cache lengths are multiples of 64)."""
+  n = positive_int("steps_per_call", n)
+  if 64 % n:
+    raise InputError(f"steps_per_call must divide 64 (1, 2, 4, 8, 16, 32 or 64), got {n}")
+  return n
 
 
 def _trim_finished(toks: np.ndarray, eos_ids) -> np.ndarray:

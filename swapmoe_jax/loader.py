@@ -12,7 +12,7 @@ from flax import nnx
 
 from swapmoe_jax import decode
 from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.engine import SwitchModel, positive_int
+from swapmoe_jax.engine import DEFAULT_STEPS_PER_CALL, SwitchModel, check_steps_per_call, positive_int
 from swapmoe_jax.model import SwitchTransformer
 from swapmoe_jax.store import HostExpertStore
 
@@ -84,10 +84,10 @@ def _set_row(buf, row, k):
 def _fill_slots(store: HostExpertStore, layer: int, experts: np.ndarray, dtype):
   """Slot buffers wi [K, D, F], wo [K, F, D] of one layer, filled one expert at a time into buffers
   allocated at their final size, so loading never holds more than one extra expert on the device."""
-  e_wi, e_wo = store.wi[layer], store.wo[layer]
+  wi_shape, wo_shape = store.expert_shapes
   sharding = jax.sharding.SingleDeviceSharding(store.device)
-  wi = jnp.zeros((len(experts),) + e_wi.shape[1:], dtype, device=sharding)
-  wo = jnp.zeros((len(experts),) + e_wo.shape[1:], dtype, device=sharding)
+  wi = jnp.zeros((len(experts),) + wi_shape, dtype, device=sharding)
+  wo = jnp.zeros((len(experts),) + wo_shape, dtype, device=sharding)
   for k, e in enumerate(experts):
     a, b = store.gather_to_device(layer, [int(e)])
     wi = _set_row(wi, a, np.int32(k))
@@ -142,7 +142,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
-         devices=None):
+         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -160,6 +160,8 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     max_batch_size, max_source_len, max_new_tokens: the largest request the budget must hold (KV caches
       and workspace are accounted for them; larger requests are refused).
     update_every, max_swaps_per_step: swap cadence (defaults: the planner's).
+    steps_per_call: decode steps per device call in `generate` (a divisor of 64; swaps land between
+      calls, at most `max_swaps_per_step` per call). 1: one call per token.
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
       over: a count (the first n of `jax.devices()`), a list of devices, or a `jax.sharding.Mesh` with
@@ -172,6 +174,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   from swapmoe_jax import sharding
 
   policy = policy or ("full" if budget is None else "swapmoe")
+  steps_per_call = check_steps_per_call(steps_per_call)
   if policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
   if planner not in PLANNERS:
@@ -218,7 +221,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
-                  limits=shape if budget_bytes is not None else None, mesh=mesh)
+                  limits=shape if budget_bytes is not None else None, mesh=mesh, steps_per_call=steps_per_call)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -254,7 +257,8 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
-             dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None) -> SwitchModel:
+             dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
+             steps_per_call: int = DEFAULT_STEPS_PER_CALL) -> SwitchModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`."""
   from swapmoe_jax import sharding
@@ -273,6 +277,9 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
                                max_swaps_per_step=plan.max_swaps_per_step)
+  # Exact routing reads misses from stacked host banks; building them changes how the store stages
+  # experts, so it comes before the executor compiles its programs.
+  banks = store.banks() if exact else None
   executor = None
   if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
     if mesh is None:

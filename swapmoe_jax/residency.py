@@ -72,14 +72,16 @@ class Residency:
     self._open.append((enc_stats, dec_stats))
     return self._issue_writes(self._observe(slots))
 
-  def after_step(self, slots, stats_sum):
-    """After dispatching a decode step whose output accumulator is `stats_sum`.
+  def after_step(self, slots, stats_sum, steps: int = 1):
+    """After dispatching a decode call of `steps` steps whose output accumulator is `stats_sum`.
 
-    Returns (slots for the next call, accumulator for the next step — None when this call closed a
+    A window closes at the first call that brings it to `update_every` steps or more.
+    Returns (slots for the next call, accumulator for the next call — None when this call closed a
     window and handed the accumulator over: start a fresh one)."""
     slots = self._observe(slots)  # the window closed one call ago; the call just dispatched is not waited on
-    self._steps += 1
-    if self._steps % self.update_every == 0:
+    self._steps += steps
+    if self._steps >= self.update_every:
+      self._steps = 0
       self._closed = self._open + [(None, stats_sum)]
       self._open, stats_sum = [], None
     return self._issue_writes(slots), stats_sum
@@ -88,6 +90,7 @@ class Residency:
     """End of a request: reads everything outstanding (this waits for the device); returns slots."""
     self._closed += self._open + ([(None, stats_sum)] if stats_sum is not None else [])
     self._open = []
+    self._steps = 0
     return self._observe(slots)
 
   def _observe(self, slots):

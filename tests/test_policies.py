@@ -257,10 +257,10 @@ def test_a_request_compiles_the_decode_step_once(folder):
   """Every input of the step is committed to the device like its outputs, so the first, second and
   window-closing steps share one program (uncommitted inputs once gave three compiles per model)."""
   model = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=4, **SHAPE)
-  before = decode.decode_step._cache_size()
+  before = decode.decode_steps._cache_size()
   ids, mask = _ids(3)
   model.generate(ids, mask, max_new_tokens=12)
-  assert decode.decode_step._cache_size() - before == 1
+  assert decode.decode_steps._cache_size() - before == 1
 
 
 @pytest.mark.parametrize("policy", ["swapmoe", "lru"])
@@ -290,6 +290,33 @@ def test_exact_policies_generate_exactly_the_full_tokens(folder, policy):
                                   full.generate(ids, mask, max_new_tokens=12))
   s = exact.stats.summary()
   assert s["misses"] > 0 and s["experts_swapped"] > 0
+
+
+@pytest.mark.parametrize("policy", ["full", "lfu"])
+def test_steps_per_call_does_not_change_the_tokens(folder, policy):
+  """Several decode steps per device call (a scan in one program) give the tokens of one call per step,
+  including where rows stop at EOS; lfu swaps between calls, so it also covers swaps landing mid-request."""
+  budget = None if policy == "full" else budget_for(folder, 0.45)
+  model = swapmoe_jax.load(folder, budget=budget, policy=policy, **SHAPE)
+  for seed in range(3):
+    ids, mask = _ids(seed + 20)
+    per_step = model.generate(ids, mask, max_new_tokens=13, steps_per_call=1)
+    for chunk in (4, 8, 16):
+      streamed = []
+      out = model.generate(ids, mask, max_new_tokens=13, steps_per_call=chunk,
+                           stream=lambda step, tok: streamed.append((step, tok.tolist())))
+      np.testing.assert_array_equal(out, per_step)
+      steps = [s for s, _ in streamed]
+      assert steps == list(range(len(steps))) and len(steps) >= out.shape[1]
+      np.testing.assert_array_equal(np.array([t for _, t in streamed[:out.shape[1]]]).T, out)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 128, 2.0, True])
+def test_bad_steps_per_call_is_refused(folder, bad):
+  model = swapmoe_jax.load(folder)
+  ids, mask = _ids(0)
+  with pytest.raises(swapmoe_jax.InputError, match="steps_per_call"):
+    model.generate(ids, mask, max_new_tokens=4, steps_per_call=bad)
 
 
 def test_swapmoe_and_pruned_serve_only_resident_experts(folder):
