@@ -290,8 +290,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
   return SwitchModel(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
-                     policy=policy, banks=store.banks() if exact else None, meta=meta,
-                     residency=residency, plan=plan, limits=limits)
+                     policy=policy, banks=banks, meta=meta,
+                     residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
 
 
 def calibrate(cfg: SwitchConfig, dense: dict, store: HostExpertStore, inputs, *, dtype, new_tokens: int = 16,

@@ -221,7 +221,7 @@ class _StagingView:
 
   def __init__(self, store: ShardedExpertStore, device: jax.Device):
     self.store, self.device = store, device
-    self.wi, self.wo = store.parts[0].wi, store.parts[0].wo  # shapes [E/n, ...]: only [1:] is read
+    self.expert_shapes = store.parts[0].expert_shapes
 
   def gather_to_device(self, layer: int, experts) -> tuple[jax.Array, jax.Array]:
     (expert,) = experts

@@ -6,8 +6,6 @@ device), otherwise in numpy. Swaps copy from here, never from disk.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,55 +21,97 @@ def host_memory_kind(device: jax.Device) -> str | None:
   return "pinned_host" if "pinned_host" in kinds else None
 
 
-@dataclasses.dataclass
 class HostExpertStore:
-  """Per MoE layer l: wi[l] [E, D, F], wo[l] [E, F, D] in host memory; norms [L, E] float32."""
+  """Every expert of every MoE layer in host memory, in one of two layouts.
 
-  wi: list
-  wo: list
-  norms: np.ndarray
-  device: jax.Device
-  memory_kind: str | None
+  * rows (the start): each expert its own pair of host arrays, wi [1, D, F] and wo [1, F, D]. A swap
+    stages an expert with one `device_put` of its pair: in `pinned_host` memory that is a DMA on a
+    transfer stream, which runs while the decode programs run on the compute stream.
+  * banks (built by `banks()`, which exact routing needs): per layer wi [E, D, F], wo [E, F, D], which
+    the jitted step indexes to read a missing expert inside the step. Staging then gathers from the
+    banks in a small program (on the compute stream). Building the banks releases the rows, so host
+    memory holds one copy of the experts either way.
+  With numpy host arrays (no `pinned_host` memory kind), rows are views of the banks.
+
+  Attributes: norms float32[L, E]; device; memory_kind ('pinned_host' or None).
+  """
+
+  def __init__(self, wi: list, wo: list, norms: np.ndarray, device: jax.Device, memory_kind: str | None,
+               rows: list | None = None):
+    self._wi, self._wo, self._rows = wi, wo, rows
+    self.norms = np.asarray(norms, np.float32)
+    self.device = device
+    self.memory_kind = memory_kind
+    first = rows[0][0] if rows is not None else (wi[0][:1], wo[0][:1])
+    self.expert_shapes = (tuple(first[0].shape[1:]), tuple(first[1].shape[1:]))
+    self.dtype = first[0].dtype
+    self._num_layers = len(rows) if rows is not None else len(wi)
+    self._num_experts = len(rows[0]) if rows is not None else int(wi[0].shape[0])
 
   @classmethod
   def from_numpy(cls, experts: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, dtype, device=None):
     device = device or jax.devices()[0]
     kind = host_memory_kind(device)
-    wi, wo = [], []
+    wi, wo, rows = [], [], []
     for a, b in experts:
       a, b = np.asarray(a).astype(dtype, copy=False), np.asarray(b).astype(dtype, copy=False)
-      if kind is not None:
-        sharding = SingleDeviceSharding(device, memory_kind=kind)
-        a, b = jax.device_put(a, sharding), jax.device_put(b, sharding)
-      wi.append(a)
-      wo.append(b)
-    return cls(wi=wi, wo=wo, norms=np.asarray(norms, np.float32), device=device, memory_kind=kind)
+      if kind is None:
+        wi.append(a)
+        wo.append(b)
+      else:
+        host = SingleDeviceSharding(device, memory_kind=kind)
+        rows.append([tuple(jax.device_put(x[e:e + 1], host) for x in (a, b)) for e in range(a.shape[0])])
+    return cls(wi, wo, norms, device, kind, rows if kind is not None else None)
 
   @property
   def num_layers(self) -> int:
-    return len(self.wi)
+    return self._num_layers
 
   @property
   def num_experts(self) -> int:
-    return int(self.wi[0].shape[0])
+    return self._num_experts
 
   @property
   def expert_bytes(self) -> int:
     """Bytes of one expert (wi + wo)."""
-    a, b = self.wi[0], self.wo[0]
-    return int((a[0].size + b[0].size) * jnp.dtype(a.dtype).itemsize)
+    return int((np.prod(self.expert_shapes[0]) + np.prod(self.expert_shapes[1])) * jnp.dtype(self.dtype).itemsize)
+
+  @property
+  def wi(self) -> list:
+    """Per layer wi [E, D, F] (builds the banks on first use)."""
+    return self._banks()[0]
+
+  @property
+  def wo(self) -> list:
+    """Per layer wo [E, F, D] (builds the banks on first use)."""
+    return self._banks()[1]
+
+  def _banks(self):
+    if self._rows is not None:  # pinned rows -> pinned banks, one layer at a time
+      host = SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
+      for layer in range(self.num_layers):
+        for j, out in ((0, self._wi), (1, self._wo)):
+          out.append(jax.device_put(np.concatenate([np.asarray(r[j]) for r in self._rows[layer]]), host))
+        self._rows[layer] = None
+      self._rows = None
+    return self._wi, self._wo
 
   def banks(self) -> tuple:
     """Per layer (wi, wo): the arguments that exact routing reads misses from inside the step."""
-    return tuple(zip(self.wi, self.wo))
+    return tuple(zip(*self._banks()))
 
   def gather_to_device(self, layer: int, experts) -> tuple[jax.Array, jax.Array]:
     """Copies experts of one layer to the device (asynchronous). Returns wi [n, D, F], wo [n, F, D]."""
-    idx = np.asarray(experts, np.int32)
+    idx = np.asarray(experts, np.int32).reshape(-1)
     dev = SingleDeviceSharding(self.device)
+    if self._rows is not None:  # one DMA per array, on a transfer stream
+      pairs = [jax.device_put(self._rows[layer][int(e)], dev) for e in idx]
+      if len(pairs) == 1:
+        return pairs[0]
+      return tuple(jnp.concatenate(x) for x in zip(*pairs))
     if self.memory_kind is None:  # numpy host arrays: gather on the host, one transfer
-      return jax.device_put(self.wi[layer][idx], dev), jax.device_put(self.wo[layer][idx], dev)
-    return _gather(self.wi[layer], self.wo[layer], jax.device_put(idx, dev))
+      return jax.device_put(self._wi[layer][idx], dev), jax.device_put(self._wo[layer][idx], dev)
+    return _gather(self._wi[layer], self._wo[layer], jax.device_put(idx, dev))
 
 
 @jax.jit
