@@ -1,14 +1,22 @@
-"""Decode latency and peak device memory of each policy under a budget, side by side in one run.
+"""Decode latency and peak device memory of each policy and peer under a budget, side by side in one run.
 
   python benchmarks/bench_decode.py --shape switch-base-64 --dtype bfloat16 \\
-      --runs full:none swapmoe:33% lru:33% pruned:33% --batch 1 --src-len 128 --new-tokens 64
+      --runs full:none swapmoe:33% lfu:33% pruned:33% hf:none accelerate:33% --batch 1 8
 
 Each run is a fresh subprocess (so that the runtime's peak-memory counter starts at zero) that builds
 the shape with random weights (speed and memory do not depend on the values), plans for the budget,
-generates `--new-tokens` tokens greedily for `--repeats` prompts, and reports per-token latency p50/p95
-(one host sync per token, the same for every policy), prefill time, tokens/s, the measured peak device
-memory against the budget, and the policy's telemetry. Results: a table on stdout and JSON lines
-appended to `--out` (commit, device, versions, config, figures).
+generates `--new-tokens` tokens greedily for `--repeats` prompts, and reports per-token latency
+(ms/token with the host running ahead; p50/p95 of the per-token time of each device call when every
+call's tokens are fetched as they come), prefill time, tokens/s, the measured peak device memory
+against the budget, the policy's telemetry, and the swaps made while timed. `--shape`, `--dtype` and
+`--batch` take several values: every run is made for each combination.
+
+Runs are `policy:budget` (`full:none`, `swapmoe:33%`, `lru:4GiB`, ...), a peer from `peers.py`
+(`hf:none`, `accelerate:33%`), or `transfer:none` (`bench_transfer.py`: the pinned host->device
+bandwidth and copy/compute overlap on this device, for the swap figures). `--parallel N` runs N
+subprocesses at a time, one per GPU (CUDA_VISIBLE_DEVICES). Results: a table on stdout and JSON lines
+appended to `--out` (commit, device, versions, config, figures); `report.py` turns them into
+`RESULTS.md` tables and plots.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_model_parts(cfg, dtype, seed=0, pool=4):
-  """A dense tree in the checkpoint layout and per-layer experts, random (a pool of `pool` random
-  experts tiled over E, to keep host set-up fast; routing uses the random routers)."""
+  """A dense tree in the checkpoint layout and per-layer experts, random. A layer's E experts repeat a
+  pool of `pool` random ones (pool=1: read-only broadcast views, no host memory), to keep host set-up
+  fast and small; routing uses the random routers."""
   import ml_dtypes  # noqa: F401  (numpy bfloat16)
 
   rng = np.random.default_rng(seed)
@@ -55,8 +64,11 @@ def random_model_parts(cfg, dtype, seed=0, pool=4):
       if i in sparse:
         b["router"] = {"w": r(d, cfg.num_experts, std=1.0)}
         base_wi, base_wo = r(pool, d, f), r(pool, f, d)
-        idx = np.arange(cfg.num_experts) % pool
-        experts.append((base_wi[idx], base_wo[idx]))
+        if pool == 1:
+          experts.append(tuple(np.broadcast_to(x, (cfg.num_experts,) + x.shape[1:]) for x in (base_wi, base_wo)))
+        else:
+          idx = np.arange(cfg.num_experts) % pool
+          experts.append((base_wi[idx], base_wo[idx]))
         norms.append(rng.uniform(1.0, 2.0, cfg.num_experts).astype(np.float32))
       else:
         b["mlp"] = {"wi": r(d, f), "wo": r(f, d)}
@@ -66,8 +78,52 @@ def random_model_parts(cfg, dtype, seed=0, pool=4):
   return dense, experts, np.stack(norms)
 
 
+def _timed_generates(model, prompt, args) -> dict:
+  """Per-token figures of `--repeats` requests: ms/token with the host running ahead (a request of 1
+  token subtracted from one of `--new-tokens`, which removes the prefill), and the per-token time of
+  each device call when every call's tokens reach the host as they come (stream)."""
+  chunk = args.steps_per_call
+  per_token, prefill, lat = [], [], []
+  for _ in range(args.repeats):
+    ids = prompt()
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, steps_per_call=chunk)
+    t1 = time.perf_counter()
+    model.generate(ids, max_new_tokens=args.new_tokens, steps_per_call=chunk)
+    t2 = time.perf_counter()
+    prefill.append(t1 - t)
+    per_token.append(((t2 - t1) - (t1 - t)) / (args.new_tokens - 1))
+    stamps = []
+    model.generate(prompt(), max_new_tokens=args.new_tokens, steps_per_call=chunk,
+                   stream=lambda step, tok: stamps.append(time.perf_counter()) if step % chunk == 0 else None)
+    lat.extend(np.diff(stamps) / chunk)
+  lat = np.asarray(lat)
+  return {"ms_per_token": 1e3 * float(np.median(per_token)),
+          "stream_p50_ms": 1e3 * float(np.median(lat)), "stream_p95_ms": 1e3 * float(np.percentile(lat, 95)),
+          "prefill_ms": 1e3 * float(np.median(prefill)), "tokens_per_s": args.batch / float(np.median(per_token))}
+
+
+def _stage_bandwidth(model, repeats=8) -> float | None:
+  """Bytes/s of the executor's staging path (host store -> device, synchronised), or None without swaps."""
+  import jax
+
+  from swapmoe_jax.swap import SlotWrite
+
+  ex = model.residency.executor if model.residency is not None else None
+  if ex is None:
+    return None
+  n = ex.max_writes
+  writes = [SlotWrite(l % ex.store.num_layers, 0, (3 * l) % ex.store.num_experts, -1) for l in range(n)]
+  times = []
+  for _ in range(repeats + 1):
+    t = time.perf_counter()
+    jax.block_until_ready(ex.stage(writes))
+    times.append(time.perf_counter() - t)
+  return n * ex.store.expert_bytes / float(np.median(times[1:]))
+
+
 def run_one(args) -> dict:
-  """One policy at one budget, in this process."""
+  """One run (see the module docstring), in this process."""
   import jax
   import jax.numpy as jnp
 
@@ -79,19 +135,33 @@ def run_one(args) -> dict:
   from swapmoe_jax.store import HostExpertStore
 
   policy, budget = args.run.split(":")
-  mesh = None if args.devices is None else sharding.expert_mesh(args.devices)
-  devices = [jax.devices()[0]] if mesh is None else sharding.mesh_devices(mesh)
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # never stop early
   jdtype = loader.DTYPES[args.dtype]
   dbytes = jnp.dtype(jdtype).itemsize
+  common = {"shape": args.shape, "dtype": args.dtype, "policy": policy, "budget": budget, "batch": args.batch,
+            "src_len": args.src_len, "new_tokens": args.new_tokens}
+  if policy == "transfer":
+    import bench_transfer
+
+    cpu = jax.devices()[0].platform == "cpu"  # a 4096² matmul chain takes minutes there
+    return common | bench_transfer.measure((cfg.d_model, cfg.d_ff), args.dtype, compute_n=256 if cpu else 4096,
+                                           big_mb=16 if cpu else 512)
+  n_dev = 1 if args.devices is None else args.devices
+  full_bytes = budget_lib.full_model_bytes(cfg, dbytes, n_dev)  # per device
+  if policy in ("hf", "accelerate"):
+    import peers
+
+    return peers.run_peer(policy, budget, cfg, args.dtype, args.batch, args.src_len, args.new_tokens, args.repeats,
+                          full_bytes) | common
+  mesh = None if args.devices is None else sharding.expert_mesh(args.devices)
+  devices = [jax.devices()[0]] if mesh is None else sharding.mesh_devices(mesh)
   t0 = time.perf_counter()
-  dense, experts, norms = random_model_parts(cfg, args.dtype)
+  dense, experts, norms = random_model_parts(cfg, args.dtype, pool=1)
   if mesh is None:
     store = HostExpertStore.from_numpy(experts, norms, jdtype)
   else:
     store = sharding.ShardedExpertStore.from_numpy(experts, norms, jdtype, mesh)
   del experts
-  full_bytes = budget_lib.full_model_bytes(cfg, dbytes, len(devices))  # per device
   shape = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
   budget_bytes = None if budget == "none" else budget_lib.parse_budget(budget).resolve(full_bytes)
   if policy == "full":
@@ -105,7 +175,8 @@ def run_one(args) -> dict:
     figures = [(d.memory_stats() or {}).get(key) for d in devices]
     return None if None in figures else max(figures)
 
-  model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype, mesh=mesh)
+  model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype, mesh=mesh,
+                          steps_per_call=args.steps_per_call)
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
@@ -113,37 +184,26 @@ def run_one(args) -> dict:
   prompt = lambda: rng.integers(2, cfg.vocab_size, (args.batch, args.src_len))  # noqa: E731
   model.generate(prompt(), max_new_tokens=args.new_tokens)  # warm-up: compilation
   model.generate(prompt(), max_new_tokens=1)
-  per_token, prefill, lat = [], [], []
-  for _ in range(args.repeats):
-    # Throughput: the loop runs ahead of the device (one host sync per 8 steps for the EOS check).
-    ids = prompt()
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1)
-    t1 = time.perf_counter()
-    model.generate(ids, max_new_tokens=args.new_tokens)
-    t2 = time.perf_counter()
-    prefill.append(t1 - t)
-    per_token.append(((t2 - t1) - (t1 - t)) / (args.new_tokens - 1))
-    # Streaming: each token reaches the host before the next step is issued (per-token latency).
-    stamps = []
-    model.generate(prompt(), max_new_tokens=args.new_tokens, stream=lambda step, tok: stamps.append(time.perf_counter()))
-    lat.extend(np.diff(stamps))
+  ex = model.residency.executor if model.residency is not None else None
+  swapped_before = ex.experts_written if ex is not None else 0
+  timed = _timed_generates(model, prompt, args)
+  swapped = (ex.experts_written if ex is not None else 0) - swapped_before
   peak = mem("peak_bytes_in_use")
   peak_per_device = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
-  lat = np.asarray(lat)
   tele = model.stats.summary() if model.stats is not None else {}
-  return {
-      "shape": args.shape, "dtype": args.dtype, "policy": policy, "budget": budget, "batch": args.batch,
-      "src_len": args.src_len, "new_tokens": args.new_tokens, "slots_per_layer": list(plan.slots_per_layer),
+  # Tokens decoded by the timed requests: per repeat, 1 + new_tokens (ms/token) + new_tokens (stream).
+  decoded = args.repeats * (1 + 2 * args.new_tokens)
+  return common | timed | {
+      "slots_per_layer": list(plan.slots_per_layer), "steps_per_call": args.steps_per_call,
+      "update_every": args.update_every, "max_swaps": args.max_swaps,
       "budget_bytes": budget_bytes, "planned_bytes": plan.breakdown.total, "full_model_bytes": full_bytes,
       "peak_device_bytes": peak, "peak_after_load": peak_after_load, "in_use_after_load": in_use_after_load,
-      "ms_per_token": 1e3 * float(np.median(per_token)),
-      "stream_p50_ms": 1e3 * float(np.median(lat)), "stream_p95_ms": 1e3 * float(np.percentile(lat, 95)),
-      "prefill_ms": 1e3 * float(np.median(prefill)), "tokens_per_s": args.batch / float(np.median(per_token)),
       "setup_s": setup_s, "device": dev.device_kind, "platform": dev.platform, "devices": len(devices),
       "peak_per_device": peak_per_device,
       "redirect_rate": tele.get("redirect_rate"), "experts_swapped": tele.get("experts_swapped"),
       "hit_rate": tele.get("hit_rate"), "misses": tele.get("misses"),
+      "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
+      "stage_bandwidth": _stage_bandwidth(model),
   }
 
 
@@ -164,68 +224,112 @@ def _commit():
     return None
 
 
-def run_in_subprocesses(runs, out) -> list[dict]:
+def run_in_subprocesses(runs, out, parallel: int = 1) -> list[dict]:
   """Runs each (label, arguments of this script) in a fresh process, so that the runtime's peak-memory
   counter starts at zero; appends each result, with commit and versions, to `out` as a JSON line.
-  Returns the results of the runs that succeeded."""
+  `parallel` > 1 runs that many at a time, process i on GPU i (CUDA_VISIBLE_DEVICES).
+  Returns the results of the runs that succeeded, in the order of `runs`."""
+  # One persistent compilation cache for the runs: runs of the same shape, batch and K (swapmoe and
+  # pruned at one budget, lru and lfu) share programs, and compile time is most of a run's set-up.
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  rows = []
-  for label, run_args in runs:
-    t = time.perf_counter()
-    print(f"[{len(rows) + 1}/{len(runs)}] {label} ...", flush=True)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + run_args, env=env, capture_output=True,
-                          text=True)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not line:
-      print(f"  failed ({proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-      continue
-    row = json.loads(line[-1][7:]) | {"commit": _commit(), "versions": _versions()}
-    rows.append(row)
-    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
-    with open(out, "a") as f:
-      f.write(json.dumps(row) + "\n")
-  return rows
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(out)), ".jax_cache"))
+  commit, versions = _commit(), _versions()
+  results = [None] * len(runs)
+  running = {}  # gpu -> (index, process, start time)
+  queue = list(enumerate(runs))
+  done = 0
+  while queue or running:
+    for gpu in range(parallel):
+      if gpu not in running and queue:
+        i, (label, run_args) = queue.pop(0)
+        print(f"[{i + 1}/{len(runs)}] {label} ...", flush=True)
+        penv = env if parallel == 1 else dict(env, CUDA_VISIBLE_DEVICES=str(gpu))
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + run_args, env=penv,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running[gpu] = (i, proc, time.perf_counter())
+    time.sleep(0.2)
+    for gpu, (i, proc, t) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      del running[gpu]
+      done += 1
+      stdout, stderr = proc.communicate()
+      line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode or not line:
+        print(f"  [{i + 1}] {runs[i][0]} failed ({proc.returncode}):\n{stderr[-3000:]}", flush=True)
+        continue
+      row = json.loads(line[-1][7:]) | {"commit": commit, "versions": versions}
+      results[i] = row
+      print(f"  [{i + 1}] done in {time.perf_counter() - t:.0f} s ({done}/{len(runs)})", flush=True)
+      with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+  return [r for r in results if r is not None]
 
 
-def add_request_arguments(p: argparse.ArgumentParser) -> None:
+def add_request_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
   """The request shape and swap cadence of every run (shared with bench_multidevice.py)."""
-  p.add_argument("--batch", type=int, default=1)
+  if several:
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+  else:
+    p.add_argument("--batch", type=int, default=1)
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--update-every", type=int, default=16)
   p.add_argument("--max-swaps", type=int, default=2)
+  p.add_argument("--steps-per-call", type=int, default=8, help="decode steps per device call")
+
+
+def print_table(rows) -> None:
+  gib = 2**30
+  print(f"\n{'shape':<17}{'dt':>5}{'b':>3}{'policy':>11}{'budget':>8}{'plan G':>8}{'peak G':>8}{'ms/tok':>8}"
+        f"{'vs full':>8}{'p50':>8}{'p95':>8}{'prefill':>8}{'redir':>7}{'hit':>5}{'sw/tok':>7}")
+  for r in rows:
+    if r["policy"] == "transfer":
+      continue
+    full = next((f for f in rows if f["policy"] == "full" and f["shape"] == r["shape"] and f["dtype"] == r["dtype"]
+                 and f["batch"] == r["batch"]), None)
+    ratio = r["ms_per_token"] / full["ms_per_token"] if full else float("nan")
+    g = lambda k: r[k] / gib if r.get(k) else float("nan")  # noqa: E731
+    budget = f"{r['budget_bytes'] / gib:.2f}G" if r.get("budget_bytes") else "-"
+    print(f"{r['shape']:<17}{r['dtype'][:4]:>5}{r['batch']:>3}{r['policy']:>11}{budget:>8}{g('planned_bytes'):>8.2f}"
+          f"{g('peak_device_bytes'):>8.2f}{r['ms_per_token']:>8.3f}{ratio:>8.2f}{r['stream_p50_ms']:>8.3f}"
+          f"{r['stream_p95_ms']:>8.3f}{r['prefill_ms']:>8.1f}{(r.get('redirect_rate') or 0) * 100:>6.1f}%"
+          f"{(r.get('hit_rate') or 0) * 100:>4.0f}%{r.get('swaps_per_token') or 0:>7.2f}")
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--shape", default="switch-base-8")
-  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  p.add_argument("--runs", nargs="+", default=["full:none", "swapmoe:50%"], help="policy:budget pairs")
-  add_request_arguments(p)
+  p.add_argument("--shape", nargs="+", default=["switch-base-8"])
+  p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
+  p.add_argument("--runs", nargs="+", default=["full:none", "swapmoe:50%"],
+                 help="policy:budget pairs, peers (hf:none, accelerate:33%%), transfer:none")
+  add_request_arguments(p, several=True)
   p.add_argument("--devices", type=int, help="split the experts over the first N devices (expert parallelism, "
                                              "swapmoe_jax/sharding.py); budgets are then per device")
+  p.add_argument("--parallel", type=int, default=1, help="runs at a time, one per GPU")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
   if args.run:
+    args.shape, args.dtype, args.batch = args.shape[0], args.dtype[0], args.batch[0]
     print("RESULT " + json.dumps(run_one(args)), flush=True)
     return 0
-  passed = [a for a in (argv or sys.argv[1:]) if a not in args.runs and a != "--runs"]
-  rows = run_in_subprocesses([(f"{args.shape} {run}", ["--run", run] + passed) for run in args.runs], args.out)
-  full = next((r for r in rows if r["policy"] == "full"), None)
-  gib = 2**30
-  print(f"\n{'policy':<9}{'budget':>8}{'plan GiB':>9}{'peak GiB':>9}{'load pk':>8}{'ms/tok':>8}{'vs full':>8}"
-        f"{'str p50':>8}{'str p95':>8}{'prefill':>8}{'redirect':>9}{'hit':>6}{'swaps':>7}")
-  for r in rows:
-    ratio = r["ms_per_token"] / full["ms_per_token"] if full else float("nan")
-    g = lambda k: r[k] / gib if r.get(k) else float("nan")  # noqa: E731
-    budget = f"{r['budget_bytes'] / gib:.2f}G" if r["budget_bytes"] else "-"
-    print(f"{r['policy']:<9}{budget:>8}{r['planned_bytes'] / gib:>9.2f}{g('peak_device_bytes'):>9.2f}"
-          f"{g('peak_after_load'):>8.2f}{r['ms_per_token']:>8.3f}{ratio:>8.2f}{r['stream_p50_ms']:>8.3f}"
-          f"{r['stream_p95_ms']:>8.3f}{r['prefill_ms']:>8.1f}{(r['redirect_rate'] or 0) * 100:>8.1f}%"
-          f"{(r['hit_rate'] or 0) * 100:>5.0f}%{r['experts_swapped'] or 0:>7}")
-  return 0
+  common = ["--src-len", str(args.src_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+            "--update-every", str(args.update_every), "--max-swaps", str(args.max_swaps),
+            "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else [])
+  runs = []
+  for shape in args.shape:
+    for dtype in args.dtype:
+      for batch in args.batch:
+        for run in args.runs:
+          if run.startswith("transfer:") and (dtype, batch) != (args.dtype[0], args.batch[0]):
+            continue  # once per shape
+          runs.append((f"{shape} {dtype} batch {batch} {run}",
+                       ["--run", run, "--shape", shape, "--dtype", dtype, "--batch", str(batch)] + common))
+  rows = run_in_subprocesses(runs, args.out, args.parallel)
+  print_table(rows)
+  return 0 if len(rows) == len(runs) else 1
 
 
 if __name__ == "__main__":

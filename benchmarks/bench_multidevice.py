@@ -84,7 +84,8 @@ def main(argv=None):
                                args.max_swaps)
   common = ["--shape", args.shape, "--dtype", args.dtype, "--batch", str(args.batch), "--src-len",
             str(args.src_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-            "--update-every", str(args.update_every), "--max-swaps", str(args.max_swaps)]
+            "--update-every", str(args.update_every), "--max-swaps", str(args.max_swaps),
+            "--steps-per-call", str(args.steps_per_call)]
   runs = [("full", "none", 1)] + [(policy, str(budget), n) for n in (1, args.devices) for policy in args.policies]
   runs.append(("full", "none", args.devices))
   rows = bench_decode.run_in_subprocesses(

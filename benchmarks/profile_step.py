@@ -102,6 +102,25 @@ def main(argv=None):
   t2 = time.perf_counter()
   print(f"decode step: host dispatch {1e3 * (t1 - t0) / n:.3f} ms/step, wall {1e3 * (t2 - t0) / n:.3f} ms/step "
         f"({n} steps, one sync)")
+  for chunk in (8, 16):  # several steps per call (what generate does): one dispatch per `chunk` steps
+    def steps():
+      nonlocal tokens, done, cache, pos, acc
+      toks, done, cache, pos, acc = decode.decode_steps(model._graphdef, model._params, model._slots, tokens, done,
+                                                        cache, pos, key, model._banks, acc, Sampling(), 0, (-1,), chunk)
+      tokens = toks[-1]
+    pos = jnp.zeros((), jnp.int32)
+    steps()
+    jax.block_until_ready(tokens)
+    pos = jnp.zeros((), jnp.int32)
+    calls = max(1, (args.new_tokens - 2) // chunk)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      steps()
+    t1 = time.perf_counter()
+    jax.block_until_ready(tokens)
+    t2 = time.perf_counter()
+    print(f"decode_steps x{chunk}: host dispatch {1e3 * (t1 - t0) / (calls * chunk):.3f} ms/step, "
+          f"wall {1e3 * (t2 - t0) / (calls * chunk):.3f} ms/step ({calls} calls, one sync)")
   ex = model.residency.executor if model.residency is not None else None
   if ex is not None:  # the two halves of a swap, each synchronised
     from swapmoe_jax.swap import SlotWrite

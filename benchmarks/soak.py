@@ -9,7 +9,8 @@ that holds `--experts-fraction` of the experts (or `--budget`), so the policy ke
 `--every` decode steps a checkpoint records: XLA compilations so far, host RSS, device bytes in use
 (where the backend reports them), experts swapped, and four equalities, all of which must hold:
   twin   every request's tokens equal a second model of the same policy and budget, built fresh and
-         fed the same requests, but synchronised at every step (outputs do not depend on timing);
+         fed the same requests, but synchronised at every device call (outputs do not depend on
+         timing);
   full   for exact policies (lru, lfu), every request's tokens equal the `full` model's;
   fresh  teacher-forced logits of the soaked model equal, bit for bit, those of a model built fresh
          with the resident set the controller reports (no drift in the slot buffers);
