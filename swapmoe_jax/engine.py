@@ -15,6 +15,7 @@ from swapmoe_jax.sampling import Sampling
 
 # Decode steps per device call in `generate` (see `decode.decode_steps`).
 DEFAULT_STEPS_PER_CALL = 8
+_EMIT_LAG_CALLS = 2
 
 
 class InputError(ValueError):
@@ -219,6 +220,7 @@ class SwitchModel:
     out = []
     pos = self._put(np.zeros((), np.int32))
     calls = -(-max_new_tokens // chunk)
+    emitted, finished = 0, False
     for call in range(calls):
       toks, done, cache, pos, stats_sum = decode.decode_steps(
           self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
@@ -228,13 +230,17 @@ class SwitchModel:
       if self.residency is not None:
         self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=chunk)
       out.append((toks, done))
-      # The host runs one call ahead: what it reads below belongs to the call before this one, which
-      # has finished (or is about to) while this one is queued behind it.
-      if call and self._emit(out[-2], call - 1, chunk, max_new_tokens, stream):
-        out.pop()  # every row had finished: this call's tokens are all padding
+      # The host reads a call's results `_EMIT_LAG_CALLS` calls late: that call has finished (or is about
+      # to) while later ones are queued, so waiting for it never leaves the device idle.
+      while not finished and emitted < len(out) - _EMIT_LAG_CALLS:
+        finished = self._emit(out[emitted], emitted, chunk, max_new_tokens, stream)
+        emitted += 1
+      if finished:  # every row had emitted EOS: the calls after that one only padded
+        del out[emitted:]
         break
-    else:
-      self._emit(out[-1], calls - 1, chunk, max_new_tokens, stream)
+    while not finished and emitted < len(out):
+      finished = self._emit(out[emitted], emitted, chunk, max_new_tokens, stream)
+      emitted += 1
     self._flush(stats_sum)
     toks = np.concatenate(jax.device_get([t for t, _ in out]), axis=0).T[:, :max_new_tokens]
     return _trim_finished(toks, cfg.eos_token_ids)

@@ -1,8 +1,8 @@
 """Serving-time glue between the device step and the host policy: statistics in, slot writes out.
 
-After each device call is dispatched, `Residency.after_dispatch` (1) reads the *previous* call's
-routing statistics (that call has finished or is about to; the current one is already queued, so the
-device stays busy), (2) lets the controller learn from them, and (3) stages and commits up to
+After each device call is dispatched, `Residency.after_step` (1) reads the routing statistics of the
+windows that closed `READ_LAG_CALLS` calls ago (those calls have finished or are about to; later ones
+are queued, so the device stays busy), (2) lets the controller learn from them, and (3) stages and commits up to
 `max_swaps_per_step` expert writes, which the next call sees. Nothing here blocks on the call just
 dispatched.
 """
@@ -19,7 +19,11 @@ from swapmoe_jax.executor import SwapExecutor
 from swapmoe_jax.stats import RoutingStats, StepRecord, Telemetry
 from swapmoe_jax.swap import SwapController
 
-EXACT_POLICIES = ("lru", "lfu")  # "full" needs no bank: everything is resident
+EXACT_POLICIES = ("lru", "lfu")
+# A closed window's statistics are read this many decode calls after the call that closed it. Reading
+# them waits for that call to finish; two calls later, the host still has a whole call queued on the
+# device while it waits, plans and stages swaps, and dispatches the next one.
+READ_LAG_CALLS = 2  # "full" needs no bank: everything is resident
 MASKED_POLICIES = ("swapmoe", "pruned")
 
 
@@ -46,8 +50,8 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
 class Residency:
   """A policy at work: controller (which experts), executor (bytes), telemetry (what happened).
 
-  Statistics are summed on the device (inside `decode_step`) and read by the host once per window of
-  `update_every` calls, one window late, so that the read never waits on the call just dispatched and
+  Statistics are summed on the device (inside `decode_steps`) and read by the host once per window of
+  `update_every` steps, `READ_LAG_CALLS` calls late, so that the read never waits on the call just dispatched and
   the host never synchronises per step. Writes (at most `max_swaps_per_step` per call) are issued after
   every call while the controller has moves left.
   """
@@ -60,7 +64,8 @@ class Residency:
     self.telemetry = telemetry
     self.update_every = max(1, int(update_every))
     self._open = []  # device statistics (enc, dec) of the open window
-    self._closed = []  # statistics of the window closed at the last call: read at the next one
+    self._closed = []  # (call at which it closed, statistics) of windows not yet read
+    self._calls = 0  # decode calls so far
     self._steps = 0
     self._swap = dict(experts_swapped=0, bytes_swapped=0, transfer_s=0.0)  # since the last record
     self._may_write = True  # False once the controller has no moves left, until the next observation
@@ -78,29 +83,33 @@ class Residency:
     A window closes at the first call that brings it to `update_every` steps or more.
     Returns (slots for the next call, accumulator for the next call — None when this call closed a
     window and handed the accumulator over: start a fresh one)."""
-    slots = self._observe(slots)  # the window closed one call ago; the call just dispatched is not waited on
+    self._calls += 1
+    slots = self._observe(slots)  # windows closed READ_LAG_CALLS calls ago or more
     self._steps += steps
     if self._steps >= self.update_every:
       self._steps = 0
-      self._closed = self._open + [(None, stats_sum)]
+      self._closed.append((self._calls, self._open + [(None, stats_sum)]))
       self._open, stats_sum = [], None
     return self._issue_writes(slots), stats_sum
 
   def flush(self, slots, stats_sum=None):
     """End of a request: reads everything outstanding (this waits for the device); returns slots."""
-    self._closed += self._open + ([(None, stats_sum)] if stats_sum is not None else [])
+    self._closed.append((self._calls, self._open + ([(None, stats_sum)] if stats_sum is not None else [])))
     self._open = []
     self._steps = 0
-    return self._observe(slots)
+    return self._observe(slots, everything=True)
 
-  def _observe(self, slots):
-    if not self._closed:
+  def _observe(self, slots, everything: bool = False):
+    """Reads the closed windows that are old enough (all of them with `everything`) and lets the
+    controller learn from them, merged."""
+    ready = [w for c, w in self._closed if everything or self._calls - c >= READ_LAG_CALLS]
+    self._closed = [(c, w) for c, w in self._closed if not (everything or self._calls - c >= READ_LAG_CALLS)]
+    if not any(ready):
       return slots
     t0 = time.perf_counter()
     stats = RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
-    for enc, dec in self._closed:
+    for enc, dec in (entry for window in ready for entry in window):
       stats = stats.merge(routing_stats(self.cfg, enc, dec))
-    self._closed = []
     wait_s = time.perf_counter() - t0
     self.totals = self.totals.merge(stats)
     hits, misses = self.controller.observe(stats)
