@@ -277,7 +277,7 @@ def add_request_arguments(p: argparse.ArgumentParser, several: bool = False) -> 
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--update-every", type=int, default=16)
   p.add_argument("--max-swaps", type=int, default=2)
-  p.add_argument("--steps-per-call", type=int, default=8, help="decode steps per device call")
+  p.add_argument("--steps-per-call", type=int, default=16, help="decode steps per device call")
 
 
 def print_table(rows) -> None:

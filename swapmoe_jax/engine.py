@@ -14,7 +14,7 @@ from swapmoe_jax.sampling import Sampling
 
 
 # Decode steps per device call in `generate` (see `decode.decode_steps`).
-DEFAULT_STEPS_PER_CALL = 8
+DEFAULT_STEPS_PER_CALL = 16
 _EMIT_LAG_CALLS = 2
 
 
