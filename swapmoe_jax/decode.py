@@ -130,14 +130,17 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
   A switch-base decode step is ~300 small kernels: dispatched one call per token, the host's dispatch
   time (~1 ms) is as long as the step itself. One call per `num_steps` tokens removes it from all
   but one step in `num_steps`, and gives swaps staged between calls a whole call to land behind.
-  Same arguments and results as `decode_step`, except the tokens: int32[num_steps, B], in order.
+  Same arguments and results as `decode_step`, except the tokens: int32[num_steps, B], in order, and
+  that rows already done are left out of routing and its statistics: a call runs up to
+  `num_steps - 1` steps past the last row's EOS, which must not weigh in the experts' importance.
   """
   model = _merge(graphdef, params, slots)
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def body(carry, _):
     tokens, done, cache, pos, acc = carry
-    logits, cache, stats = model.decode_step(tokens, pos, cache, banks)
+    # Rows that have finished only pad: they stay out of routing statistics (and host reads).
+    logits, cache, stats = model.decode_step(tokens, pos, cache, banks, live=~done)
     nxt = sampling_lib.select(logits, jax.random.fold_in(key, pos), sampling)
     nxt = jnp.where(done, pad_id, nxt)
     done = done | jnp.isin(nxt, eos)

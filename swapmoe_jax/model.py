@@ -196,8 +196,11 @@ class SwitchTransformer(nnx.Module):
     return DecodeCache(self_k=zeros, self_v=tuple(jnp.zeros(shape, enc_h.dtype) for _ in range(n)),
                        cross_k=tuple(k for k, _ in ckv), cross_v=tuple(v for _, v in ckv), enc_mask=enc_mask)
 
-  def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: DecodeCache, banks: Banks = None):
-    """One decoder position for every row. tokens: int32[B]; pos: int32[] (the tokens' position).
+  def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: DecodeCache, banks: Banks = None,
+                  live: jax.Array | None = None):
+    """One decoder position for every row. tokens: int32[B]; pos: int32[] (the tokens' position);
+    live: optional bool[B], False for rows that have finished: their tokens are left out of routing,
+    its statistics and exact routing's host reads (their outputs are discarded anyway).
 
     Returns float32 logits [B, V], the updated cache and stacked decoder LayerStats.
     """
@@ -212,6 +215,7 @@ class SwitchTransformer(nnx.Module):
       return k, v
 
     cross = list(zip(cache.cross_k, cache.cross_v))
-    h, new_kv, stats = self._decoder_blocks(x, self_kv, bias, self_mask, cross, cache.enc_mask, None, banks)
+    token_mask = None if live is None else live[:, None]
+    h, new_kv, stats = self._decoder_blocks(x, self_kv, bias, self_mask, cross, cache.enc_mask, token_mask, banks)
     cache = dataclasses.replace(cache, self_k=tuple(k for k, _ in new_kv), self_v=tuple(v for _, v in new_kv))
     return self.logits(h[:, 0]), cache, stats
