@@ -131,7 +131,7 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
   time (~1 ms) is as long as the step itself. One call per `num_steps` tokens removes it from all
   but one step in `num_steps`, and gives swaps staged between calls a whole call to land behind.
   Same arguments and results as `decode_step`, except the tokens: int32[num_steps, B], in order, and
-  that rows already done are left out of routing and its statistics: a call runs up to
+  that rows already done are left out of the routing statistics: a call runs up to
   `num_steps - 1` steps past the last row's EOS, which must not weigh in the experts' importance.
   """
   model = _merge(graphdef, params, slots)
@@ -139,7 +139,7 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
 
   def body(carry, _):
     tokens, done, cache, pos, acc = carry
-    # Rows that have finished only pad: they stay out of routing statistics (and host reads).
+    # Rows that have finished only pad: they stay out of the routing statistics.
     logits, cache, stats = model.decode_step(tokens, pos, cache, banks, live=~done)
     nxt = sampling_lib.select(logits, jax.random.fold_in(key, pos), sampling)
     nxt = jnp.where(done, pad_id, nxt)

@@ -199,8 +199,8 @@ class SwitchTransformer(nnx.Module):
   def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: DecodeCache, banks: Banks = None,
                   live: jax.Array | None = None):
     """One decoder position for every row. tokens: int32[B]; pos: int32[] (the tokens' position);
-    live: optional bool[B], False for rows that have finished: their tokens are left out of routing,
-    its statistics and exact routing's host reads (their outputs are discarded anyway).
+    live: optional bool[B], False for rows that have finished: their tokens are left out of the
+    routing statistics (their outputs are discarded anyway).
 
     Returns float32 logits [B, V], the updated cache and stacked decoder LayerStats.
     """
