@@ -77,14 +77,26 @@ class HostExpertStore:
     return int((np.prod(self.expert_shapes[0]) + np.prod(self.expert_shapes[1])) * jnp.dtype(self.dtype).itemsize)
 
   @property
+  def layout(self) -> str:
+    """'rows' (per-expert arrays, staged by device_put) or 'banks' (stacked, once `banks()` ran)."""
+    return "rows" if self._rows is not None else "banks"
+
+  @property
   def wi(self) -> list:
-    """Per layer wi [E, D, F] (builds the banks on first use)."""
+    """Per layer wi [E, D, F]. Builds the banks on first use (see `banks()`): to read one expert
+    without changing the layout, use `expert`."""
     return self._banks()[0]
 
   @property
   def wo(self) -> list:
-    """Per layer wo [E, F, D] (builds the banks on first use)."""
+    """Per layer wo [E, F, D]; builds the banks on first use like `wi`."""
     return self._banks()[1]
+
+  def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """One expert's (wi [D, F], wo [F, D]) as host numpy arrays, in either layout (neither changes)."""
+    if self._rows is not None:
+      return tuple(np.asarray(x)[0] for x in self._rows[layer][int(e)])
+    return np.asarray(self._wi[layer][int(e)]), np.asarray(self._wo[layer][int(e)])
 
   def _banks(self):
     if self._rows is not None:  # pinned rows -> pinned banks, one layer at a time

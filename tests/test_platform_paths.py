@@ -70,3 +70,29 @@ def test_host_store_falls_back_to_numpy_without_pinned_host(monkeypatch):
     assert wi.sharding.memory_kind == "device"
     np.testing.assert_array_equal(np.asarray(wi), experts[0][0][[3, 1]])
     np.testing.assert_array_equal(np.asarray(wo), experts[0][1][[3, 1]])
+
+
+def test_pinned_store_stages_rows_until_banks_are_asked_for():
+  """A pinned store starts as per-expert rows (staged by device_put, no program to compile); reading an
+  expert keeps that layout; `banks()` stacks them once, releases the rows, and staging still returns
+  the same bytes."""
+  rng = np.random.default_rng(1)
+  experts = [(rng.normal(size=(6, 3, 5)).astype(np.float32), rng.normal(size=(6, 5, 3)).astype(np.float32))
+             for _ in range(2)]
+  store = store_lib.HostExpertStore.from_numpy(experts, np.ones((2, 6)), jnp.float32)
+  assert store.layout == "rows" and store.expert_bytes == (15 + 15) * 4
+  for layer, e in ((0, 5), (1, 2)):
+    wi, wo = store.expert(layer, e)
+    np.testing.assert_array_equal(wi, experts[layer][0][e])
+    np.testing.assert_array_equal(wo, experts[layer][1][e])
+  before = store_lib._gather._cache_size()
+  staged = [store.gather_to_device(1, [e]) for e in range(6)]
+  assert store.layout == "rows" and store_lib._gather._cache_size() == before, "rows are staged without a program"
+  banks = store.banks()
+  assert store.layout == "banks" and banks[1][0].sharding.memory_kind == "pinned_host"
+  np.testing.assert_array_equal(np.asarray(banks[1][0]), experts[1][0])
+  for e, (wi, wo) in enumerate(staged):
+    again = store.gather_to_device(1, [e])
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(wi))
+    np.testing.assert_array_equal(np.asarray(again[1]), experts[1][1][e:e + 1])
+  np.testing.assert_array_equal(store.expert(0, 4)[1], experts[0][1][4])
