@@ -82,9 +82,12 @@ def main(argv=None):
   # Decode step alone: host dispatch vs device time.
   cache, _ = decode.encode(model._graphdef, model._params, model._slots, ids, np.ones_like(ids, bool),
                            decode.cache_length(args.new_tokens), model._banks)
-  tokens, done, pos = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool), jnp.zeros((), jnp.int32)
-  acc = decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts)
-  key = jax.random.key(0)
+  # Committed to the device like the step's outputs: uncommitted inputs would compile a second program
+  # inside the timed loop (which once made this script report 53 ms per step).
+  put = lambda x: jax.device_put(x, dev)  # noqa: E731
+  tokens, done, pos = put(jnp.zeros((1,), jnp.int32)), put(jnp.zeros((1,), bool)), put(jnp.zeros((), jnp.int32))
+  acc = put(decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts))
+  key = put(jax.random.key(0))
   from swapmoe_jax.sampling import Sampling
 
   def step():
@@ -108,10 +111,10 @@ def main(argv=None):
       toks, done, cache, pos, acc = decode.decode_steps(model._graphdef, model._params, model._slots, tokens, done,
                                                         cache, pos, key, model._banks, acc, Sampling(), 0, (-1,), chunk)
       tokens = toks[-1]
-    pos = jnp.zeros((), jnp.int32)
+    pos = put(jnp.zeros((), jnp.int32))
     steps()
     jax.block_until_ready(tokens)
-    pos = jnp.zeros((), jnp.int32)
+    pos = put(jnp.zeros((), jnp.int32))
     calls = max(1, (args.new_tokens - 2) // chunk)
     t0 = time.perf_counter()
     for _ in range(calls):
