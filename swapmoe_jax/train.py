@@ -183,14 +183,19 @@ def training_pool(spiece: str, s: Settings) -> dict[str, np.ndarray]:
 
 def loss_fn(model: SwitchTransformer, batch: dict, aux_coef: float):
   """Mean token cross-entropy + aux_coef * Switch load-balancing loss (mean over MoE layers)."""
-  enc_h, _ = model.encode(batch["ids"], batch["mask"])
-  logits, _ = model.decode_full(batch["dec_in"], enc_h, batch["mask"])
+
+  def forward(model, batch):
+    enc_h, _ = model.encode(batch["ids"], batch["mask"])
+    return model.decode_full(batch["dec_in"], enc_h, batch["mask"])[0]
+
+  # The MoE layers sow their router probabilities and choices (`sow_router`); capture collects them.
+  logits, intermediates = nnx.capture(forward, nnx.Intermediate)(model, batch)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
   w = batch["label_mask"]
   ce = jnp.sum(ce * w) / jnp.sum(w)
   correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w) / jnp.sum(w)
   aux = []
-  for probs, wanted in jax.tree.leaves(nnx.pop(model, nnx.Intermediate),
+  for probs, wanted in jax.tree.leaves(intermediates,
                                        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2):
     e = probs.shape[-1]
     frac = jnp.mean(jax.nn.one_hot(wanted, e), axis=(0, 1))
