@@ -202,6 +202,8 @@ def plot(rows, path: str) -> None:
   cols = min(3, len(groups))
   nrows = -(-len(groups) // cols)
   fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+  colors = {p: f"C{i}" for i, p in enumerate(POLICY_ORDER)}  # one color per policy in every panel
+  handles = {}
   for ax, ((shape, dtype, batch), group) in zip(axes.flat, groups):
     for policy in POLICY_ORDER:
       pts = sorted((100 * budget_share(r), r["ms_per_token"]) for r in group if r["policy"] == policy)
@@ -209,7 +211,9 @@ def plot(rows, path: str) -> None:
         continue
       x, y = zip(*pts)
       style = dict(marker="s", linestyle="--") if policy in PEER_NAMES else dict(marker="o")
-      ax.plot(x, y, label=PEER_NAMES.get(policy, policy), **style)
+      (line,) = ax.plot(x, y, color=colors[policy], label=PEER_NAMES.get(policy, policy), **style)
+      handles.setdefault(policy, line)
+    ax.set_xlim(0, 105)
     ax.set_yscale("log")
     ax.set_xlabel("budget, % of the full model")
     ax.set_ylabel("ms / token")
@@ -217,10 +221,11 @@ def plot(rows, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
   for ax in list(axes.flat)[len(groups):]:
     ax.axis("off")
-  axes.flat[0].legend(fontsize=7)
+  fig.legend([handles[p] for p in POLICY_ORDER if p in handles],
+             [PEER_NAMES.get(p, p) for p in POLICY_ORDER if p in handles], loc="lower right", fontsize=8)
   dev = next((r["device"] for r in rows if r.get("device")), "?")
   fig.suptitle(f"Decode latency against budget ({dev}; random weights)", fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
