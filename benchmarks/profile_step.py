@@ -90,40 +90,37 @@ def main(argv=None):
   key = put(jax.random.key(0))
   from swapmoe_jax.sampling import Sampling
 
+  def time_calls(label, call, calls, steps_per_call):
+    """Host dispatch and wall time per decode step of `calls` calls, after one untimed call."""
+    nonlocal pos
+    pos = put(jnp.zeros((), jnp.int32))
+    call()
+    jax.block_until_ready(tokens)
+    pos = put(jnp.zeros((), jnp.int32))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      call()
+    t1 = time.perf_counter()
+    jax.block_until_ready(tokens)
+    t2 = time.perf_counter()
+    n = calls * steps_per_call
+    print(f"{label}: host dispatch {1e3 * (t1 - t0) / n:.3f} ms/step, wall {1e3 * (t2 - t0) / n:.3f} ms/step "
+          f"({calls} calls, one sync)")
+
   def step():
     nonlocal tokens, done, cache, pos, acc
     tokens, done, cache, pos, acc = decode.decode_step(model._graphdef, model._params, model._slots, tokens, done,
                                                        cache, pos, key, model._banks, acc, Sampling(), 0, (-1,))
-  step()
-  jax.block_until_ready(tokens)
-  n = min(48, args.new_tokens - 2)
-  t0 = time.perf_counter()
-  for _ in range(n):
-    step()
-  t1 = time.perf_counter()
-  jax.block_until_ready(tokens)
-  t2 = time.perf_counter()
-  print(f"decode step: host dispatch {1e3 * (t1 - t0) / n:.3f} ms/step, wall {1e3 * (t2 - t0) / n:.3f} ms/step "
-        f"({n} steps, one sync)")
+
+  time_calls("decode step", step, min(48, args.new_tokens - 2), 1)
   for chunk in (8, 16):  # several steps per call (what generate does): one dispatch per `chunk` steps
     def steps():
       nonlocal tokens, done, cache, pos, acc
       toks, done, cache, pos, acc = decode.decode_steps(model._graphdef, model._params, model._slots, tokens, done,
                                                         cache, pos, key, model._banks, acc, Sampling(), 0, (-1,), chunk)
       tokens = toks[-1]
-    pos = put(jnp.zeros((), jnp.int32))
-    steps()
-    jax.block_until_ready(tokens)
-    pos = put(jnp.zeros((), jnp.int32))
-    calls = max(1, (args.new_tokens - 2) // chunk)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      steps()
-    t1 = time.perf_counter()
-    jax.block_until_ready(tokens)
-    t2 = time.perf_counter()
-    print(f"decode_steps x{chunk}: host dispatch {1e3 * (t1 - t0) / (calls * chunk):.3f} ms/step, "
-          f"wall {1e3 * (t2 - t0) / (calls * chunk):.3f} ms/step ({calls} calls, one sync)")
+
+    time_calls(f"decode_steps x{chunk}", steps, max(1, (args.new_tokens - 2) // chunk), chunk)
   ex = model.residency.executor if model.residency is not None else None
   if ex is not None:  # the two halves of a swap, each synchronised
     from swapmoe_jax.swap import SlotWrite
