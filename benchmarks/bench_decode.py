@@ -35,10 +35,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def random_model_parts(cfg, dtype, seed=0, pool=4):
-  """A dense tree in the checkpoint layout and per-layer experts, random. A layer's E experts repeat a
-  pool of `pool` random ones (pool=1: read-only broadcast views, no host memory), to keep host set-up
-  fast and small; routing uses the random routers."""
+def random_model_parts(cfg, dtype, seed=0, pool=4, init="hf"):
+  """A dense tree in the checkpoint layout and per-layer experts, random with the standard deviations
+  Hugging Face initializes a Switch model with (`SwitchTransformersPreTrainedModel._init_weights`). A
+  layer's E experts repeat a pool of `pool` random ones (pool=1: read-only broadcast views, no host
+  memory), to keep host set-up fast and small; routing uses the random routers.
+
+  init="flat" draws every projection with std 0.05 instead (what the benchmarks used before): attention
+  logits then have a std near 15, softmax is a near-hard argmax, and outputs become sensitive to
+  rounding. The scales matter for parity checks (`exact_parity.py`), not for speed."""
   import ml_dtypes  # noqa: F401  (numpy bfloat16)
 
   rng = np.random.default_rng(seed)
@@ -47,7 +52,13 @@ def random_model_parts(cfg, dtype, seed=0, pool=4):
   def r(*shape, std=0.05):
     return (rng.standard_normal(shape, np.float32) * std).astype(npdt)
 
+  def w(std):  # a projection's std under `init`
+    return std if init == "hf" else 0.05
+
   d, hc, f = cfg.d_model, cfg.inner_dim, cfg.d_ff
+  kv = hc // cfg.num_heads
+  attn = lambda: {"q": r(d, hc, std=w((d * kv) ** -0.5)), "k": r(d, hc, std=w(d**-0.5)),  # noqa: E731
+                  "v": r(d, hc, std=w(d**-0.5)), "o": r(hc, d, std=w(hc**-0.5))}
   dense = {}
   if cfg.tie_word_embeddings:
     dense["shared"] = r(cfg.vocab_size, d, std=1.0)
@@ -56,14 +67,14 @@ def random_model_parts(cfg, dtype, seed=0, pool=4):
                            ("decoder", cfg.num_decoder_layers, cfg.decoder_sparse_layers)):
     blocks = {}
     for i in range(n):
-      b = {"attn_norm": np.ones(d, npdt), "attn": {k: r(d, hc) for k in "qkv"} | {"o": r(hc, d)},
+      b = {"attn_norm": np.ones(d, npdt), "attn": attn(),
            "ffn_norm": np.ones(d, npdt)}
       if stack == "decoder":
         b["cross_norm"] = np.ones(d, npdt)
-        b["cross"] = {k: r(d, hc) for k in "qkv"} | {"o": r(hc, d)}
+        b["cross"] = attn()
       if i in sparse:
         b["router"] = {"w": r(d, cfg.num_experts, std=1.0)}
-        base_wi, base_wo = r(pool, d, f), r(pool, f, d)
+        base_wi, base_wo = r(pool, d, f, std=w(d**-0.5)), r(pool, f, d, std=w(d**-0.5))
         if pool == 1:
           experts.append(tuple(np.broadcast_to(x, (cfg.num_experts,) + x.shape[1:]) for x in (base_wi, base_wo)))
         else:
@@ -71,9 +82,10 @@ def random_model_parts(cfg, dtype, seed=0, pool=4):
           experts.append((base_wi[idx], base_wo[idx]))
         norms.append(rng.uniform(1.0, 2.0, cfg.num_experts).astype(np.float32))
       else:
-        b["mlp"] = {"wi": r(d, f), "wo": r(f, d)}
+        b["mlp"] = {"wi": r(d, f, std=w(d**-0.5)), "wo": r(f, d, std=w(f**-0.5))}
       blocks[str(i)] = b
-    dense[stack] = {"rel_bias": r(cfg.relative_attention_num_buckets, cfg.num_heads, std=1.0),
+    bias_std = d**-0.5 if init == "hf" else 1.0
+    dense[stack] = {"rel_bias": r(cfg.relative_attention_num_buckets, cfg.num_heads, std=bias_std),
                     "final_norm": np.ones(d, npdt), "blocks": blocks}
   return dense, experts, np.stack(norms)
 
@@ -134,7 +146,7 @@ def run_one(args) -> dict:
   from swapmoe_jax import sharding
   from swapmoe_jax.store import HostExpertStore
 
-  policy, budget = args.run.split(":")
+  policy, budget, staging = (args.run.split(":") + ["transfer"])[:3]
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # never stop early
   jdtype = loader.DTYPES[args.dtype]
   dbytes = jnp.dtype(jdtype).itemsize
@@ -176,7 +188,7 @@ def run_one(args) -> dict:
     return None if None in figures else max(figures)
 
   model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype, mesh=mesh,
-                          steps_per_call=args.steps_per_call)
+                          steps_per_call=args.steps_per_call, staging=staging)
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
@@ -194,7 +206,8 @@ def run_one(args) -> dict:
   # Tokens decoded by the timed requests: per repeat, 1 + new_tokens (ms/token) + new_tokens (stream).
   decoded = args.repeats * (1 + 2 * args.new_tokens)
   return common | timed | {
-      "slots_per_layer": list(plan.slots_per_layer), "steps_per_call": args.steps_per_call,
+      "slots_per_layer": list(plan.slots_per_layer), "steps_per_call": args.steps_per_call, "staging": staging,
+      "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
       "update_every": args.update_every, "max_swaps": args.max_swaps,
       "budget_bytes": budget_bytes, "planned_bytes": plan.breakdown.total, "full_model_bytes": full_bytes,
       "peak_device_bytes": peak, "peak_after_load": peak_after_load, "in_use_after_load": in_use_after_load,
@@ -303,7 +316,8 @@ def main(argv=None):
   p.add_argument("--shape", nargs="+", default=["switch-base-8"])
   p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
   p.add_argument("--runs", nargs="+", default=["full:none", "swapmoe:50%"],
-                 help="policy:budget pairs, peers (hf:none, accelerate:33%%), transfer:none")
+                 help="policy:budget pairs, optionally :gather (swaps staged by the jitted gather, see `load`'s "
+                      "staging), peers (hf:none, accelerate:33%%), transfer:none")
   add_request_arguments(p, several=True)
   p.add_argument("--devices", type=int, help="split the experts over the first N devices (expert parallelism, "
                                              "swapmoe_jax/sharding.py); budgets are then per device")

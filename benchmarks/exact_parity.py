@@ -8,6 +8,12 @@ the spread of the logits, the share of positions whose argmax differs, and the s
 generated tokens that agree. Exact routing computes the same function as `full` through another
 program; on the CPU the two agree bit for bit on the test models, and this script measures how far
 apart they are on a GPU.
+
+The same figures for `full` against itself on the request duplicated into a batch of two (the same
+function through another program, with no residency involved) give the rounding noise floor those
+numbers are to be read against. `--init flat` draws the random weights with std 0.05 everywhere
+(ill-conditioned: near-hard attention) instead of Hugging Face's initialization; `--pool P` makes
+expert e a copy of expert e mod P (P = the expert count: all distinct).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ def main(argv=None) -> int:
   p.add_argument("--requests", type=int, default=4)
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=32)
+  p.add_argument("--init", default="hf", choices=("hf", "flat"))
+  p.add_argument("--pool", type=int, default=16, help="distinct random experts per layer (default 16)")
   args = p.parse_args(argv)
 
   import jax.numpy as jnp
@@ -46,21 +54,22 @@ def main(argv=None) -> int:
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))
   for dtype in args.dtype:
     jdt = loader.DTYPES[dtype]
-    dense, experts, norms = random_model_parts(cfg, dtype, pool=4)
+    pool = min(args.pool, cfg.num_experts)
+    dense, experts, norms = random_model_parts(cfg, dtype, pool=pool, init=args.init)
     shape = dict(batch=1, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
     dbytes = jnp.dtype(jdt).itemsize
     models = {}
     for policy in ("full", args.policy):
       store = HostExpertStore.from_numpy(experts, norms, jdt)
-      if policy == "full":
-        plan = planner_lib.plan_full(cfg, None, dbytes, **shape)
+      if policy == "full":  # batch 2: the noise floor runs the request twice in one batch
+        plan = planner_lib.plan_full(cfg, None, dbytes, **dict(shape, batch=2))
       else:
         budget = budget_lib.parse_budget(args.budget).resolve(budget_lib.full_model_bytes(cfg, dbytes))
         plan = planner_lib.plan_uniform(cfg, budget, dbytes, **shape)
       models[policy] = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdt)
     full, exact = models["full"], models[args.policy]
     rng = np.random.default_rng(0)
-    diffs, spreads, flips, agree = [], [], [], []
+    diffs, spreads, flips, agree, floor, floor_flips, margins = [], [], [], [], [], [], []
     for _ in range(args.requests):
       ids = rng.integers(2, cfg.vocab_size, (1, args.src_len))
       out = full.generate(ids, max_new_tokens=args.new_tokens)
@@ -70,11 +79,19 @@ def main(argv=None) -> int:
       spreads.append(float(a.std()))
       flips.append(float(np.mean(a.argmax(-1) != b.argmax(-1))))
       agree.append(float(np.mean(exact.generate(ids, max_new_tokens=args.new_tokens) == out)))
+      twice = np.asarray(full(np.repeat(ids, 2, 0), decoder_input_ids=np.repeat(dec, 2, 0)))[:1]
+      floor.append(float(np.abs(a - twice).max()))
+      floor_flips.append(float(np.mean(a.argmax(-1) != twice.argmax(-1))))
+      top2 = np.sort(a.astype(np.float32), axis=-1)[..., -2:]
+      margins.append(float(np.median(top2[..., 1] - top2[..., 0])))
     s = exact.stats.summary()
     print(f"{args.shape} {dtype} {args.policy}@{args.budget} (K={exact.plan.slots_per_layer[0]} of {cfg.num_experts}, "
           f"hit rate {100 * (s['hit_rate'] or 0):.0f} %): max |logit diff| {max(diffs):.3g} (logit std "
           f"{np.mean(spreads):.3g}), argmax differs at {100 * np.mean(flips):.1f} % of teacher-forced positions, "
           f"greedy tokens agree {100 * np.mean(agree):.1f} %", flush=True)
+    print(f"  noise floor ({args.init} init, {pool} distinct experts): full vs full in a batch of two: max |logit "
+          f"diff| {max(floor):.3g}, argmax differs at {100 * np.mean(floor_flips):.1f} %; median top-1/top-2 logit gap "
+          f"{np.median(margins):.3g}", flush=True)
   return 0
 
 
