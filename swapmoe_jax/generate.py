@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per generate call (default 1)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--staging", choices=("transfer", "gather"), default="transfer",
+                 help="how swaps copy experts to the device: 'transfer' (default, device_put on a transfer "
+                      "stream) or 'gather' (a jitted read of the host banks: flat host memory over long runs)")
   p.add_argument("--json", action="store_true", help="print one JSON object (texts, token ids, stats)")
   p.add_argument("--quiet", action="store_true",
                  help="no notes and no statistics line (progress bars show only on a terminal)")
@@ -344,7 +347,7 @@ def _run(args) -> int:
   model = loader.load(folder, budget=args.budget, policy=args.policy, planner=args.planner,
                       gate_mode=args.gate, dtype=args.dtype, max_batch_size=args.batch_size,
                       max_source_len=args.max_source_len, max_new_tokens=args.max_new_tokens,
-                      calibration_inputs=calibration, progress=_progress(args))
+                      calibration_inputs=calibration, progress=_progress(args), staging=args.staging)
   tokenizer = model.tokenizer if model.tokenizer is not None else tokenizer
   eos_ids = set(int(t) for t in cfg.eos_token_ids)
   stdout = sys.stdout

@@ -136,13 +136,14 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
 
 POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
 PLANNERS = ("uniform", "calibrated")
+STAGINGS = ("transfer", "gather")
 
 
 def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, planner: str = "uniform",
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
-         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL):
+         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = "transfer"):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -162,6 +163,12 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     update_every, max_swaps_per_step: swap cadence (defaults: the planner's).
     steps_per_call: decode steps per device call in `generate` (a divisor of 64; swaps land between
       calls, at most `max_swaps_per_step` per call). 1: one call per token.
+    staging: how a swap copies an expert to the device. "transfer": one `device_put` per expert from its
+      own pinned host array, on a transfer stream. "gather": a small jitted program reads it from
+      the layer's stacked host bank (the compute stream). On an H200 with jax 0.11.2 every
+      `device_put` out of pinned host memory kept ~1.7 KiB of host memory (RSS) for good, the gather
+      ~0 (`benchmarks/rss_staging.py`): "gather" is for servers that swap for days. Exact policies
+      (lru, lfu) always use the banks, so for them both are "gather".
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
       over: a count (the first n of `jax.devices()`), a list of devices, or a `jax.sharding.Mesh` with
@@ -177,6 +184,8 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   steps_per_call = check_steps_per_call(steps_per_call)
   if policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
+  if staging not in STAGINGS:
+    raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
   if planner not in PLANNERS:
     raise ValueError(f"unknown planner {planner!r}; supported: {', '.join(PLANNERS)}")
   if policy != "full" and budget is None:
@@ -221,7 +230,8 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
-                  limits=shape if budget_bytes is not None else None, mesh=mesh, steps_per_call=steps_per_call)
+                  limits=shape if budget_bytes is not None else None, mesh=mesh, steps_per_call=steps_per_call,
+                  staging=staging)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -258,9 +268,9 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
-             steps_per_call: int = DEFAULT_STEPS_PER_CALL) -> SwitchModel:
+             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = "transfer") -> SwitchModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
-  `build_model`."""
+  `build_model`; `staging`: see `load`."""
   from swapmoe_jax import sharding
   from swapmoe_jax.executor import SwapExecutor
   from swapmoe_jax.residency import EXACT_POLICIES, Residency
@@ -277,9 +287,12 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
                                max_swaps_per_step=plan.max_swaps_per_step)
-  # Exact routing reads misses from stacked host banks; building them changes how the store stages
-  # experts, so it comes before the executor compiles its programs.
-  banks = store.banks() if exact else None
+  # Exact routing reads misses from stacked host banks, and staging="gather" stages from them; building
+  # them changes how the store stages experts, so it comes before the executor compiles its programs.
+  if staging not in STAGINGS:
+    raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
+  if exact or staging == "gather":
+    store.banks()
   executor = None
   if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
     if mesh is None:
@@ -290,7 +303,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
   return SwitchModel(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
-                     policy=policy, banks=banks, meta=meta,
+                     policy=policy, banks=store.banks() if exact else None, meta=meta,
                      residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
 
 

@@ -102,6 +102,17 @@ def test_lru_under_budget_matches_full(capsys, demo):
   assert lru["outputs"] == full["outputs"]
 
 
+def test_staging_by_gather_gives_the_same_output(capsys, demo):
+  cfg = ckpt.read_metadata(demo).config
+  half = [cfg.num_experts // 2] * cfg.num_moe_layers
+  budget = budget_lib.memory_breakdown(cfg, 4, half, batch=1, src_len=SRC_LEN,
+                                       tgt_len=decode.cache_length(NEW_TOKENS), staging_slots=2).total
+  runs = {s: _json_run(capsys, demo, "--policy", "swapmoe", "--budget", str(budget), "--staging", s)
+          for s in ("transfer", "gather")}
+  assert runs["gather"]["token_ids"] == runs["transfer"]["token_ids"]
+  assert runs["gather"]["stats"]["slots_per_layer"] == half
+
+
 def _bad_inputs(tmp):
   long_prompt = " ".join(["fox"] * 3 * SRC_LEN)
   return {
@@ -114,12 +125,13 @@ def _bad_inputs(tmp):
       "max new tokens 0": ["--max-new-tokens", "0"],
       "batch size 0": ["--batch-size", "0"],
       "missing input file": ["--input-file", str(tmp / "prompts.txt")],
+      "unknown staging": ["--staging", "dma"],
   }
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "no such model folder", "malformed budget",
                                   "budget below the minimum", "prompt too long", "unknown policy",
-                                  "max new tokens 0", "batch size 0", "missing input file"])
+                                  "max new tokens 0", "batch size 0", "missing input file", "unknown staging"])
 def test_bad_input_is_one_error_line(capsys, demo, tmp_path, case):
   base = ["--model", demo, "--prompt", PROMPT, "--max-source-len", str(SRC_LEN), "--quiet"]
   rc, out, err = _main(capsys, *base, *_bad_inputs(tmp_path)[case])

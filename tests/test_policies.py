@@ -278,6 +278,27 @@ def test_policies_swap_through_generate_without_recompiling(folder, policy):
   assert _compiles() == before
 
 
+def test_staging_by_gather_swaps_the_same_experts_and_tokens_without_recompiling(folder):
+  """staging="gather" (swaps read from the stacked host banks by a jitted program, for long-running
+  servers) and the default "transfer" (device_put per expert) serve the same tokens through the same
+  swaps; after the first request neither compiles again."""
+  models = {s: swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=1,
+                                max_swaps_per_step=2, staging=s, **SHAPE) for s in ("transfer", "gather")}
+  assert models["transfer"].store.layout == "rows" and models["gather"].store.layout == "banks"
+  for s, model in models.items():
+    model.generate(*_ids(1), max_new_tokens=16)
+  before = _compiles()
+  for seed in range(2, 6):
+    ids, mask = _ids(seed)
+    np.testing.assert_array_equal(models["gather"].generate(ids, mask, max_new_tokens=8),
+                                  models["transfer"].generate(ids, mask, max_new_tokens=8))
+  assert _compiles() == before
+  swapped = {s: m.stats.summary()["experts_swapped"] for s, m in models.items()}
+  assert swapped["gather"] == swapped["transfer"] > 0
+  with pytest.raises(ValueError, match="unknown staging 'dma'; supported: transfer, gather"):
+    swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), staging="dma", **SHAPE)
+
+
 # --- exact policies ---------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_exact_policies_generate_exactly_the_full_tokens(folder, policy):
