@@ -38,7 +38,8 @@ def load_rows(path: str, commits: list[str] | None = None) -> list[dict]:
   latest = {}
   for r in rows:
     if r.get("commit") in commits:
-      key = (r["shape"], r["dtype"], r["batch"], r["policy"], r["budget"], r.get("devices", 1))
+      key = (r["shape"], r["dtype"], r["batch"], r["policy"], r["budget"], r.get("devices", 1),
+             r.get("staging", "transfer"), r.get("allocator", "default"))
       latest[key] = r
   if not latest:
     raise SystemExit(f"error: no rows of commits {commits} in {path}")
@@ -55,7 +56,7 @@ def budget_share(r: dict) -> float:
 
 
 def _groups(rows):
-  rows = [r for r in rows if (r.get("devices") or 1) == 1]  # expert parallelism has its own section
+  rows = [r for r in rows if _standard(r)]
   keys = sorted({(r["shape"], r["dtype"], r["batch"]) for r in rows if r["policy"] != "transfer"},
                 key=lambda k: (k[0].replace("large", "zlarge"), k[1] != "bfloat16", k[2]))
   for key in keys:
@@ -65,9 +66,16 @@ def _groups(rows):
     yield key, group
 
 
+def _standard(r) -> bool:
+  """One device, staging by transfer, the default allocator: the runs the tables compare. Expert
+  parallelism has its own section; allocator and staging experiments are quoted in the text."""
+  return (r.get("devices") or 1) == 1 and r.get("staging", "transfer") == "transfer" and \
+      r.get("allocator", "default") == "default"
+
+
 def _find(rows, shape, dtype, batch, policy, budget=None):
   for r in reversed(rows):  # the latest row of a configuration
-    if (r.get("devices") or 1) != 1:
+    if not _standard(r):
       continue
     if (r["shape"], r["dtype"], r["batch"], r["policy"]) == (shape, dtype, batch, policy) and (
         budget is None or r["budget"] == budget):

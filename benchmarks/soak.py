@@ -11,13 +11,19 @@ that holds `--experts-fraction` of the experts (or `--budget`), so the policy ke
   twin   every request's tokens equal a second model of the same policy and budget, built fresh and
          fed the same requests, but synchronised at every device call (outputs do not depend on
          timing);
-  full   for exact policies (lru, lfu), every request's tokens equal the `full` model's;
+  full   for exact policies (lru, lfu), every request's tokens equal the `full` model's. Held bit for
+         bit on the CPU only: on a GPU, two programs computing the same function round differently
+         (`full` against itself on the request duplicated into a batch of two moved bfloat16 logits
+         by up to 1.9 on an H200, `exact_parity.py`), and over 64 greedy tokens a near tie can flip.
+         There the share of requests and tokens that agree is recorded, not judged; exact routing's
+         distance to `full` is measured against that noise floor by `exact_parity.py`;
   fresh  teacher-forced logits of the soaked model equal, bit for bit, those of a model built fresh
          with the resident set the controller reports (no drift in the slot buffers);
   slots  every slot holds, byte for byte, the host store's copy of the expert the controller names.
 After the warm-up (`--warmup-steps`), the compile count must not grow; RSS must not grow by more
 than `--rss-tolerance-mib` nor keep climbing over the second half of the run (fitted slope at most
-`--rss-slope-tolerance-mib` per 10,000 steps); device memory in use must not grow by more than
+`--rss-slope-tolerance-mib` per 10,000 steps), measured after handing free heap back to the OS
+(glibc `malloc_trim`) so that malloc's caching does not read as growth; device memory in use must not grow by more than
 `--device-tolerance-mib`. Exit status 1 if anything fails.
 
 Writes `<out>-<policy>.jsonl` (one row per checkpoint and a summary row) and `<out>.png`.
@@ -48,8 +54,25 @@ def _count_compiles(name, _duration, **_):
     _COMPILES[0] += 1
 
 
+def _release_free_heap() -> None:
+  """Hands free heap pages back to the OS (glibc `malloc_trim`), so RSS counts memory the process
+  holds rather than what malloc's arenas cache: on a 2-core CPU machine, 3,750 requests of the
+  built-in model left RSS within a 5 MiB band (715-720 MiB) without it and at exactly 598.2 MiB with
+  it. Without glibc, a no-op."""
+  import ctypes
+  import gc
+
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def rss_bytes() -> int:
-  """Resident set size of this process now (Linux /proc; elsewhere the peak, from getrusage)."""
+  """Resident set size of this process now, after releasing free heap (Linux /proc; elsewhere the
+  peak, from getrusage)."""
+  _release_free_heap()
   try:
     with open("/proc/self/statm") as f:
       return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -113,7 +136,8 @@ def build_models(args, policy) -> Models:
     dtype = args.dtype or meta.dtype
     budget = _budget_bytes(args, meta.config, jnp.dtype(loader.DTYPES[dtype]).itemsize)
     def make():
-      return swapmoe_jax.load(folder, budget=budget, policy=policy, dtype=dtype, **shape, **cadence)
+      return swapmoe_jax.load(folder, budget=budget, policy=policy, dtype=dtype, staging=args.staging, **shape,
+                              **cadence)
 
     full = swapmoe_jax.load(folder, dtype=dtype, **shape) if exact else None
     return Models(make(), make(), full, ckpt.restore_dense(meta), budget, folder)
@@ -133,7 +157,8 @@ def build_models(args, policy) -> Models:
   limits = dict(batch=args.batch, src_len=args.src_len, tgt_len=dims["tgt_len"])
 
   def make(p=plan, pol=policy):
-    return loader.assemble(cfg, dense, store, p, policy=pol, gate_mode="original", dtype=jdtype, limits=limits)
+    return loader.assemble(cfg, dense, store, p, policy=pol, gate_mode="original", dtype=jdtype, limits=limits,
+                           staging=args.staging)
 
   full = make(planner_lib.plan_full(cfg, None, dbytes, **dims), "full") if exact else None
   return Models(make(), make(), full, dense, budget, f"{args.shape} (random weights, {dtype})")
@@ -209,6 +234,8 @@ def run_one(args, policy) -> dict:
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   rows = []
   bad = dict(twin=0, full=0, fresh=0, slots=0)
+  agree = [0, 0, 0]  # against `full`: requests equal, tokens equal, tokens compared
+  exact_full = device.platform == "cpu"  # see the module docstring
   steps = requests = 0
   next_at, baseline = args.warmup_steps, None
   setup_s = time.perf_counter() - t0
@@ -225,8 +252,13 @@ def run_one(args, policy) -> dict:
         bad["twin"] += not np.array_equal(out, models.twin.generate(ids, mask, max_new_tokens=args.new_tokens,
                                                                     stream=lambda s, t: None, **sampling))
       if models.full is not None:
-        bad["full"] += not np.array_equal(out, models.full.generate(ids, mask, max_new_tokens=args.new_tokens,
-                                                                    **sampling))
+        ref = models.full.generate(ids, mask, max_new_tokens=args.new_tokens, **sampling)
+        same = out.shape == ref.shape and np.array_equal(out, ref)
+        n = min(out.shape[1], ref.shape[1])
+        agree[0] += same
+        agree[1] += int(np.sum(out[:, :n] == ref[:, :n]))
+        agree[2] += int(max(out.shape[1], ref.shape[1]) * out.shape[0])
+        bad["full"] += not same and exact_full
       steps += out.shape[1]
       requests += 1
       if steps < next_at:
@@ -252,6 +284,9 @@ def run_one(args, policy) -> dict:
         break
       next_at = steps + args.every
     result = summarize(args, policy, rows, baseline, bad, models, device, setup_s)
+    if models.full is not None:
+      result.update(full_requests_equal=agree[0], full_token_agreement=agree[1] / max(agree[2], 1),
+                    full_judged=exact_full)
     f.write(json.dumps(result) + "\n")
   return result
 
@@ -366,6 +401,8 @@ def main(argv=None) -> int:
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--update-every", type=int, default=4)
   p.add_argument("--max-swaps", type=int, default=2)
+  p.add_argument("--staging", choices=("transfer", "gather"), default="transfer",
+                 help="how swaps copy experts to the device (see `load`)")
   p.add_argument("--no-twin", dest="twin", action="store_false", help="skip the twin replay (halves the work)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--rss-tolerance-mib", type=float, default=16.0,
@@ -410,6 +447,9 @@ def main(argv=None) -> int:
           f"{r['rss_growth_bytes'] / MiB:>8.2f}{slope:>10}{dev:>11}"
           f"  {'yes' if not any(r['mismatches'].values()) else 'NO':>5}"
           f"  {'ok' if r['ok'] else 'FAIL: ' + '; '.join(r['failures'])}")
+    if "full_judged" in r and not r["full_judged"]:
+      print(f"{'':<9}against full (recorded, not judged off the CPU): {r['full_requests_equal']} of {r['requests']} "
+            f"requests equal, {100 * r['full_token_agreement']:.1f} % of tokens")
   if figure:
     print(f"figure: {figure}")
   return 0 if all(r["ok"] for r in results) else 1
