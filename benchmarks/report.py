@@ -188,7 +188,7 @@ def swaps_table(rows) -> str:
   out = ["| shape | dtype | batch | policy | budget | swaps / token | staging GB/s | pinned GB/s | share "
          "| swap ms / token | stall ms / token | hidden |", "|---" * 12 + "|"]
   for r in rows:
-    if r["policy"] not in ("swapmoe", "lru", "lfu") or not r.get("swaps_per_token"):
+    if r["policy"] not in ("swapmoe", "lru", "lfu") or not r.get("swaps_per_token") or not _standard(r):
       continue
     f = swap_figures(rows, r)
     pct = lambda v: "—" if v is None else f"{100 * v:.0f} %"  # noqa: E731
@@ -222,7 +222,11 @@ def plot(rows, path: str) -> None:
       (line,) = ax.plot(x, y, color=colors[policy], label=PEER_NAMES.get(policy, policy), **style)
       handles.setdefault(policy, line)
     ax.set_xlim(0, 105)
-    ax.set_yscale("log")
+    ys = [r["ms_per_token"] for r in group]
+    if max(ys) > 5 * min(ys):  # peers two orders of magnitude away: a log axis
+      ax.set_yscale("log")
+    else:  # a linear axis from zero, so 2 % reads as 2 %
+      ax.set_ylim(0, 1.15 * max(ys))
     ax.set_xlabel("budget, % of the full model")
     ax.set_ylabel("ms / token")
     ax.set_title(f"{shape} {dtype} batch {batch}", fontsize=9)

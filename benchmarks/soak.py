@@ -363,16 +363,19 @@ def plot(args, policies) -> str | None:
     cps = [r for r in rows if r["kind"] == "checkpoint"]
     x = [r["step"] for r in cps]
     axes[0].plot(x, [r["compiles"] for r in cps], marker=".", label=policy)
-    axes[1].plot(x, [r["rss_bytes"] / MiB for r in cps], marker=".", label=policy)
+    # Growth since the warm-up checkpoint: policies with RSS 9 GiB apart share one readable scale.
+    axes[1].plot(x, [(r["rss_bytes"] - cps[0]["rss_bytes"]) / MiB for r in cps], marker=".", label=policy)
     if cps[0]["device_bytes_in_use"] is not None:
-      axes[2].plot(x, [r["device_bytes_in_use"] / MiB for r in cps], marker=".", label=policy)
+      axes[2].plot(x, [(r["device_bytes_in_use"] - cps[0]["device_bytes_in_use"]) / MiB for r in cps], marker=".",
+                   label=policy)
   axes[2].text(0.5, 0.5, "" if axes[2].lines else "device memory: n/a on this backend", ha="center",
                transform=axes[2].transAxes)
   for ax in [a for a in axes[1:] if a.lines]:  # at least 16 MiB of range: page-sized noise is no trend
     lo, hi = ax.get_ylim()
     mid = (lo + hi) / 2
     ax.set_ylim(min(lo, mid - 8), max(hi, mid + 8))
-  for ax, label in zip(axes, ("XLA compilations", "host RSS (MiB)", "device bytes in use (MiB)")):
+  for ax, label in zip(axes, ("XLA compilations", "host RSS growth (MiB)",
+                                   "device memory growth (MiB)")):
     ax.set_ylabel(label)
     ax.axvline(args.warmup_steps, color="grey", lw=0.8, ls="--")
     ax.grid(alpha=0.3)
