@@ -23,8 +23,8 @@ that holds `--experts-fraction` of the experts (or `--budget`), so the policy ke
 After the warm-up (`--warmup-steps`), the compile count must not grow; RSS must not grow by more
 than `--rss-tolerance-mib` nor keep climbing over the second half of the run (fitted slope at most
 `--rss-slope-tolerance-mib` per 10,000 steps), measured after handing free heap back to the OS
-(glibc `malloc_trim`) so that malloc's caching does not read as growth; device memory in use must not grow by more than
-`--device-tolerance-mib`. Exit status 1 if anything fails.
+(glibc `malloc_trim`) so that malloc's caching does not read as growth; device memory in use must
+not grow by more than `--device-tolerance-mib`. Exit status 1 if anything fails.
 
 Writes `<out>-<policy>.jsonl` (one row per checkpoint and a summary row) and `<out>.png`.
 """
@@ -57,7 +57,7 @@ def _count_compiles(name, _duration, **_):
 def _release_free_heap() -> None:
   """Hands free heap pages back to the OS (glibc `malloc_trim`), so RSS counts memory the process
   holds rather than what malloc's arenas cache: on a 2-core CPU machine, 3,750 requests of the
-  built-in model left RSS within a 5 MiB band (715-720 MiB) without it and at exactly 598.2 MiB with
+  built-in model left RSS wandering between 711 and 720 MiB without it and at exactly 598.2 MiB with
   it. Without glibc, a no-op."""
   import ctypes
   import gc
@@ -374,8 +374,7 @@ def plot(args, policies) -> str | None:
     lo, hi = ax.get_ylim()
     mid = (lo + hi) / 2
     ax.set_ylim(min(lo, mid - 8), max(hi, mid + 8))
-  for ax, label in zip(axes, ("XLA compilations", "host RSS growth (MiB)",
-                                   "device memory growth (MiB)")):
+  for ax, label in zip(axes, ("XLA compilations", "host RSS growth (MiB)", "device memory growth (MiB)")):
     ax.set_ylabel(label)
     ax.axvline(args.warmup_steps, color="grey", lw=0.8, ls="--")
     ax.grid(alpha=0.3)
