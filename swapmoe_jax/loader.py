@@ -139,6 +139,11 @@ PLANNERS = ("uniform", "calibrated")
 STAGINGS = ("transfer", "gather")
 
 
+def check_staging(staging: str) -> None:
+  if staging not in STAGINGS:
+    raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
+
+
 def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, planner: str = "uniform",
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
@@ -184,8 +189,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   steps_per_call = check_steps_per_call(steps_per_call)
   if policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
-  if staging not in STAGINGS:
-    raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
+  check_staging(staging)
   if planner not in PLANNERS:
     raise ValueError(f"unknown planner {planner!r}; supported: {', '.join(PLANNERS)}")
   if policy != "full" and budget is None:
@@ -289,8 +293,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
                                max_swaps_per_step=plan.max_swaps_per_step)
   # Exact routing reads misses from stacked host banks, and staging="gather" stages from them; building
   # them changes how the store stages experts, so it comes before the executor compiles its programs.
-  if staging not in STAGINGS:
-    raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
+  check_staging(staging)
   if exact or staging == "gather":
     store.banks()
   executor = None
