@@ -115,21 +115,28 @@ def _timed_generates(model, prompt, args) -> dict:
           "prefill_ms": 1e3 * float(np.median(prefill)), "tokens_per_s": args.batch / float(np.median(per_token))}
 
 
-def _stage_bandwidth(model, repeats=8) -> float | None:
-  """Bytes/s of the executor's staging path (host store -> device, synchronised), or None without swaps."""
+def _stage_bandwidth(model, n=None, repeats=8) -> float | None:
+  """Bytes/s of the executor's staging path (host store -> device, one batched operation, synchronised)
+  for `n` experts (default: a commit's writes, `max_writes`), or None without swaps."""
   import jax
-
-  from swapmoe_jax.swap import SlotWrite
 
   ex = model.residency.executor if model.residency is not None else None
   if ex is None:
     return None
-  n = ex.max_writes
-  writes = [SlotWrite(l % ex.store.num_layers, 0, (3 * l) % ex.store.num_experts, -1) for l in range(n)]
+  from swapmoe_jax.swap import SlotWrite
+
+  n = ex.max_writes if n is None else n
+  pairs = [(l % ex.store.num_layers, (3 * l) % ex.store.num_experts) for l in range(n)]
+  if hasattr(ex.store, "stage_rows"):
+    stage = lambda: ex.store.stage_rows(pairs)  # noqa: E731
+  elif n <= ex.max_writes:  # a sharded store: staged per write, to the slot's owner
+    stage = lambda: ex.stage([SlotWrite(l, 0, e, -1) for l, e in pairs])  # noqa: E731
+  else:
+    return None
   times = []
   for _ in range(repeats + 1):
     t = time.perf_counter()
-    jax.block_until_ready(ex.stage(writes))
+    jax.block_until_ready(stage())
     times.append(time.perf_counter() - t)
   return n * ex.store.expert_bytes / float(np.median(times[1:]))
 
@@ -216,7 +223,7 @@ def run_one(args) -> dict:
       "redirect_rate": tele.get("redirect_rate"), "experts_swapped": tele.get("experts_swapped"),
       "hit_rate": tele.get("hit_rate"), "misses": tele.get("misses"),
       "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
-      "stage_bandwidth": _stage_bandwidth(model),
+      "stage_bandwidth": _stage_bandwidth(model), "stage_bandwidth_8": _stage_bandwidth(model, 8),
   }
 
 

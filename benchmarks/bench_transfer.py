@@ -9,6 +9,9 @@ Measures, each synchronised and repeated (median):
   * overlap: a compute-bound program (~10x the copies' time) alone, and with the copies issued while it
     runs; the share of
     copy time hidden is 1 - (together - compute alone) / copies alone;
+  * batched staging, the executor's way (`HostExpertStore.stage_rows`): n experts by one `device_put`
+    call over n pinned arrays, and by one program gathering n rows out of pinned banks, for n = 2 (a
+    commit's writes by default) and n = --copies; as bytes/s against the pinned bandwidth;
   * a slot commit: one donated `dynamic_update_slice` of an expert into a [K, D, F] buffer.
 Prints a table and, with --json, writes the figures as one JSON object.
 """
@@ -96,6 +99,20 @@ def measure(expert_shape=(768, 3072), dtype="bfloat16", num_experts=16, slots=16
                             ("gather", "gathers_alone_s", "together_gather_s")):
     extra = out[both] - out["compute_s"]
     out[f"hidden_share_{name}"] = float(np.clip(1.0 - extra / out[alone], 0.0, 1.0))
+
+  # Batched staging: what `HostExpertStore.stage_rows` does for a commit's writes.
+  from swapmoe_jax.store import _gather_rows
+
+  for n in sorted({2, copies}):
+    dp = _median_s(lambda: jax.device_put(experts[:n], dev), repeats)
+    if host is not None:
+      idx_n = jax.device_put(np.arange(n, dtype=np.int32) % num_experts, dev)
+      gr = _median_s(lambda: _gather_rows((bank,) * n, (bank,) * n, idx_n), repeats)  # 2n rows: wi and wo
+    else:
+      gr = float("nan")
+    out[f"batched_device_put_{n}_s"], out[f"batched_gather_{n}_s"] = dp, gr
+    out[f"batched_device_put_{n}_bandwidth"] = n * one / dp
+    out[f"batched_gather_{n}_bandwidth"] = 2 * n * one / gr
 
   # Commit: a donated one-slot write, with the slot index on the device or from numpy.
   @jax.jit

@@ -31,6 +31,7 @@ def main(argv=None):
   p.add_argument("--budget", default="33%")
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--batch", type=int, default=1)
   args = p.parse_args(argv)
 
   import jax
@@ -59,7 +60,7 @@ def main(argv=None):
   store = HostExpertStore.from_numpy(experts, norms, jdtype)
   del experts
   mem(f"host store ({store.memory_kind})")
-  shape = dict(batch=1, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
+  shape = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
   full = budget_lib.full_model_bytes(cfg, dbytes)
   if args.policy == "full":
     plan = planner_lib.plan_full(cfg, None, dbytes, **shape)
@@ -76,7 +77,14 @@ def main(argv=None):
   for (shp, dt), n in by_shape.most_common(8):
     print(f"   live {n / gib:7.3f} GiB  {dt}{list(shp)}")
   print(f"   live device total {sum(by_shape.values()) / gib:.3f} GiB")
-  ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.src_len))
+  ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.batch, args.src_len))
+  # What XLA planned for the prefill program (set XLA_FLAGS=--xla_dump_to=DIR to see its buffers).
+  ma = decode.encode.lower(model._graphdef, model._params, model._slots, ids, np.ones_like(ids, bool),
+                           decode.cache_length(args.new_tokens), model._banks).compile().memory_analysis()
+  if ma is not None:
+    print(f"prefill program: arguments {ma.argument_size_in_bytes / gib:.3f} GiB, outputs "
+          f"{ma.output_size_in_bytes / gib:.3f} GiB, temporaries {ma.temp_size_in_bytes / gib:.3f} GiB "
+          f"(plan's workspace {plan.breakdown.workspace_bytes / gib:.3f} GiB)", flush=True)
   model.generate(ids, max_new_tokens=args.new_tokens)
   mem("after first generate")
   # Decode step alone: host dispatch vs device time.
@@ -85,7 +93,8 @@ def main(argv=None):
   # Committed to the device like the step's outputs: uncommitted inputs would compile a second program
   # inside the timed loop (which once made this script report 53 ms per step).
   put = lambda x: jax.device_put(x, dev)  # noqa: E731
-  tokens, done, pos = put(jnp.zeros((1,), jnp.int32)), put(jnp.zeros((1,), bool)), put(jnp.zeros((), jnp.int32))
+  tokens, done = put(jnp.zeros((args.batch,), jnp.int32)), put(jnp.zeros((args.batch,), bool))
+  pos = put(jnp.zeros((), jnp.int32))
   acc = put(decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts))
   key = put(jax.random.key(0))
   from swapmoe_jax.sampling import Sampling

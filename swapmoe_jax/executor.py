@@ -64,11 +64,11 @@ class SwapExecutor:
     self._positions = None  # leaf positions of each layer's buffers, found on the first commit
 
   def stage(self, writes: Sequence[SlotWrite]) -> tuple:
-    """Starts the host->device copies of the incoming experts (asynchronous, one fixed-shape program
-    per expert). Returns one row (wi [1, D, F], wo [1, F, D]) per write."""
+    """Starts the host->device copies of the incoming experts, all in one batched operation
+    (asynchronous; `HostExpertStore.stage_rows`). Returns one row (wi [1, D, F], wo [1, F, D]) per write."""
     if len(writes) > self.max_writes:
       raise ValueError(f"{len(writes)} writes exceed max_writes={self.max_writes}")
-    return tuple(self.store.gather_to_device(w.layer, [w.expert]) for w in writes)
+    return self.store.stage_rows([(w.layer, w.expert) for w in writes])
 
   def commit(self, slots, staged, writes: Sequence[SlotWrite], index_maps: Sequence[np.ndarray]):
     """Writes each staged row into its slot (in place: the old buffers are donated) together with its
@@ -92,7 +92,8 @@ class SwapExecutor:
 
   def warm_up(self, slots, resident: Sequence[np.ndarray], index_maps: Sequence[np.ndarray]):
     """Compiles the write program for every distinct slot-buffer shape at load time, by rewriting one
-    resident expert in place, so that no later swap compiles anything. Returns the slot state."""
+    resident expert in place, and the staging program for every row count, so that no later swap
+    compiles anything. Returns the slot state."""
     seen = set()
     for layer, k in enumerate(self.slots_per_layer):
       if k in seen:
@@ -100,6 +101,9 @@ class SwapExecutor:
       seen.add(k)
       w = SlotWrite(layer, 0, int(resident[layer][0]), int(resident[layer][0]))
       slots = self.commit(slots, self.stage([w]), [w], index_maps)
+    # The staging program of the banks layout has one shape per row count: compile them all now.
+    for n in range(2, self.max_writes + 1):
+      jax.block_until_ready(self.stage([SlotWrite(0, 0, int(resident[0][0]), -1)] * n))
     self.experts_written = self.bytes_written = 0
     return slots
 

@@ -117,7 +117,7 @@ class HostExpertStore:
     idx = np.asarray(experts, np.int32).reshape(-1)
     dev = SingleDeviceSharding(self.device)
     if self._rows is not None:  # one DMA per array, on a transfer stream
-      pairs = [jax.device_put(self._rows[layer][int(e)], dev) for e in idx]
+      pairs = jax.device_put([self._rows[layer][int(e)] for e in idx], dev)
       if len(pairs) == 1:
         return pairs[0]
       return tuple(jnp.concatenate(x) for x in zip(*pairs))
@@ -125,10 +125,43 @@ class HostExpertStore:
       return jax.device_put(self._wi[layer][idx], dev), jax.device_put(self._wo[layer][idx], dev)
     return _gather(self._wi[layer], self._wo[layer], jax.device_put(idx, dev))
 
+  def stage_rows(self, pairs) -> tuple:
+    """Copies experts of any layers to the device in one batched operation (asynchronous): one
+    `device_put` call for every array of the rows layout, one program for the banks layout.
+
+    Args:
+      pairs: (layer, expert) per row, at most a handful (a commit's writes).
+    Returns:
+      One (wi [1, D, F], wo [1, F, D]) per pair.
+    """
+    pairs = [(int(l), int(e)) for l, e in pairs]
+    if not pairs:
+      return ()
+    dev = SingleDeviceSharding(self.device)
+    if self._rows is not None:
+      return tuple(jax.device_put([self._rows[l][e] for l, e in pairs], dev))
+    if self.memory_kind is None:
+      return tuple(jax.device_put([(self._wi[l][e:e + 1], self._wo[l][e:e + 1]) for l, e in pairs], dev))
+    idx = jax.device_put(np.asarray([e for _, e in pairs], np.int32), dev)
+    wi, wo = _gather_rows(tuple(self._wi[l] for l, _ in pairs), tuple(self._wo[l] for l, _ in pairs), idx)
+    return tuple(zip(wi, wo))
+
+
+def _to_device(row):
+  return jax.device_put(row, jax.memory.Space.Device)
+
 
 @jax.jit
 def _gather(wi, wo, idx):
   take = lambda bank: jnp.stack(  # noqa: E731
-      [jax.device_put(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=False), jax.memory.Space.Device)
-       for j in range(idx.shape[0])])
+      [_to_device(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=False)) for j in range(idx.shape[0])])
   return take(wi), take(wo)
+
+
+@jax.jit
+def _gather_rows(wi_banks, wo_banks, idx):
+  """Row j of the result is expert idx[j] of wi_banks[j] / wo_banks[j] (host banks, one per row: a
+  bank can repeat). One program per row count, whichever the layers."""
+  take = lambda banks: tuple(  # noqa: E731
+      _to_device(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=True)) for j, bank in enumerate(banks))
+  return take(wi_banks), take(wo_banks)
