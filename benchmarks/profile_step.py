@@ -79,12 +79,16 @@ def main(argv=None):
   print(f"   live device total {sum(by_shape.values()) / gib:.3f} GiB")
   ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.batch, args.src_len))
   # What XLA planned for the prefill program (set XLA_FLAGS=--xla_dump_to=DIR to see its buffers).
-  ma = decode.encode.lower(model._graphdef, model._params, model._slots, ids, np.ones_like(ids, bool),
-                           decode.cache_length(args.new_tokens), model._banks).compile().memory_analysis()
-  if ma is not None:
-    print(f"prefill program: arguments {ma.argument_size_in_bytes / gib:.3f} GiB, outputs "
-          f"{ma.output_size_in_bytes / gib:.3f} GiB, temporaries {ma.temp_size_in_bytes / gib:.3f} GiB "
-          f"(plan's workspace {plan.breakdown.workspace_bytes / gib:.3f} GiB)", flush=True)
+  def memory_analysis(label, lowered):
+    ma = lowered.compile().memory_analysis()
+    if ma is not None:
+      print(f"{label} program: arguments {ma.argument_size_in_bytes / gib:.3f} GiB, outputs "
+            f"{ma.output_size_in_bytes / gib:.3f} GiB, temporaries {ma.temp_size_in_bytes / gib:.3f} GiB "
+            f"(plan's workspace {plan.breakdown.workspace_bytes / gib:.3f} GiB)", flush=True)
+
+  memory_analysis("prefill", decode.encode.lower(model._graphdef, model._params, model._slots, ids,
+                                                 np.ones_like(ids, bool), decode.cache_length(args.new_tokens),
+                                                 model._banks))
   model.generate(ids, max_new_tokens=args.new_tokens)
   mem("after first generate")
   # Decode step alone: host dispatch vs device time.
@@ -98,6 +102,10 @@ def main(argv=None):
   acc = put(decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts))
   key = put(jax.random.key(0))
   from swapmoe_jax.sampling import Sampling
+
+  memory_analysis("decode (16 steps)", decode.decode_steps.lower(
+      model._graphdef, model._params, model._slots, tokens, done, cache, pos, key, model._banks, acc, Sampling(),
+      0, (-1,), 16))
 
   def time_calls(label, call, calls, steps_per_call):
     """Host dispatch and wall time per decode step of `calls` calls, after one untimed call."""

@@ -136,7 +136,7 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
 
 POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
 PLANNERS = ("uniform", "calibrated")
-STAGINGS = ("transfer", "gather")
+STAGINGS = ("transfer", "gather", "pageable")
 
 
 def check_staging(staging: str) -> None:
@@ -168,12 +168,15 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     update_every, max_swaps_per_step: swap cadence (defaults: the planner's).
     steps_per_call: decode steps per device call in `generate` (a divisor of 64; swaps land between
       calls, at most `max_swaps_per_step` per call). 1: one call per token.
-    staging: how a swap copies an expert to the device. "transfer": one `device_put` per expert from its
-      own pinned host array, on a transfer stream. "gather": a small jitted program reads it from
-      the layer's stacked host bank (the compute stream). On an H200 with jax 0.11.2 every
-      `device_put` out of pinned host memory kept ~1.7 KiB of host memory (RSS) for good, the gather
-      ~0 (`benchmarks/rss_staging.py`): "gather" is for servers that swap for days. Exact policies
-      (lru, lfu) always use the banks, so for them both are "gather".
+    staging: how a swap copies an expert to the device (all of a commit's experts in one batched call).
+      "transfer": `device_put` from per-expert pinned host arrays, on a transfer stream. "gather": a
+      small jitted program reads them from the layers' stacked pinned banks (the compute stream).
+      "pageable": `device_put` from ordinary numpy banks (the runtime copies through its own pinned
+      buffers, on a transfer stream). On an H200 with jax 0.11.2 every `device_put` out of pinned host
+      memory kept ~2.2 KiB of host memory (RSS) for good; the gather and numpy copies keep none
+      (`benchmarks/rss_staging.py`): "transfer" is not for servers that swap for days. Exact policies
+      (lru, lfu) read misses from pinned banks inside the step, so for them every staging is "gather".
+      With `devices`, "pageable" does not apply: each device stages from its pinned host shard.
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
       over: a count (the first n of `jax.devices()`), a list of devices, or a `jax.sharding.Mesh` with
@@ -296,6 +299,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   check_staging(staging)
   if exact or staging == "gather":
     store.banks()
+  elif staging == "pageable" and mesh is None:
+    store.to_pageable()
   executor = None
   if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
     if mesh is None:

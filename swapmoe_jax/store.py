@@ -78,7 +78,8 @@ class HostExpertStore:
 
   @property
   def layout(self) -> str:
-    """'rows' (per-expert arrays, staged by device_put) or 'banks' (stacked, once `banks()` ran)."""
+    """'rows' (per-expert arrays, staged by device_put) or 'banks' (stacked, once `banks()` ran;
+    numpy banks where memory_kind is None)."""
     return "rows" if self._rows is not None else "banks"
 
   @property
@@ -107,6 +108,26 @@ class HostExpertStore:
         self._rows[layer] = None
       self._rows = None
     return self._wi, self._wo
+
+  def to_pageable(self) -> None:
+    """Moves every expert into ordinary (pageable) numpy banks, one layer at a time, releasing the
+    pinned arrays: swaps then stage by `device_put` from numpy, which the runtime copies through its own
+    pinned buffers (no host memory kept per copy, unlike `device_put` out of `pinned_host` arrays).
+    Exact routing cannot read such banks inside the step: it needs the pinned layout."""
+    if self.memory_kind is None:
+      return
+    wi, wo = [], []
+    for layer in range(self.num_layers):
+      if self._rows is not None:
+        pairs = self._rows[layer]
+        wi.append(np.concatenate([np.asarray(p[0]) for p in pairs]))
+        wo.append(np.concatenate([np.asarray(p[1]) for p in pairs]))
+        self._rows[layer] = None
+      else:
+        wi.append(np.asarray(self._wi[layer]))
+        wo.append(np.asarray(self._wo[layer]))
+        self._wi[layer] = self._wo[layer] = None
+    self._wi, self._wo, self._rows, self.memory_kind = wi, wo, None, None
 
   def banks(self) -> tuple:
     """Per layer (wi, wo): the arguments that exact routing reads misses from inside the step."""

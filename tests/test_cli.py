@@ -102,14 +102,14 @@ def test_lru_under_budget_matches_full(capsys, demo):
   assert lru["outputs"] == full["outputs"]
 
 
-def test_staging_by_gather_gives_the_same_output(capsys, demo):
+def test_every_staging_gives_the_same_output(capsys, demo):
   cfg = ckpt.read_metadata(demo).config
   half = [cfg.num_experts // 2] * cfg.num_moe_layers
   budget = budget_lib.memory_breakdown(cfg, 4, half, batch=1, src_len=SRC_LEN,
                                        tgt_len=decode.cache_length(NEW_TOKENS), staging_slots=2).total
   runs = {s: _json_run(capsys, demo, "--policy", "swapmoe", "--budget", str(budget), "--staging", s)
-          for s in ("transfer", "gather")}
-  assert runs["gather"]["token_ids"] == runs["transfer"]["token_ids"]
+          for s in ("transfer", "gather", "pageable")}
+  assert runs["gather"]["token_ids"] == runs["transfer"]["token_ids"] == runs["pageable"]["token_ids"]
   assert runs["gather"]["stats"]["slots_per_layer"] == half
 
 

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from swapmoe_jax import router as router_lib
 from swapmoe_jax import store as store_lib
@@ -96,3 +97,33 @@ def test_pinned_store_stages_rows_until_banks_are_asked_for():
     np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(wi))
     np.testing.assert_array_equal(np.asarray(again[1]), experts[1][1][e:e + 1])
   np.testing.assert_array_equal(store.expert(0, 4)[1], experts[0][1][4])
+
+
+@pytest.mark.parametrize("start", ["rows", "banks"])
+def test_every_layout_stages_a_commit_in_one_call_with_the_same_bytes(start):
+  """`stage_rows` copies experts of several layers at once (what a commit stages), from pinned rows,
+  pinned banks (one program per row count, a bank repeated as rows need) or, after `to_pageable()`,
+  numpy banks (the pinned arrays released); every layout returns the same bytes, on the device."""
+  rng = np.random.default_rng(2)
+  experts = [(rng.normal(size=(5, 3, 4)).astype(np.float32), rng.normal(size=(5, 4, 3)).astype(np.float32))
+             for _ in range(3)]
+  store = store_lib.HostExpertStore.from_numpy(experts, np.ones((3, 5)), jnp.float32)
+  if start == "banks":
+    store.banks()
+  pairs = [(2, 4), (0, 1), (2, 0)]
+  want = [(experts[l][0][e:e + 1], experts[l][1][e:e + 1]) for l, e in pairs]
+
+  def check(rows):
+    assert len(rows) == len(pairs)
+    for (wi, wo), (a, b) in zip(rows, want):
+      assert wi.sharding.memory_kind == "device" and wi.shape == (1, 3, 4) and wo.shape == (1, 4, 3)
+      np.testing.assert_array_equal(np.asarray(wi), a)
+      np.testing.assert_array_equal(np.asarray(wo), b)
+
+  assert store.layout == start and store.memory_kind == "pinned_host"
+  check(store.stage_rows(pairs))
+  store.to_pageable()
+  assert store.layout == "banks" and store.memory_kind is None and isinstance(store.wi[2], np.ndarray)
+  check(store.stage_rows(pairs))
+  np.testing.assert_array_equal(store.expert(1, 3)[0], experts[1][0][3])
+  assert store.stage_rows([]) == ()

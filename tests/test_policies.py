@@ -287,24 +287,27 @@ def test_policies_swap_through_generate_without_recompiling(folder, policy):
   assert _compiles() == before
 
 
-def test_staging_by_gather_swaps_the_same_experts_and_tokens_without_recompiling(folder):
-  """staging="gather" (swaps read from the stacked host banks by a jitted program, for long-running
-  servers) and the default "transfer" (device_put per expert) serve the same tokens through the same
-  swaps; after the first request neither compiles again."""
+def test_every_staging_swaps_the_same_experts_and_tokens_without_recompiling(folder):
+  """The default "transfer" (device_put from pinned rows), "gather" (a jitted read of pinned banks) and
+  "pageable" (device_put from numpy banks) serve the same tokens through the same swaps; after the
+  first request none compiles again."""
   models = {s: swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=1,
-                                max_swaps_per_step=2, staging=s, **SHAPE) for s in ("transfer", "gather")}
-  assert models["transfer"].store.layout == "rows" and models["gather"].store.layout == "banks"
+                                max_swaps_per_step=2, staging=s, **SHAPE) for s in loader.STAGINGS}
+  layouts = {s: (m.store.layout, m.store.memory_kind) for s, m in models.items()}
+  assert layouts == {"transfer": ("rows", "pinned_host"), "gather": ("banks", "pinned_host"),
+                     "pageable": ("banks", None)}
   for s, model in models.items():
     model.generate(*_ids(1), max_new_tokens=16)
   before = _compiles()
   for seed in range(2, 6):
     ids, mask = _ids(seed)
-    np.testing.assert_array_equal(models["gather"].generate(ids, mask, max_new_tokens=8),
-                                  models["transfer"].generate(ids, mask, max_new_tokens=8))
+    want = models["transfer"].generate(ids, mask, max_new_tokens=8)
+    for s in ("gather", "pageable"):
+      np.testing.assert_array_equal(models[s].generate(ids, mask, max_new_tokens=8), want)
   assert _compiles() == before
   swapped = {s: m.stats.summary()["experts_swapped"] for s, m in models.items()}
-  assert swapped["gather"] == swapped["transfer"] > 0
-  with pytest.raises(ValueError, match="unknown staging 'dma'; supported: transfer, gather"):
+  assert swapped["gather"] == swapped["transfer"] == swapped["pageable"] > 0
+  with pytest.raises(ValueError, match="unknown staging 'dma'; supported: transfer, gather, pageable"):
     swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), staging="dma", **SHAPE)
 
 
