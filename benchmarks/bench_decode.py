@@ -153,7 +153,7 @@ def run_one(args) -> dict:
   from swapmoe_jax import sharding
   from swapmoe_jax.store import HostExpertStore
 
-  policy, budget, staging = (args.run.split(":") + ["transfer"])[:3]
+  policy, budget, staging = (args.run.split(":") + [loader.DEFAULT_STAGING])[:3]
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # never stop early
   jdtype = loader.DTYPES[args.dtype]
   dbytes = jnp.dtype(jdtype).itemsize
@@ -323,8 +323,8 @@ def main(argv=None):
   p.add_argument("--shape", nargs="+", default=["switch-base-8"])
   p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
   p.add_argument("--runs", nargs="+", default=["full:none", "swapmoe:50%"],
-                 help="policy:budget pairs, optionally :gather (swaps staged by the jitted gather, see `load`'s "
-                      "staging), peers (hf:none, accelerate:33%%), transfer:none")
+                 help="policy:budget pairs, optionally :staging (pageable, transfer or gather; see `load`), "
+                      "peers (hf:none, accelerate:33%%), transfer:none")
   add_request_arguments(p, several=True)
   p.add_argument("--devices", type=int, help="split the experts over the first N devices (expert parallelism, "
                                              "swapmoe_jax/sharding.py); budgets are then per device")

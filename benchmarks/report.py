@@ -38,8 +38,9 @@ def load_rows(path: str, commits: list[str] | None = None) -> list[dict]:
   latest = {}
   for r in rows:
     if r.get("commit") in commits:
-      key = (r["shape"], r["dtype"], r["batch"], r["policy"], r["budget"], r.get("devices", 1),
-             r.get("staging", "transfer"), r.get("allocator", "default"))
+      staging = "default" if _default_staging(r) else r.get("staging")
+      key = (r["shape"], r["dtype"], r["batch"], r["policy"], r["budget"], r.get("devices", 1), staging,
+             r.get("allocator", "default"), bool(r.get("experiment")))
       latest[key] = r
   if not latest:
     raise SystemExit(f"error: no rows of commits {commits} in {path}")
@@ -66,11 +67,16 @@ def _groups(rows):
     yield key, group
 
 
+def _default_staging(r) -> bool:
+  """Staged the default way of the row's commit: "transfer" until `load` made "pageable" the default
+  (rows of A/B runs carry "experiment": true)."""
+  return r.get("staging", "transfer") in ("transfer", "pageable") and not r.get("experiment")
+
+
 def _standard(r) -> bool:
-  """One device, staging by transfer, the default allocator: the runs the tables compare. Expert
+  """One device, the default staging, the default allocator: the runs the tables compare. Expert
   parallelism has its own section; allocator and staging experiments are quoted in the text."""
-  return (r.get("devices") or 1) == 1 and r.get("staging", "transfer") == "transfer" and \
-      r.get("allocator", "default") == "default"
+  return (r.get("devices") or 1) == 1 and _default_staging(r) and r.get("allocator", "default") == "default"
 
 
 def _find(rows, shape, dtype, batch, policy, budget=None):

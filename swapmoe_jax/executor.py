@@ -24,8 +24,8 @@ from swapmoe_jax.swap import SlotWrite
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _write_slot(wi, wo, row_wi, row_wo, slot, index_map):
-  """One layer's buffers wi [K, D, F], wo [K, F, D] (donated, updated in place): slot `slot` gets
-  row_wi [1, D, F] / row_wo [1, F, D]; returns them with the layer's new index map int32[E].
+  """One layer's buffers wi [K, F, D], wo [K, D, F] (donated, updated in place): slot `slot` gets
+  row_wi [1, F, D] / row_wo [1, D, F]; returns them with the layer's new index map int32[E].
 
   A single dynamic_update_slice per buffer: measured on an H200, a scatter over every layer's buffer
   (out-of-range rows dropped) cost 2.3 ms per commit, as much as rewriting the whole resident set."""
@@ -65,7 +65,7 @@ class SwapExecutor:
 
   def stage(self, writes: Sequence[SlotWrite]) -> tuple:
     """Starts the host->device copies of the incoming experts, all in one batched operation
-    (asynchronous; `HostExpertStore.stage_rows`). Returns one row (wi [1, D, F], wo [1, F, D]) per write."""
+    (asynchronous; `HostExpertStore.stage_rows`). Returns one row (wi [1, F, D], wo [1, D, F]) per write."""
     if len(writes) > self.max_writes:
       raise ValueError(f"{len(writes)} writes exceed max_writes={self.max_writes}")
     return self.store.stage_rows([(w.layer, w.expert) for w in writes])

@@ -82,7 +82,7 @@ def _set_row(buf, row, k):
 
 
 def _fill_slots(store: HostExpertStore, layer: int, experts: np.ndarray, dtype):
-  """Slot buffers wi [K, D, F], wo [K, F, D] of one layer, filled one expert at a time into buffers
+  """Slot buffers wi [K, F, D], wo [K, D, F] of one layer, filled one expert at a time into buffers
   allocated at their final size, so loading never holds more than one extra expert on the device."""
   wi_shape, wo_shape = store.expert_shapes
   sharding = jax.sharding.SingleDeviceSharding(store.device)
@@ -137,6 +137,8 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
 POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
 PLANNERS = ("uniform", "calibrated")
 STAGINGS = ("transfer", "gather", "pageable")
+# Measured on an H200 (benchmarks/RESULTS.md): as fast as "transfer", and host memory levels off.
+DEFAULT_STAGING = "pageable"
 
 
 def check_staging(staging: str) -> None:
@@ -148,7 +150,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
-         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = "transfer"):
+         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -169,13 +171,14 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     steps_per_call: decode steps per device call in `generate` (a divisor of 64; swaps land between
       calls, at most `max_swaps_per_step` per call). 1: one call per token.
     staging: how a swap copies an expert to the device (all of a commit's experts in one batched call).
-      "transfer": `device_put` from per-expert pinned host arrays, on a transfer stream. "gather": a
-      small jitted program reads them from the layers' stacked pinned banks (the compute stream).
-      "pageable": `device_put` from ordinary numpy banks (the runtime copies through its own pinned
-      buffers, on a transfer stream). On an H200 with jax 0.11.2 every `device_put` out of pinned host
-      memory kept ~2.2 KiB of host memory (RSS) for good; the gather and numpy copies keep none
-      (`benchmarks/rss_staging.py`): "transfer" is not for servers that swap for days. Exact policies
-      (lru, lfu) read misses from pinned banks inside the step, so for them every staging is "gather".
+      "pageable" (default): `device_put` from ordinary numpy banks (the runtime copies through its own
+      pinned buffers, on a transfer stream). "transfer": `device_put` from per-expert pinned host
+      arrays, on a transfer stream. "gather": a small jitted program reads them from the layers'
+      stacked pinned banks (on the compute stream, so it does not overlap the decode). On an H200 with
+      jax 0.11.2 every `device_put` out of pinned host memory kept ~2.2 KiB of host memory (RSS) for
+      good, the other two ~0 (`benchmarks/rss_staging.py`), and "pageable" decoded as fast as
+      "transfer": "transfer" is not for servers that swap for days. Exact policies (lru, lfu) read
+      misses from pinned banks inside the step, so for them every staging is "gather".
       With `devices`, "pageable" does not apply: each device stages from its pinned host shard.
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
@@ -275,7 +278,7 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
-             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = "transfer") -> SwitchModel:
+             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING) -> SwitchModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`; `staging`: see `load`."""
   from swapmoe_jax import sharding

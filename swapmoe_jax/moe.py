@@ -1,7 +1,8 @@
 """The virtual-expert MoE layer: a Flax NNX module usable in any JAX model.
 
 The router (always resident) scores all E experts; expert weights come from a fixed-shape slot buffer
-`wi: [K, D, F]`, `wo: [K, F, D]` and an index map `slot_of: int32[E]` (slot, or -1). Slots and map are
+`wi: [K, F, D]`, `wo: [K, D, F]` (torch Linear's [out, in] per expert, see `experts.py`) and an index
+map `slot_of: int32[E]` (slot, or -1). Slots and map are
 `ExpertSlots` / `SlotIndex` variables: split them out with `nnx.split` and pass them to jitted functions
 as arguments, so that swapping experts changes values, never shapes, and never recompiles.
 `place_experts` / `put_expert` fill and swap slots eagerly (for a model of one's own; the serving
@@ -78,8 +79,8 @@ class VirtualExpertMoE(nnx.Module):
     self.router_w = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (d_model, num_experts), jnp.float32))
     self.router_b = nnx.Param(jnp.zeros((num_experts,), jnp.float32)) if router_bias else None
     init = nnx.initializers.normal(d_model**-0.5)
-    self.wi = ExpertSlots(init(rngs.params(), (num_slots, d_model, d_ff), dtype))
-    self.wo = ExpertSlots(init(rngs.params(), (num_slots, d_ff, d_model), dtype))
+    self.wi = ExpertSlots(init(rngs.params(), (num_slots, d_ff, d_model), dtype))
+    self.wo = ExpertSlots(init(rngs.params(), (num_slots, d_model, d_ff), dtype))
     slot_of = jnp.where(jnp.arange(num_experts) < num_slots, jnp.arange(num_experts), -1)
     self.slot_of = SlotIndex(slot_of.astype(jnp.int32))
     self.norms = ExpertNorms(jnp.ones((num_experts,), jnp.float32))
@@ -115,7 +116,8 @@ class VirtualExpertMoE(nnx.Module):
 
     Args:
       experts: int[n], distinct experts in [0, E), n <= K; slots n..K-1 are left out of the index map.
-      wi, wo: every expert's weights, [E, D, F] and [E, F, D] (numpy or jax arrays, any memory).
+      wi, wo: every expert's weights in the slots' orientation (torch Linear's [out, in]), [E, F, D] and
+        [E, D, F] (numpy or jax arrays, any memory).
     """
     experts = np.asarray(experts)
     e, k = self.num_experts, self.num_slots
@@ -133,7 +135,7 @@ class VirtualExpertMoE(nnx.Module):
     self.slot_of[...] = jnp.asarray(slot_of)
 
   def put_expert(self, slot: int, expert: int, wi, wo) -> int:
-    """Writes one expert's weights wi [D, F], wo [F, D] into `slot` and points the index map at it;
+    """Writes one expert's weights wi [F, D], wo [D, F] into `slot` and points the index map at it;
     the slot's previous expert leaves the map. Eager, values only (no recompilation, as above).
 
     Returns:
@@ -166,7 +168,7 @@ class VirtualExpertMoE(nnx.Module):
       token_mask: jax.Array | None = None,
       bank: tuple[jax.Array, jax.Array] | None = None,
   ) -> tuple[jax.Array, router_lib.LayerStats, router_lib.Routing]:
-    """x: [B, T, D]; token_mask: bool [B, T] (statistics only); bank: (wi [E, D, F], wo [E, F, D]) in host
+    """x: [B, T, D]; token_mask: bool [B, T] (statistics only); bank: (wi [E, F, D], wo [E, D, F]) in host
     memory, required for exact routing. Returns y [B, T, D], the layer's statistics and its routing."""
     slot_of = self.slot_of[...]
     exact = self.routing == "exact"

@@ -2,7 +2,7 @@
 
 When one accelerator is not enough (a TPU v2-8 has eight cores of 8 GiB each), `load(..., devices=n)`
 spreads each MoE layer's slot buffers over n devices:
-- the slot buffers wi [K, D, F], wo [K, F, D] are sharded on K (`NamedSharding(mesh, P("expert"))`):
+- the slot buffers wi [K, F, D], wo [K, D, F] are sharded on K (`NamedSharding(mesh, P("expert"))`):
   device j holds slots [j K/n, (j+1) K/n), so every K_l is a multiple of n (the planner rounds down);
 - index maps, dense weights (`dense_spec`), KV caches and activations are replicated;
 - the expert FFNs run under `shard_map`: each device computes the tokens routed to its own slots and
@@ -191,7 +191,7 @@ class ShardedExpertStore:
 
   def gather_to(self, layer: int, expert: int, device: jax.Device) -> tuple[jax.Array, jax.Array]:
     """Copies one expert to `device` (asynchronous): from its host shard to the device that holds
-    that shard, then on to `device` if it is another. Returns wi [1, D, F], wo [1, F, D]."""
+    that shard, then on to `device` if it is another. Returns wi [1, F, D], wo [1, D, F]."""
     j, local = divmod(int(expert), self.experts_per_device)
     part = self.parts[j]
     rows = part.gather_to_device(layer, [local])
@@ -202,7 +202,7 @@ class ShardedExpertStore:
     return _StagingView(self, device)
 
   def banks(self) -> tuple:
-    """Per layer (wi [E, D, F], wo [E, F, D]): global arrays split on E over the mesh in host memory
+    """Per layer (wi [E, F, D], wo [E, D, F]): global arrays split on E over the mesh in host memory
     (assembled from the parts without copying), the arguments exact routing reads misses from."""
     if self._banks is None:
       if self.memory_kind is None:  # numpy parts: the jitted step moves them (as on one device)
@@ -229,7 +229,7 @@ class _StagingView:
 
 
 def fill_slots(mesh: Mesh, store: ShardedExpertStore, layer: int, experts: np.ndarray, dtype, fill_one):
-  """Slot buffers wi [K, D, F], wo [K, F, D] of one layer, sharded on K: each device's shard filled in
+  """Slot buffers wi [K, F, D], wo [K, D, F] of one layer, sharded on K: each device's shard filled in
   place by `fill_one(store_view, layer, its experts, dtype)` (`loader._fill_slots`), then assembled."""
   devices = mesh_devices(mesh)
   k = len(experts)

@@ -24,14 +24,17 @@ def host_memory_kind(device: jax.Device) -> str | None:
 class HostExpertStore:
   """Every expert of every MoE layer in host memory, in one of two layouts.
 
-  * rows (the start): each expert its own pair of host arrays, wi [1, D, F] and wo [1, F, D]. A swap
+  * rows (the start): each expert its own pair of host arrays, wi [1, F, D] and wo [1, D, F]. A swap
     stages an expert with one `device_put` of its pair: in `pinned_host` memory that is a DMA on a
     transfer stream, which runs while the decode programs run on the compute stream.
-  * banks (built by `banks()`, which exact routing needs): per layer wi [E, D, F], wo [E, F, D], which
+  * banks (built by `banks()`, which exact routing needs): per layer wi [E, F, D], wo [E, D, F], which
     the jitted step indexes to read a missing expert inside the step. Staging then gathers from the
     banks in a small program (on the compute stream). Building the banks releases the rows, so host
     memory holds one copy of the experts either way.
   With numpy host arrays (no `pinned_host` memory kind), rows are views of the banks.
+
+  Every matrix is kept as torch's Linear stores it, [out, in], the orientation of the slot buffers
+  (`experts.py` says why); `from_numpy` takes the checkpoint's [in, out] and transposes.
 
   Attributes: norms float32[L, E]; device; memory_kind ('pinned_host' or None).
   """
@@ -50,11 +53,13 @@ class HostExpertStore:
 
   @classmethod
   def from_numpy(cls, experts: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, dtype, device=None):
+    """experts: per MoE layer (wi [E, D, F], wo [E, F, D]) in the checkpoint's [in, out] orientation;
+    transposed to [out, in] one layer at a time."""
     device = device or jax.devices()[0]
     kind = host_memory_kind(device)
     wi, wo, rows = [], [], []
     for a, b in experts:
-      a, b = np.asarray(a).astype(dtype, copy=False), np.asarray(b).astype(dtype, copy=False)
+      a, b = (np.ascontiguousarray(np.swapaxes(np.asarray(x).astype(dtype, copy=False), 1, 2)) for x in (a, b))
       if kind is None:
         wi.append(a)
         wo.append(b)
@@ -84,17 +89,17 @@ class HostExpertStore:
 
   @property
   def wi(self) -> list:
-    """Per layer wi [E, D, F]. Builds the banks on first use (see `banks()`): to read one expert
+    """Per layer wi [E, F, D]. Builds the banks on first use (see `banks()`): to read one expert
     without changing the layout, use `expert`."""
     return self._banks()[0]
 
   @property
   def wo(self) -> list:
-    """Per layer wo [E, F, D]; builds the banks on first use like `wi`."""
+    """Per layer wo [E, D, F]; builds the banks on first use like `wi`."""
     return self._banks()[1]
 
   def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-    """One expert's (wi [D, F], wo [F, D]) as host numpy arrays, in either layout (neither changes)."""
+    """One expert's (wi [F, D], wo [D, F]) as host numpy arrays, in either layout (neither changes)."""
     if self._rows is not None:
       return tuple(np.asarray(x)[0] for x in self._rows[layer][int(e)])
     return np.asarray(self._wi[layer][int(e)]), np.asarray(self._wo[layer][int(e)])
@@ -134,7 +139,7 @@ class HostExpertStore:
     return tuple(zip(*self._banks()))
 
   def gather_to_device(self, layer: int, experts) -> tuple[jax.Array, jax.Array]:
-    """Copies experts of one layer to the device (asynchronous). Returns wi [n, D, F], wo [n, F, D]."""
+    """Copies experts of one layer to the device (asynchronous). Returns wi [n, F, D], wo [n, D, F]."""
     idx = np.asarray(experts, np.int32).reshape(-1)
     dev = SingleDeviceSharding(self.device)
     if self._rows is not None:  # one DMA per array, on a transfer stream
@@ -153,7 +158,7 @@ class HostExpertStore:
     Args:
       pairs: (layer, expert) per row, at most a handful (a commit's writes).
     Returns:
-      One (wi [1, D, F], wo [1, F, D]) per pair.
+      One (wi [1, F, D], wo [1, D, F]) per pair.
     """
     pairs = [(int(l), int(e)) for l, e in pairs]
     if not pairs:

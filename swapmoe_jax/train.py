@@ -245,7 +245,8 @@ def checkpoint_trees(cfg: SwitchConfig, model: SwitchTransformer) -> tuple[dict,
         b["cross"] = {k: np_(v) for k, v in blk["cross"].items()}
       if "moe" in blk:
         b["router"] = {"w": np_(blk["moe"]["router_w"])}
-        experts[(stack, int(i))] = {"wi": np_(blk["moe"]["wi"]), "wo": np_(blk["moe"]["wo"])}
+        # Slots are [out, in] (torch Linear's orientation); the checkpoint keeps [in, out].
+        experts[(stack, int(i))] = {k: np.swapaxes(np_(blk["moe"][k]), 1, 2) for k in ("wi", "wo")}
       else:
         b["mlp"] = {k: np_(v) for k, v in blk["mlp"].items()}
       blocks[str(i)] = b

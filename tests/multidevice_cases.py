@@ -187,7 +187,8 @@ def test_expert_parallel_ffn_moves_activations_not_experts(tokens):
   x = rng.standard_normal((tokens, d)).astype(np.float32)
   slot = rng.integers(0, K * 2, tokens).astype(np.int32)
   keep = rng.random(tokens) < 0.8
-  wi, wo = rng.standard_normal((K * 2, d, f)).astype(np.float32), rng.standard_normal((K * 2, f, d)).astype(np.float32)
+  # [out, in] per expert, the slots' orientation: wi [K, F, D], wo [K, D, F]
+  wi, wo = rng.standard_normal((K * 2, f, d)).astype(np.float32), rng.standard_normal((K * 2, d, f)).astype(np.float32)
   split = NamedSharding(mesh, PartitionSpec("expert"))
   host = NamedSharding(mesh, PartitionSpec("expert"), memory_kind="pinned_host")
   ffn, misses = sharding.expert_parallel(mesh)

@@ -18,7 +18,8 @@ def layer():
 @pytest.fixture
 def bank():
   rng = np.random.default_rng(0)
-  return rng.normal(size=(E, D, F)).astype(np.float32), rng.normal(size=(E, F, D)).astype(np.float32)
+  # The slots' orientation, torch Linear's [out, in]: wi [E, F, D], wo [E, D, F].
+  return rng.normal(size=(E, F, D)).astype(np.float32), rng.normal(size=(E, D, F)).astype(np.float32)
 
 
 def test_place_experts_fills_slots_in_order_and_the_index_map(layer, bank):
@@ -60,9 +61,9 @@ def test_place_experts_rejects_bad_experts(layer, bank, experts, message):
 
 def test_bad_shapes_and_indices_are_one_clear_error(layer, bank):
   wi, wo = bank
-  with pytest.raises(ValueError, match=r"wi must have shape \(5, 4, 6\), got \(4, 4, 6\)"):
+  with pytest.raises(ValueError, match=r"wi must have shape \(5, 6, 4\), got \(4, 6, 4\)"):
     layer.place_experts([0], wi[:4], wo)
-  with pytest.raises(ValueError, match=r"wo must have shape \(6, 4\), got \(4, 6\)"):
+  with pytest.raises(ValueError, match=r"wo must have shape \(4, 6\), got \(6, 4\)"):
     layer.put_expert(0, 0, wi[0], wi[0])
   with pytest.raises(ValueError, match=r"slot must be in \[0, 3\), got 3"):
     layer.put_expert(3, 0, wi[0], wo[0])

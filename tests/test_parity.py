@@ -217,13 +217,13 @@ def test_relative_position_buckets_match_hf():
 def test_gather_and_grouped_dispatch_agree(n):
   rng = np.random.default_rng(n)
   x = rng.standard_normal((n, 8)).astype(np.float32)
-  wi = rng.standard_normal((5, 8, 12)).astype(np.float32)
-  wo = rng.standard_normal((5, 12, 8)).astype(np.float32)
+  wi = rng.standard_normal((5, 12, 8)).astype(np.float32)  # [K, F, D]: torch Linear's [out, in]
+  wo = rng.standard_normal((5, 8, 12)).astype(np.float32)  # [K, D, F]
   slot = rng.integers(0, 5, n).astype(np.int32)
   act = layers.activation("relu")
   a = experts_lib.expert_ffn(x, slot, wi, wo, act, grouped=False)
   b = experts_lib.expert_ffn(x, slot, wi, wo, act, grouped=True)
-  ref = np.stack([np.maximum(x[j] @ wi[slot[j]], 0) @ wo[slot[j]] for j in range(n)])
+  ref = np.stack([np.maximum(wi[slot[j]] @ x[j], 0) @ wo[slot[j]].T for j in range(n)])
   assert _rel(a, ref) < 1e-5 and _rel(b, ref) < 1e-5
   # Dispatch with a mask and a per-slot capacity: a slot keeps its first `cap` kept tokens only.
   keep = rng.random(n) < 0.7

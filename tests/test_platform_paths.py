@@ -69,8 +69,8 @@ def test_host_store_falls_back_to_numpy_without_pinned_host(monkeypatch):
   for store in (pinned, plain):
     wi, wo = store.gather_to_device(0, [3, 1])
     assert wi.sharding.memory_kind == "device"
-    np.testing.assert_array_equal(np.asarray(wi), experts[0][0][[3, 1]])
-    np.testing.assert_array_equal(np.asarray(wo), experts[0][1][[3, 1]])
+    np.testing.assert_array_equal(np.asarray(wi), experts[0][0][[3, 1]].transpose(0, 2, 1))  # [out, in]
+    np.testing.assert_array_equal(np.asarray(wo), experts[0][1][[3, 1]].transpose(0, 2, 1))
 
 
 def test_pinned_store_stages_rows_until_banks_are_asked_for():
@@ -83,20 +83,20 @@ def test_pinned_store_stages_rows_until_banks_are_asked_for():
   store = store_lib.HostExpertStore.from_numpy(experts, np.ones((2, 6)), jnp.float32)
   assert store.layout == "rows" and store.expert_bytes == (15 + 15) * 4
   for layer, e in ((0, 5), (1, 2)):
-    wi, wo = store.expert(layer, e)
-    np.testing.assert_array_equal(wi, experts[layer][0][e])
-    np.testing.assert_array_equal(wo, experts[layer][1][e])
+    wi, wo = store.expert(layer, e)  # [out, in], torch Linear's orientation
+    np.testing.assert_array_equal(wi, experts[layer][0][e].T)
+    np.testing.assert_array_equal(wo, experts[layer][1][e].T)
   before = store_lib._gather._cache_size()
   staged = [store.gather_to_device(1, [e]) for e in range(6)]
   assert store.layout == "rows" and store_lib._gather._cache_size() == before, "rows are staged without a program"
   banks = store.banks()
   assert store.layout == "banks" and banks[1][0].sharding.memory_kind == "pinned_host"
-  np.testing.assert_array_equal(np.asarray(banks[1][0]), experts[1][0])
+  np.testing.assert_array_equal(np.asarray(banks[1][0]), experts[1][0].transpose(0, 2, 1))
   for e, (wi, wo) in enumerate(staged):
     again = store.gather_to_device(1, [e])
     np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(wi))
-    np.testing.assert_array_equal(np.asarray(again[1]), experts[1][1][e:e + 1])
-  np.testing.assert_array_equal(store.expert(0, 4)[1], experts[0][1][4])
+    np.testing.assert_array_equal(np.asarray(again[1]), experts[1][1][e:e + 1].transpose(0, 2, 1))
+  np.testing.assert_array_equal(store.expert(0, 4)[1], experts[0][1][4].T)
 
 
 @pytest.mark.parametrize("start", ["rows", "banks"])
@@ -111,12 +111,12 @@ def test_every_layout_stages_a_commit_in_one_call_with_the_same_bytes(start):
   if start == "banks":
     store.banks()
   pairs = [(2, 4), (0, 1), (2, 0)]
-  want = [(experts[l][0][e:e + 1], experts[l][1][e:e + 1]) for l, e in pairs]
+  want = [(experts[l][0][e:e + 1].transpose(0, 2, 1), experts[l][1][e:e + 1].transpose(0, 2, 1)) for l, e in pairs]
 
   def check(rows):
     assert len(rows) == len(pairs)
     for (wi, wo), (a, b) in zip(rows, want):
-      assert wi.sharding.memory_kind == "device" and wi.shape == (1, 3, 4) and wo.shape == (1, 4, 3)
+      assert wi.sharding.memory_kind == "device" and wi.shape == (1, 4, 3) and wo.shape == (1, 3, 4)
       np.testing.assert_array_equal(np.asarray(wi), a)
       np.testing.assert_array_equal(np.asarray(wo), b)
 
@@ -125,5 +125,5 @@ def test_every_layout_stages_a_commit_in_one_call_with_the_same_bytes(start):
   store.to_pageable()
   assert store.layout == "banks" and store.memory_kind is None and isinstance(store.wi[2], np.ndarray)
   check(store.stage_rows(pairs))
-  np.testing.assert_array_equal(store.expert(1, 3)[0], experts[1][0][3])
+  np.testing.assert_array_equal(store.expert(1, 3)[0], experts[1][0][3].T)
   assert store.stage_rows([]) == ()

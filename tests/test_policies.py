@@ -108,8 +108,8 @@ def test_masked_moe_equals_numpy_reference(gate_mode, seed, tokens):
   wi_all = rng.standard_normal((E, d, f)).astype(np.float32)
   wo_all = rng.standard_normal((E, f, d)).astype(np.float32)
   perm = rng.permutation(k)  # slot order is arbitrary
-  moe.wi[...] = wi_all[resident[perm]]
-  moe.wo[...] = wo_all[resident[perm]]
+  moe.wi[...] = wi_all[resident[perm]].transpose(0, 2, 1)  # slots are [out, in]
+  moe.wo[...] = wo_all[resident[perm]].transpose(0, 2, 1)
   slot_of = np.full(E, -1, np.int32)
   slot_of[resident[perm]] = np.arange(k)
   moe.slot_of[...] = slot_of
@@ -296,6 +296,8 @@ def test_every_staging_swaps_the_same_experts_and_tokens_without_recompiling(fol
   layouts = {s: (m.store.layout, m.store.memory_kind) for s, m in models.items()}
   assert layouts == {"transfer": ("rows", "pinned_host"), "gather": ("banks", "pinned_host"),
                      "pageable": ("banks", None)}
+  default = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", **SHAPE)
+  assert (default.store.layout, default.store.memory_kind) == layouts["pageable"], "the default is pageable"
   for s, model in models.items():
     model.generate(*_ids(1), max_new_tokens=16)
   before = _compiles()
