@@ -4,8 +4,8 @@
 
 An expert of switch-base-64's shape (wi [1, 768, 3072], bfloat16) is copied `--transfers` times by:
   pinned row       `jax.device_put` of one pinned-host array (staging="transfer", one array);
-  pinned pair      `jax.device_put` of the (wi, wo) pair (what a swap of staging="transfer" issues);
-  numpy            `jax.device_put` of a numpy array (platforms without pinned host memory);
+  pinned pair      `jax.device_put` of the (wi, wo) pair (what one swap of staging="transfer" copies);
+  numpy            `jax.device_put` of a numpy array (staging="pageable", the default);
   jitted gather    the store's `_gather` out of a stacked pinned bank (staging="gather", exact policies).
 RSS is read after handing free heap back to the OS (glibc `malloc_trim`), at each quarter of the run,
 relative to the start (after 200 warm-up transfers). A figure that keeps growing with the count is
