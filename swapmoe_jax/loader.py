@@ -300,12 +300,13 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # Exact routing reads misses from stacked host banks, and staging="gather" stages from them; building
   # them changes how the store stages experts, so it comes before the executor compiles its programs.
   check_staging(staging)
+  swaps = policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0
   if exact or staging == "gather":
     store.banks()
-  elif staging == "pageable" and mesh is None:
+  elif staging == "pageable" and mesh is None and swaps:  # nothing to stage otherwise
     store.to_pageable()
   executor = None
-  if policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0:
+  if swaps:
     if mesh is None:
       executor = SwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step)
     else:
