@@ -6,7 +6,7 @@ An expert of switch-base-64's shape (wi [1, 768, 3072], bfloat16) is copied `--t
   pinned row       `jax.device_put` of one pinned-host array (staging="transfer", one array);
   pinned pair      `jax.device_put` of the (wi, wo) pair (what one swap of staging="transfer" copies);
   numpy            `jax.device_put` of a numpy array (staging="pageable", the default);
-  jitted gather    the store's `_gather` out of a stacked pinned bank (staging="gather", exact policies).
+  jitted gather    the store's `_gather_rows` out of a stacked pinned bank (staging="gather", exact policies).
 RSS is read after handing free heap back to the OS (glibc `malloc_trim`), at each quarter of the run,
 relative to the start (after 200 warm-up transfers). A figure that keeps growing with the count is
 memory the runtime keeps per transfer; one that steps once and stays is a pool filling.
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
   from jax.sharding import SingleDeviceSharding
 
   from soak import rss_bytes
-  from swapmoe_jax.store import _gather, host_memory_kind
+  from swapmoe_jax.store import _gather_rows, host_memory_kind
 
   mib = 2**20
   dev = jax.devices()[0]
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
       "pinned row": lambda i: jax.device_put(rows[i % 8], on_dev),
       "pinned pair": lambda i: jax.device_put((rows[i % 8], rows[(i + 1) % 8]), on_dev),
       "numpy": lambda i: jax.device_put(experts[i % 8:i % 8 + 1], on_dev),
-      "jitted gather": lambda i: _gather(bank, bank, jax.device_put(np.array([i % 8], np.int32), on_dev)),
+      "jitted gather": lambda i: _gather_rows((bank,), (bank,), jax.device_put(np.array([i % 8], np.int32), on_dev)),
   }
   print(f"{dev.device_kind}, jax {jax.__version__}, {args.transfers} transfers per case", flush=True)
   print(f"{'case':<15}{'RSS growth MiB at each quarter':>34}{'KiB/transfer':>14}{'s':>6}")

@@ -139,17 +139,12 @@ class HostExpertStore:
     return tuple(zip(*self._banks()))
 
   def gather_to_device(self, layer: int, experts) -> tuple[jax.Array, jax.Array]:
-    """Copies experts of one layer to the device (asynchronous). Returns wi [n, F, D], wo [n, D, F]."""
-    idx = np.asarray(experts, np.int32).reshape(-1)
-    dev = SingleDeviceSharding(self.device)
-    if self._rows is not None:  # one DMA per array, on a transfer stream
-      pairs = jax.device_put([self._rows[layer][int(e)] for e in idx], dev)
-      if len(pairs) == 1:
-        return pairs[0]
-      return tuple(jnp.concatenate(x) for x in zip(*pairs))
-    if self.memory_kind is None:  # numpy host arrays: gather on the host, one transfer
-      return jax.device_put(self._wi[layer][idx], dev), jax.device_put(self._wo[layer][idx], dev)
-    return _gather(self._wi[layer], self._wo[layer], jax.device_put(idx, dev))
+    """Copies experts of one layer to the device (asynchronous, `stage_rows`). Returns wi [n, F, D],
+    wo [n, D, F]."""
+    rows = self.stage_rows([(layer, e) for e in np.asarray(experts).reshape(-1)])
+    if len(rows) == 1:
+      return rows[0]
+    return tuple(jnp.concatenate(x) for x in zip(*rows))
 
   def stage_rows(self, pairs) -> tuple:
     """Copies experts of any layers to the device in one batched operation (asynchronous): one
@@ -173,21 +168,11 @@ class HostExpertStore:
     return tuple(zip(wi, wo))
 
 
-def _to_device(row):
-  return jax.device_put(row, jax.memory.Space.Device)
-
-
-@jax.jit
-def _gather(wi, wo, idx):
-  take = lambda bank: jnp.stack(  # noqa: E731
-      [_to_device(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=False)) for j in range(idx.shape[0])])
-  return take(wi), take(wo)
-
-
 @jax.jit
 def _gather_rows(wi_banks, wo_banks, idx):
   """Row j of the result is expert idx[j] of wi_banks[j] / wo_banks[j] (host banks, one per row: a
-  bank can repeat). One program per row count, whichever the layers."""
+  bank can repeat), copied to device memory. One program per row count, whichever the layers."""
   take = lambda banks: tuple(  # noqa: E731
-      _to_device(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=True)) for j, bank in enumerate(banks))
+      jax.device_put(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=True), jax.memory.Space.Device)
+      for j, bank in enumerate(banks))
   return take(wi_banks), take(wo_banks)

@@ -86,9 +86,9 @@ def test_pinned_store_stages_rows_until_banks_are_asked_for():
     wi, wo = store.expert(layer, e)  # [out, in], torch Linear's orientation
     np.testing.assert_array_equal(wi, experts[layer][0][e].T)
     np.testing.assert_array_equal(wo, experts[layer][1][e].T)
-  before = store_lib._gather._cache_size()
+  before = store_lib._gather_rows._cache_size()
   staged = [store.gather_to_device(1, [e]) for e in range(6)]
-  assert store.layout == "rows" and store_lib._gather._cache_size() == before, "rows are staged without a program"
+  assert store.layout == "rows" and store_lib._gather_rows._cache_size() == before, "rows are staged without a program"
   banks = store.banks()
   assert store.layout == "banks" and banks[1][0].sharding.memory_kind == "pinned_host"
   np.testing.assert_array_equal(np.asarray(banks[1][0]), experts[1][0].transpose(0, 2, 1))
