@@ -35,61 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def random_model_parts(cfg, dtype, seed=0, pool=4, init="hf"):
-  """A dense tree in the checkpoint layout and per-layer experts, random with the standard deviations
-  Hugging Face initializes a Switch model with (`SwitchTransformersPreTrainedModel._init_weights`). A
-  layer's E experts repeat a pool of `pool` random ones (pool=1: read-only broadcast views, no host
-  memory), to keep host set-up fast and small; routing uses the random routers.
-
-  init="flat" draws every projection with std 0.05 instead (what the benchmarks used before): attention
-  logits then have a std near 15, softmax is a near-hard argmax, and outputs become sensitive to
-  rounding. The scales matter for parity checks (`exact_parity.py`), not for speed."""
-  import ml_dtypes  # noqa: F401  (numpy bfloat16)
-
-  rng = np.random.default_rng(seed)
-  npdt = np.dtype(dtype)
-
-  def r(*shape, std=0.05):
-    return (rng.standard_normal(shape, np.float32) * std).astype(npdt)
-
-  def w(std):  # a projection's std under `init`
-    return std if init == "hf" else 0.05
-
-  d, hc, f = cfg.d_model, cfg.inner_dim, cfg.d_ff
-  kv = hc // cfg.num_heads
-  attn = lambda: {"q": r(d, hc, std=w((d * kv) ** -0.5)), "k": r(d, hc, std=w(d**-0.5)),  # noqa: E731
-                  "v": r(d, hc, std=w(d**-0.5)), "o": r(hc, d, std=w(hc**-0.5))}
-  dense = {}
-  if cfg.tie_word_embeddings:
-    dense["shared"] = r(cfg.vocab_size, d, std=1.0)
-  experts, norms = [], []
-  for stack, n, sparse in (("encoder", cfg.num_layers, cfg.encoder_sparse_layers),
-                           ("decoder", cfg.num_decoder_layers, cfg.decoder_sparse_layers)):
-    blocks = {}
-    for i in range(n):
-      b = {"attn_norm": np.ones(d, npdt), "attn": attn(),
-           "ffn_norm": np.ones(d, npdt)}
-      if stack == "decoder":
-        b["cross_norm"] = np.ones(d, npdt)
-        b["cross"] = attn()
-      if i in sparse:
-        b["router"] = {"w": r(d, cfg.num_experts, std=1.0)}
-        base_wi, base_wo = r(pool, d, f, std=w(d**-0.5)), r(pool, f, d, std=w(d**-0.5))
-        if pool == 1:
-          experts.append(tuple(np.broadcast_to(x, (cfg.num_experts,) + x.shape[1:]) for x in (base_wi, base_wo)))
-        else:
-          idx = np.arange(cfg.num_experts) % pool
-          experts.append((base_wi[idx], base_wo[idx]))
-        norms.append(rng.uniform(1.0, 2.0, cfg.num_experts).astype(np.float32))
-      else:
-        b["mlp"] = {"wi": r(d, f, std=w(d**-0.5)), "wo": r(f, d, std=w(f**-0.5))}
-      blocks[str(i)] = b
-    bias_std = d**-0.5 if init == "hf" else 1.0
-    dense[stack] = {"rel_bias": r(cfg.relative_attention_num_buckets, cfg.num_heads, std=bias_std),
-                    "final_norm": np.ones(d, npdt), "blocks": blocks}
-  return dense, experts, np.stack(norms)
-
-
 def _timed_generates(model, prompt, args) -> dict:
   """Per-token figures of `--repeats` requests: ms/token with the host running ahead (a request of 1
   token subtracted from one of `--new-tokens`, which removes the prefill), and the per-token time of
@@ -123,7 +68,7 @@ def _stage_bandwidth(model, n=None, repeats=8) -> float | None:
   ex = model.residency.executor if model.residency is not None else None
   if ex is None:
     return None
-  from swapmoe_jax.swap import SlotWrite
+  from swapmoe_jax.serving.swap import SlotWrite
 
   n = ex.max_writes if n is None else n
   pairs = [(l % ex.store.num_layers, (3 * l) % ex.store.num_experts) for l in range(n)]
@@ -146,17 +91,14 @@ def run_one(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  import random_model
   from shapes import SHAPES
-  from swapmoe_jax import budget as budget_lib
-  from swapmoe_jax import decode, loader
-  from swapmoe_jax import planner as planner_lib
-  from swapmoe_jax import sharding
-  from swapmoe_jax.store import HostExpertStore
+  from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.serving import loader, sharding
 
   policy, budget, staging = (args.run.split(":") + [loader.DEFAULT_STAGING])[:3]
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # never stop early
-  jdtype = loader.DTYPES[args.dtype]
-  dbytes = jnp.dtype(jdtype).itemsize
+  dbytes = jnp.dtype(loader.DTYPES[args.dtype]).itemsize
   common = {"shape": args.shape, "dtype": args.dtype, "policy": policy, "budget": budget, "batch": args.batch,
             "src_len": args.src_len, "new_tokens": args.new_tokens}
   if policy == "transfer":
@@ -175,32 +117,21 @@ def run_one(args) -> dict:
   mesh = None if args.devices is None else sharding.expert_mesh(args.devices)
   devices = [jax.devices()[0]] if mesh is None else sharding.mesh_devices(mesh)
   t0 = time.perf_counter()
-  dense, experts, norms = random_model_parts(cfg, args.dtype, pool=1)
-  if mesh is None:
-    store = HostExpertStore.from_numpy(experts, norms, jdtype)
-  else:
-    store = sharding.ShardedExpertStore.from_numpy(experts, norms, jdtype, mesh)
-  del experts
-  shape = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
-  budget_bytes = None if budget == "none" else budget_lib.parse_budget(budget).resolve(full_bytes)
-  if policy == "full":
-    plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=len(devices))
-  else:
-    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, update_every=args.update_every,
-                                    max_swaps_per_step=args.max_swaps, devices=len(devices))
   dev = devices[0]
 
   def mem(key):  # the largest figure over the devices (None where the platform has no memory stats)
     figures = [(d.memory_stats() or {}).get(key) for d in devices]
     return None if None in figures else max(figures)
 
-  model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype, mesh=mesh,
-                          steps_per_call=args.steps_per_call, staging=staging)
+  built = random_model.build(cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len,
+                             new_tokens=args.new_tokens, update_every=args.update_every, max_swaps=args.max_swaps,
+                             pool=1, mesh=mesh, steps_per_call=args.steps_per_call, staging=staging)
+  model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
   rng = np.random.default_rng(1)
-  prompt = lambda: rng.integers(2, cfg.vocab_size, (args.batch, args.src_len))  # noqa: E731
+  prompt = lambda: random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]  # noqa: E731
   model.generate(prompt(), max_new_tokens=args.new_tokens)  # warm-up: compilation
   model.generate(prompt(), max_new_tokens=1)
   ex = model.residency.executor if model.residency is not None else None
@@ -327,7 +258,7 @@ def main(argv=None):
                       "peers (hf:none, accelerate:33%%), transfer:none")
   add_request_arguments(p, several=True)
   p.add_argument("--devices", type=int, help="split the experts over the first N devices (expert parallelism, "
-                                             "swapmoe_jax/sharding.py); budgets are then per device")
+                                             "swapmoe_jax/serving/sharding.py); budgets are then per device")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time, one per GPU")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process

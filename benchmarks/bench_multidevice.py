@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def per_device_budget(cfg, dtype: str, expert_share: float, batch: int, src_len: int, new_tokens: int,
                       max_swaps: int) -> int:
   """Bytes that hold dense weights, caches, staging and workspace, plus `expert_share` of all experts."""
-  from swapmoe_jax import budget as budget_lib
-  from swapmoe_jax import decode
+  from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.serving import decode
 
   rest = budget_lib.memory_breakdown(cfg, dtype, [0] * cfg.num_moe_layers, batch, src_len,
                                      decode.cache_length(new_tokens), max_swaps).total
@@ -74,7 +74,7 @@ def main(argv=None):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={max(args.devices, 1)}").strip()
   from shapes import SHAPES
-  from swapmoe_jax import budget as budget_lib
+  from swapmoe_jax.serving import budget as budget_lib
 
   cfg = SHAPES[args.shape]
   if args.budget:

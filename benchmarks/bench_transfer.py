@@ -46,7 +46,7 @@ def measure(expert_shape=(768, 3072), dtype="bfloat16", num_experts=16, slots=16
   import jax.numpy as jnp
   from jax.sharding import SingleDeviceSharding
 
-  from swapmoe_jax.store import host_memory_kind
+  from swapmoe_jax.serving.store import host_memory_kind
 
   device = device or jax.devices()[0]
   kind = host_memory_kind(device)
@@ -101,7 +101,7 @@ def measure(expert_shape=(768, 3072), dtype="bfloat16", num_experts=16, slots=16
     out[f"hidden_share_{name}"] = float(np.clip(1.0 - extra / out[alone], 0.0, 1.0))
 
   # Batched staging: what `HostExpertStore.stage_rows` does for a commit's writes.
-  from swapmoe_jax.store import _gather_rows
+  from swapmoe_jax.serving.store import _gather_rows
 
   for n in sorted({2, copies}):
     dp = _median_s(lambda: jax.device_put(experts[:n], dev), repeats)

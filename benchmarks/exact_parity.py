@@ -42,31 +42,19 @@ def main(argv=None) -> int:
   p.add_argument("--pool", type=int, default=16, help="distinct random experts per layer (default 16)")
   args = p.parse_args(argv)
 
-  import jax.numpy as jnp
 
-  from bench_decode import random_model_parts
+  import random_model
   from shapes import SHAPES
-  from swapmoe_jax import budget as budget_lib
-  from swapmoe_jax import decode, loader
-  from swapmoe_jax import planner as planner_lib
-  from swapmoe_jax.store import HostExpertStore
 
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))
   for dtype in args.dtype:
-    jdt = loader.DTYPES[dtype]
     pool = min(args.pool, cfg.num_experts)
-    dense, experts, norms = random_model_parts(cfg, dtype, pool=pool, init=args.init)
-    shape = dict(batch=1, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
-    dbytes = jnp.dtype(jdt).itemsize
-    models = {}
-    for policy in ("full", args.policy):
-      store = HostExpertStore.from_numpy(experts, norms, jdt)
-      if policy == "full":  # batch 2: the noise floor runs the request twice in one batch
-        plan = planner_lib.plan_full(cfg, None, dbytes, **dict(shape, batch=2))
-      else:
-        budget = budget_lib.parse_budget(args.budget).resolve(budget_lib.full_model_bytes(cfg, dbytes))
-        plan = planner_lib.plan_uniform(cfg, budget, dbytes, **shape)
-      models[policy] = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdt)
+    parts = random_model.random_model_parts(cfg, dtype, pool=pool, init=args.init)
+    request = dict(src_len=args.src_len, new_tokens=args.new_tokens)
+    # batch 2 for full: the noise floor runs the request twice in one batch
+    models = {policy: random_model.build(cfg, dtype, policy, None if policy == "full" else args.budget, parts=parts,
+                                         batch=2 if policy == "full" else 1, **request).model
+              for policy in ("full", args.policy)}
     full, exact = models["full"], models[args.policy]
     rng = np.random.default_rng(0)
     diffs, spreads, flips, agree, floor, floor_flips, margins = [], [], [], [], [], [], []

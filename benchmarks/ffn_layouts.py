@@ -4,9 +4,9 @@
 
 A jitted call of 16 decode steps (a `lax.scan`, as `generate` runs them) over six MoE layers of
 switch-base's expert shape (D 768, F 3072, bfloat16), each step reading one expert per token through
-`experts._rows`, for 1 and 8 tokens, with the slot buffers stored
+`moe.experts._rows`, for 1 and 8 tokens, with the slot buffers stored
   in-out   wi [K, D, F], wo [K, F, D] (the orientation this project used before), or
-  out-in   wi [K, F, D], wo [K, D, F] (torch Linear's, what `experts.py` uses now).
+  out-in   wi [K, F, D], wo [K, D, F] (torch Linear's, what `moe/experts.py` uses now).
 Prints XLA's temporary bytes for the compiled call (what a budget must hold besides the weights),
 the median time per step of 20 synchronised calls, and the largest difference of the outputs from
 the in-out result (the same function, so bf16 rounding only).
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
 
-  from swapmoe_jax.experts import _rows
+  from swapmoe_jax.moe.experts import _rows
 
   def in_out(x, s, wi, wo):
     return jnp.einsum("nf,nfd->nd", jax.nn.relu(jnp.einsum("nd,ndf->nf", x, _rows(wi, s))), _rows(wo, s))

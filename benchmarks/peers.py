@@ -56,7 +56,7 @@ def run_peer(peer: str, budget: str, cfg, dtype: str, batch: int, src_len: int, 
   import torch
   import transformers
 
-  from swapmoe_jax import budget as budget_lib
+  from swapmoe_jax.serving import budget as budget_lib
 
   if peer not in PEERS:
     raise ValueError(f"unknown peer {peer!r}; choose one of {', '.join(PEERS)}")

@@ -37,12 +37,9 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
 
-  from bench_decode import random_model_parts
+  import random_model
   from shapes import SHAPES
-  from swapmoe_jax import budget as budget_lib
-  from swapmoe_jax import decode, loader
-  from swapmoe_jax import planner as planner_lib
-  from swapmoe_jax.store import HostExpertStore
+  from swapmoe_jax.serving import decode
 
   dev = jax.devices()[0]
   gib = 2**30
@@ -53,21 +50,12 @@ def main(argv=None):
           flush=True)
 
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))
-  jdtype = loader.DTYPES[args.dtype]
-  dbytes = jnp.dtype(jdtype).itemsize
   mem("start")
-  dense, experts, norms = random_model_parts(cfg, args.dtype)
-  store = HostExpertStore.from_numpy(experts, norms, jdtype)
-  del experts
-  mem(f"host store ({store.memory_kind})")
-  shape = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
-  full = budget_lib.full_model_bytes(cfg, dbytes)
-  if args.policy == "full":
-    plan = planner_lib.plan_full(cfg, None, dbytes, **shape)
-  else:
-    plan = planner_lib.plan_uniform(cfg, budget_lib.parse_budget(args.budget).resolve(full), dbytes, **shape)
+  built = random_model.build(cfg, args.dtype, args.policy, None if args.policy == "full" else args.budget,
+                             batch=args.batch, src_len=args.src_len, new_tokens=args.new_tokens)
+  model, plan = built.model, built.plan
+  mem(f"model built, host store ({built.store.memory_kind})")
   print("plan:", plan.breakdown, plan.slots_per_layer[:4], flush=True)
-  model = loader.assemble(cfg, dense, store, plan, policy=args.policy, gate_mode="original", dtype=jdtype)
   jax.block_until_ready(model._slots.leaves)
   mem("model built")
   by_shape = collections.Counter()
@@ -101,7 +89,7 @@ def main(argv=None):
   pos = put(jnp.zeros((), jnp.int32))
   acc = put(decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts))
   key = put(jax.random.key(0))
-  from swapmoe_jax.sampling import Sampling
+  from swapmoe_jax.serving.sampling import Sampling
 
   memory_analysis("decode (16 steps)", decode.decode_steps.lower(
       model._graphdef, model._params, model._slots, tokens, done, cache, pos, key, model._banks, acc, Sampling(),
@@ -140,7 +128,7 @@ def main(argv=None):
     time_calls(f"decode_steps x{chunk}", steps, max(1, (args.new_tokens - 2) // chunk), chunk)
   ex = model.residency.executor if model.residency is not None else None
   if ex is not None:  # the two halves of a swap, each synchronised
-    from swapmoe_jax.swap import SlotWrite
+    from swapmoe_jax.serving.swap import SlotWrite
 
     ctrl = model.residency.controller
     st, cm = [], []

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
   from jax.sharding import SingleDeviceSharding
 
   from soak import rss_bytes
-  from swapmoe_jax.store import _gather_rows, host_memory_kind
+  from swapmoe_jax.serving.store import _gather_rows, host_memory_kind
 
   mib = 2**20
   dev = jax.devices()[0]

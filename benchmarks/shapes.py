@@ -4,7 +4,7 @@ Speed and memory do not depend on the weight values, so the benchmarks build the
 weights instead of downloading checkpoints.
 """
 
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
 
 _BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12,
              num_decoder_layers=12, encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64)

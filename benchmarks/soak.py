@@ -105,8 +105,8 @@ class Models:
 
 
 def _budget_bytes(args, cfg, dbytes) -> int:
-  from swapmoe_jax import budget as budget_lib
-  from swapmoe_jax import decode
+  from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.serving import decode
 
   if args.budget:
     return budget_lib.parse_budget(args.budget).resolve(budget_lib.full_model_bytes(cfg, dbytes))
@@ -121,9 +121,8 @@ def build_models(args, policy) -> Models:
   import jax.numpy as jnp
 
   from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax import decode, loader
-  from swapmoe_jax import planner as planner_lib
-  from swapmoe_jax.residency import EXACT_POLICIES
+  from swapmoe_jax.serving import decode, loader
+  from swapmoe_jax.serving.residency import EXACT_POLICIES
 
   exact = policy in EXACT_POLICIES
   shape = dict(max_batch_size=args.batch, max_source_len=args.src_len, max_new_tokens=args.new_tokens)
@@ -141,27 +140,22 @@ def build_models(args, policy) -> Models:
 
     full = swapmoe_jax.load(folder, dtype=dtype, **shape) if exact else None
     return Models(make(), make(), full, ckpt.restore_dense(meta), budget, folder)
-  from bench_decode import random_model_parts
+  import random_model
   from shapes import SHAPES
-  from swapmoe_jax.store import HostExpertStore
 
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # random weights: never stop early
   dtype = args.dtype or "bfloat16"
-  jdtype = loader.DTYPES[dtype]
-  dbytes = jnp.dtype(jdtype).itemsize
-  dense, experts, norms = random_model_parts(cfg, dtype)
-  store = HostExpertStore.from_numpy(experts, norms, jdtype)
-  budget = _budget_bytes(args, cfg, dbytes)
-  dims = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
-  plan = planner_lib.plan_uniform(cfg, budget, dbytes, **dims, **cadence)
-  limits = dict(batch=args.batch, src_len=args.src_len, tgt_len=dims["tgt_len"])
+  budget = _budget_bytes(args, cfg, jnp.dtype(loader.DTYPES[dtype]).itemsize)
+  request = dict(batch=args.batch, src_len=args.src_len, new_tokens=args.new_tokens)
+  limits = dict(batch=args.batch, src_len=args.src_len, tgt_len=decode.cache_length(args.new_tokens))
+  parts = random_model.random_model_parts(cfg, dtype)
 
-  def make(p=plan, pol=policy):
-    return loader.assemble(cfg, dense, store, p, policy=pol, gate_mode="original", dtype=jdtype, limits=limits,
-                           staging=args.staging)
+  def make(pol=policy, b=budget):
+    return random_model.build(cfg, dtype, pol, b, **request, update_every=args.update_every, max_swaps=args.max_swaps,
+                              parts=parts, limits=limits, staging=args.staging).model
 
-  full = make(planner_lib.plan_full(cfg, None, dbytes, **dims), "full") if exact else None
-  return Models(make(), make(), full, dense, budget, f"{args.shape} (random weights, {dtype})")
+  full = make("full", None) if exact else None
+  return Models(make(), make(), full, parts[0], budget, f"{args.shape} (random weights, {dtype})")
 
 
 # --- checks ------------------------------------------------------------------------------------------
@@ -171,7 +165,7 @@ class FreshBuild:
   """Teacher-forced logits of a model built fresh with a given resident set, against the soaked one's."""
 
   def __init__(self, models: Models, rng):
-    from swapmoe_jax.residency import EXACT_POLICIES
+    from swapmoe_jax.serving.residency import EXACT_POLICIES
 
     m = models.model
     self.m, self.dense = m, models.dense
@@ -184,7 +178,7 @@ class FreshBuild:
     self.graphdef = None  # the first fresh build's, reused: the same program every time
 
   def __call__(self) -> bool:
-    from swapmoe_jax import decode, loader
+    from swapmoe_jax.serving import decode, loader
 
     m = self.m
     resident = [np.asarray(s) for s in m.residency.controller.state.slot_expert]
@@ -222,6 +216,7 @@ def slots_agree(m) -> bool:
 
 def run_one(args, policy) -> dict:
   import jax
+  import random_model
 
   jax.monitoring.register_event_duration_secs_listener(_count_compiles)
   t0 = time.perf_counter()
@@ -242,10 +237,7 @@ def run_one(args, policy) -> dict:
   t_start = time.perf_counter()
   with open(out_path, "w") as f:
     while True:
-      ids = rng.integers(2, cfg.vocab_size, (args.batch, args.src_len)).astype(np.int32)
-      lengths = rng.integers(max(1, args.src_len // 4), args.src_len + 1, args.batch)
-      mask = np.arange(args.src_len)[None, :] < lengths[:, None]
-      ids = np.where(mask, ids, cfg.pad_token_id)
+      ids, mask = random_model.random_prompts(rng, cfg, args.batch, args.src_len, ragged=True)
       sampling = dict(temperature=0.8, top_k=20, seed=requests) if requests % 2 else {}
       out = m.generate(ids, mask, max_new_tokens=args.new_tokens, **sampling)
       if args.twin:

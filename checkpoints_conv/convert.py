@@ -23,7 +23,7 @@ from checkpoints_conv import rules
 from checkpoints_conv.errors import ConversionError
 from checkpoints_conv.sources import WeightReader, resolve_source
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax.config import ConfigError, SwitchConfig, read_json_object
+from swapmoe_jax.models.switch.config import ConfigError, SwitchConfig, read_json_object
 
 
 def convert(hf_source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",

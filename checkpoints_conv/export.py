@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from checkpoints_conv import rules
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
 
 
 def _get(tree: dict, path: str):

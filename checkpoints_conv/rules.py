@@ -20,7 +20,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable
 
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
 
 Binding = dict[str, str]
 

@@ -24,16 +24,15 @@ if (_gpu_plugin_installed() and "xla_gpu_autotune_level" not in _os.environ.get(
     and not _os.environ.get("SWAPMOE_KEEP_XLA_AUTOTUNE")):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 
-from swapmoe_jax.config import ConfigError, SwitchConfig
-from swapmoe_jax.demo import default_checkpoint
-from swapmoe_jax.engine import InputError, SwitchModel
-from swapmoe_jax.loader import build_model, load
-from swapmoe_jax.model import SwitchTransformer
+from swapmoe_jax.builtin.demo import default_checkpoint
+from swapmoe_jax.models.switch import ConfigError, SwitchConfig, SwitchTransformer
 from swapmoe_jax.moe import ExpertSlots, SlotIndex, VirtualExpertMoE
-from swapmoe_jax.sampling import Sampling
+from swapmoe_jax.serving.engine import InputError, SwitchModel
+from swapmoe_jax.serving.loader import build_model, experts_budget, load
+from swapmoe_jax.serving.sampling import Sampling
 
 __all__ = [
     "ConfigError", "InputError", "Sampling", "SlotIndex", "ExpertSlots", "SwitchConfig", "SwitchModel",
-    "SwitchTransformer", "VirtualExpertMoE", "build_model", "default_checkpoint", "load",
+    "SwitchTransformer", "VirtualExpertMoE", "build_model", "default_checkpoint", "experts_budget", "load",
 ]
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from swapmoe_jax.config import ConfigError, SwitchConfig, read_json_object
+from swapmoe_jax.models.switch.config import ConfigError, SwitchConfig, read_json_object
 
 FORMAT_VERSION = 1
 METADATA_FILE = "swapmoe.json"

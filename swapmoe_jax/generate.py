@@ -6,7 +6,7 @@
 `--model` takes a converted checkpoint folder, a Hugging Face folder (config.json + weights) or a hub id;
 the latter two are converted once into `<cache root>/models/<name>` (cache root: $SWAPMOE_CACHE or
 `~/.cache/swapmoe_jax`). Without `--model`, the built-in model runs: a small Switch Transformer trained by
-this project on synthetic tasks (`swapmoe_jax.tasks`; `sort: 5 2 9`, `add: 37 + 45`, ...).
+this project on synthetic tasks (`swapmoe_jax.builtin.tasks`; `sort: 5 2 9`, `add: 37 + 45`, ...).
 
 Tokens are printed to stdout as they come; one statistics line goes to stderr (or everything into one
 JSON object on stdout with --json). Exit status 0 on success, 2 on bad input (one `error: ...` line on
@@ -40,15 +40,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-  from swapmoe_jax.loader import POLICIES
+  from swapmoe_jax.serving.loader import POLICIES
 
   p = _Parser(prog="python -m swapmoe_jax.generate",
               description="Generate text with a Switch Transformer under a memory budget (SwapMoE).")
   p.add_argument("--model", metavar="FOLDER|HUB_ID",
                  help="converted checkpoint folder, Hugging Face folder or hub id (converted once into the "
-                      "cache); default: the built-in model (trained on synthetic tasks, see swapmoe_jax.tasks)")
-  p.add_argument("--budget", help="accelerator memory for the model: '4GiB', '512MiB', '33%%' (of the full "
-                                  "model's weights) or bytes; default: no budget")
+                      "cache); default: the built-in model (trained on synthetic tasks, see swapmoe_jax.builtin.tasks)")
+  size = p.add_mutually_exclusive_group()
+  size.add_argument("--budget", help="accelerator memory for the model: '4GiB', '512MiB', '33%%' (of the full "
+                                     "model's weights), bytes, or '5/16' (resident experts per MoE layer, of "
+                                     "16); default: no budget")
+  size.add_argument("--experts", type=int, metavar="K",
+                    help="the budget that holds K resident experts in every MoE layer (the same as "
+                         "--budget K/E)")
   p.add_argument("--policy", choices=POLICIES,
                  help="expert residency policy; default 'full' without --budget, 'swapmoe' with one")
   p.add_argument("--planner", choices=("uniform", "calibrated"), default="uniform",
@@ -91,8 +96,10 @@ def _check_args(args) -> None:
     raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
   if not 0 < args.top_p <= 1:
     raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-  if args.policy not in (None, "full") and args.budget is None:
-    raise UsageError(f"--policy {args.policy} needs a --budget (e.g. --budget 33%)")
+  if args.experts is not None and args.experts < 1:
+    raise UsageError(f"--experts must be >= 1, got {args.experts}")
+  if args.policy not in (None, "full") and args.budget is None and args.experts is None:
+    raise UsageError(f"--policy {args.policy} needs a --budget or --experts (e.g. --experts 5)")
 
 
 def _read_prompts(args) -> list[str]:
@@ -141,7 +148,7 @@ def cache_name(source: str) -> str:
 def resolve_model(model: str | None, *, quiet: bool = False) -> str:
   """The converted checkpoint folder for --model, converting (once, into the cache) when needed."""
   from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax import demo
+  from swapmoe_jax.builtin import demo
 
   if model is None:
     if not quiet:
@@ -299,7 +306,7 @@ def _stats(model, *, tokens: int, seconds: float, prefill_s: float | None, decod
 
 
 def _stats_line(s: dict) -> str:
-  from swapmoe_jax.budget import format_bytes
+  from swapmoe_jax.serving.budget import format_bytes
 
   tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}"
   prefill = "n/a" if s["prefill_s"] is None else f"{1e3 * s['prefill_s']:.0f} ms"
@@ -324,9 +331,9 @@ def _progress(args) -> bool:
 
 
 def _run(args) -> int:
-  from swapmoe_jax import budget as budget_lib
   from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax import loader
+  from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.serving import loader
 
   _check_args(args)
   prompts = _read_prompts(args)
@@ -345,7 +352,9 @@ def _run(args) -> int:
   if args.planner == "calibrated":
     import numpy as np
     calibration = [np.asarray(ids, np.int32) for ids in encoded]
-  model = loader.load(folder, budget=args.budget, policy=args.policy, planner=args.planner,
+  if args.experts is not None and args.experts > cfg.num_experts:
+    raise UsageError(f"--experts {args.experts}: this model has {cfg.num_experts} experts per MoE layer")
+  model = loader.load(folder, budget=args.budget, experts=args.experts, policy=args.policy, planner=args.planner,
                       gate_mode=args.gate, dtype=args.dtype, max_batch_size=args.batch_size,
                       max_source_len=args.max_source_len, max_new_tokens=args.max_new_tokens,
                       calibration_inputs=calibration, progress=_progress(args), staging=args.staging)
@@ -399,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     The exit status: 0 on success, 2 on bad input (one `error: ...` line on stderr), 130 if interrupted.
   """
   from checkpoints_conv.errors import ConversionError
-  from swapmoe_jax.demo import DemoUnavailableError
+  from swapmoe_jax.builtin.demo import DemoUnavailableError
 
   try:
     args = _parser().parse_args(argv)

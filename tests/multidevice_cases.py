@@ -15,9 +15,10 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 import swapmoe_jax
-from swapmoe_jax import budget as budget_lib
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax import decode, loader, sharding
+from swapmoe_jax.moe import parallel
+from swapmoe_jax.serving import budget as budget_lib
+from swapmoe_jax.serving import decode, loader, sharding
 
 E, K = 32, 8  # experts per layer; slots per layer under the budgets below (one per device on 8)
 SHAPE = dict(max_batch_size=2, max_source_len=16, max_new_tokens=16)
@@ -179,9 +180,9 @@ def test_expert_parallel_ffn_moves_activations_not_experts(tokens):
   never gathers slot buffers or host banks (GSPMD alone all-gathered the whole buffer for decode)."""
   from jax.sharding import NamedSharding
 
-  from swapmoe_jax import experts as experts_lib
+  from swapmoe_jax.moe import experts as experts_lib
 
-  mesh = sharding.expert_mesh(8)
+  mesh = parallel.expert_mesh(8)
   rng = np.random.default_rng(tokens)
   d, f = 8, 12
   x = rng.standard_normal((tokens, d)).astype(np.float32)
@@ -191,7 +192,7 @@ def test_expert_parallel_ffn_moves_activations_not_experts(tokens):
   wi, wo = rng.standard_normal((K * 2, f, d)).astype(np.float32), rng.standard_normal((K * 2, d, f)).astype(np.float32)
   split = NamedSharding(mesh, PartitionSpec("expert"))
   host = NamedSharding(mesh, PartitionSpec("expert"), memory_kind="pinned_host")
-  ffn, misses = sharding.expert_parallel(mesh)
+  ffn, misses = parallel.expert_parallel(mesh)
   run = jax.jit(lambda x, s, k, wi, wo, bi, bo: (ffn(x, s, wi, wo, jax.nn.relu, keep=k, capacity=tokens),
                                                  misses(x, s, k, bi, bo, jax.nn.relu)))
   args = (x, slot, keep, jax.device_put(wi, split), jax.device_put(wo, split), jax.device_put(wi, host),

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swapmoe_jax.budget import (
+from swapmoe_jax.serving.budget import (
     GiB, MiB, Budget, BudgetError, budget_for_experts, dense_param_count, dtype_size, expert_bytes_each, format_bytes,
     full_model_bytes, kv_cache_bytes, memory_breakdown, min_budget_bytes, parse_budget, RUNTIME_RESERVE_BYTES)
-from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.planner import (
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.serving.planner import (
     DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, plan_calibrated, plan_full, plan_uniform)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from swapmoe_jax import budget as budget_lib
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax import decode, generate
-from swapmoe_jax.demo import demo_checkpoint
+from swapmoe_jax import generate
+from swapmoe_jax.builtin.demo import demo_checkpoint
+from swapmoe_jax.serving import budget as budget_lib
+from swapmoe_jax.serving import decode
 
 PROMPT = "translate: the quick brown fox"
 SRC_LEN, NEW_TOKENS = 32, 8

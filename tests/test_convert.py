@@ -22,7 +22,7 @@ from checkpoints_conv import ConversionError, convert, resolve_source
 from checkpoints_conv import rules
 from checkpoints_conv.__main__ import main as cli_main
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every block sparse and tied (the fixture default), or block 0 dense + block 1 sparse, untied, router

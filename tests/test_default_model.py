@@ -13,9 +13,10 @@ import pytest
 import torch
 import transformers
 
-from swapmoe_jax import evaluate, tasks, train
-from swapmoe_jax.demo import default_checkpoint
-from swapmoe_jax.loader import load
+from swapmoe_jax.builtin import tasks, train
+from swapmoe_jax.builtin.demo import default_checkpoint
+from swapmoe_jax.eval import evaluate
+from swapmoe_jax.serving.loader import experts_budget, load
 
 
 # --- tasks ---------------------------------------------------------------------------------------------
@@ -166,15 +167,41 @@ def test_evaluate_grid_on_the_default_model(tmp_path, capsys):
   # masked policies redirect tokens; swapmoe swaps, pruned never does
   assert rows["swapmoe"]["experts_swapped"] > 0 and rows["pruned"]["experts_swapped"] == 0
   assert rows["pruned"]["redirect_rate"] > 0 and rows["pruned"]["tf_kl"] > 0
+  # paired differences on the same requests, from the per-request scores
+  for name, r in rows.items():
+    assert len(r["correct"]) == 12 and r["exact_match"] == pytest.approx(np.mean(r["correct"]))
+    if name != "full":
+      d = r["vs_full"]
+      assert d["diff"] == pytest.approx(r["exact_match"] - rows["full"]["exact_match"])
+      assert d["low"] <= d["diff"] <= d["high"] and d["n"] == 12
+  assert rows["lfu"]["vs_full"] == dict(diff=0.0, low=0.0, high=0.0, n=12, a_only=0, b_only=0)
+  assert rows["swapmoe"]["vs_pruned"]["diff"] == pytest.approx(rows["swapmoe"]["exact_match"]
+                                                              - rows["pruned"]["exact_match"])
+  assert rows["full"]["vs_full"] is None and rows["pruned"]["vs_pruned"] is None and rows["lfu"]["vs_pruned"] is None
   md = (tmp_path / "evaluation.md").read_text()
   assert len(re.findall(r"^\| runs \|", md, re.M)) == 4
+  assert "EM − pruned [95% CI]" in md
   assert (tmp_path / "evaluation.png").stat().st_size > 10_000
+
+
+def test_evaluate_takes_resident_experts(tmp_path, capsys):
+  rc = evaluate.main(["--experts", "2,3", "--policies", "full,pruned", "--streams", "shuffled", "--requests", "4",
+                      "--out", str(tmp_path)])
+  assert rc == 0
+  rows = json.loads((tmp_path / "evaluation.json").read_text())["rows"]
+  assert [(r["policy"], r["gate"], r["slots"]) for r in rows] == [
+      ("full", "-", 16), ("pruned", "original", 2), ("pruned", "renormalized", 2),
+      ("pruned", "original", 3), ("pruned", "renormalized", 3)]
+  budget = experts_budget(default_checkpoint(), 3, max_source_len=evaluate.SRC_LEN,
+                          max_new_tokens=evaluate.NEW_TOKENS)
+  assert rows[-1]["budget_bytes"] == budget and rows[-1]["expert_pct"] == 18.8
 
 
 @pytest.mark.parametrize("args, message", [
     (["--budgets", "0"], "percentages in (0, 100]"),
     (["--policies", "swapmoe,best"], "unknown policy"),
     (["--requests", "0"], "--requests must be >= 1"),
+    (["--experts", "0,3"], "experts must be resident experts per layer in [1, 16]"),
 ])
 def test_evaluate_rejects_bad_arguments(args, message, capsys, tmp_path):
   assert evaluate.main(args + ["--out", str(tmp_path)]) == 2
@@ -187,18 +214,16 @@ def test_cli_answers_with_the_built_in_model(capsys):
   """The README's first command (minus the install): the built-in model, swapmoe at 5 of 16 experts."""
   from swapmoe_jax import generate
 
-  rc = generate.main(["--policy", "swapmoe", "--budget", "69.6MiB", "--max-source-len", "32",
-                      "--prompt", "max: 3 17 5"])
+  rc = generate.main(["--policy", "swapmoe", "--experts", "5", "--prompt", "max: 3 17 5"])
   out, err = capsys.readouterr()
   assert rc == 0, err
   assert out.strip() == "17"
   assert "built-in model" in err
   stats = [line for line in err.splitlines() if line.startswith("stats:")]
   assert len(stats) == 1 and "policy swapmoe" in stats[0] and "tokens/s" in stats[0]
-  from swapmoe_jax.loader import experts_budget
+  from swapmoe_jax.serving.budget import format_bytes
 
-  assert experts_budget(default_checkpoint(), 5, max_source_len=32, max_new_tokens=32) <= 69.6 * 2**20 < \
-      experts_budget(default_checkpoint(), 6, max_source_len=32, max_new_tokens=32)
+  assert f"of budget {format_bytes(experts_budget(default_checkpoint(), 5, max_new_tokens=32))}" in stats[0]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swapmoe_jax.budget import (
+from swapmoe_jax.serving.budget import (
     BudgetError, expert_bytes_each, full_model_bytes, memory_breakdown, min_budget_bytes)
-from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.planner import plan_calibrated, plan_full, plan_uniform
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.serving.planner import plan_calibrated, plan_full, plan_uniform
 
 TINY = SwitchConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=4, num_decoder_layers=4,
                     num_experts=8, expert_capacity=8)

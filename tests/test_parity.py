@@ -10,8 +10,8 @@ import torch
 from flax import nnx
 
 import swapmoe_jax
-from swapmoe_jax import experts as experts_lib
-from swapmoe_jax import layers
+from swapmoe_jax.models.switch import layers
+from swapmoe_jax.moe import experts as experts_lib
 
 # name -> (HF config overrides, router_std). Each covers a semantic the others don't.
 CONFIGS = {

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swapmoe_jax import router as router_lib
-from swapmoe_jax import store as store_lib
+from swapmoe_jax.moe import router as router_lib
+from swapmoe_jax.serving import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,13 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import swapmoe_jax
-from swapmoe_jax import budget as budget_lib
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax import decode, loader
-from swapmoe_jax import router as router_lib
-from swapmoe_jax.executor import SwapExecutor
 from swapmoe_jax.moe import VirtualExpertMoE
-from swapmoe_jax.swap import SlotWrite
+from swapmoe_jax.moe import router as router_lib
+from swapmoe_jax.serving import budget as budget_lib
+from swapmoe_jax.serving import decode, loader
+from swapmoe_jax.serving.executor import SwapExecutor
+from swapmoe_jax.serving.swap import SlotWrite
 
 E = 8
 

@@ -27,12 +27,13 @@ from hypothesis import strategies as st
 import hf_fixtures as hf
 import swapmoe_jax
 from checkpoints_conv import ConversionError, convert
-from swapmoe_jax import budget as budget_lib
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax import decode, generate
-from swapmoe_jax import planner as planner_lib
-from swapmoe_jax.budget import BudgetError, parse_budget
-from swapmoe_jax.engine import InputError
+from swapmoe_jax import generate
+from swapmoe_jax.serving import budget as budget_lib
+from swapmoe_jax.serving import decode
+from swapmoe_jax.serving import planner as planner_lib
+from swapmoe_jax.serving.budget import BudgetError, parse_budget
+from swapmoe_jax.serving.engine import InputError
 from test_budget_planner import configs
 from test_swap_concurrency import assert_slots_agree, half_budget
 
@@ -436,7 +437,7 @@ def test_half_filled_hub_cache_is_detected_and_redone(hub, folder, case):
 
 
 def test_half_filled_demo_cache_is_redone(tmp_path):
-  from swapmoe_jax.demo import demo_checkpoint
+  from swapmoe_jax.builtin.demo import demo_checkpoint
 
   out = demo_checkpoint(cache_dir=tmp_path / "demo", progress=False)
   _truncate_expert_data(out)
@@ -611,7 +612,7 @@ def test_too_small_a_budget_names_a_minimum_that_plans(config, dtype_bytes, batc
 
 
 def test_telemetry_keeps_a_bounded_history_and_exact_totals():
-  from swapmoe_jax.stats import StepRecord, Telemetry
+  from swapmoe_jax.serving.stats import StepRecord, Telemetry
 
   t = Telemetry("swapmoe", max_records=3)
   for step in range(10):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swapmoe_jax import rouge
+from swapmoe_jax.eval import rouge
 
 
 def test_tokenizer_lowercases_and_splits_on_non_alphanumerics():

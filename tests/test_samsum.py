@@ -8,8 +8,8 @@ import pytest
 
 import swapmoe_jax
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax import rouge, samsum
-from swapmoe_jax.loader import experts_budget
+from swapmoe_jax.eval import rouge, samsum
+from swapmoe_jax.serving.loader import experts_budget
 
 pytestmark = pytest.mark.usefixtures("xla_compile_cache")
 SHAPE = dict(max_new_tokens=6, max_source_len=16, batch_size=2)
@@ -118,7 +118,7 @@ def test_samsum_pairs_without_datasets_says_what_to_install(monkeypatch):
 
 
 def test_task_pairs_are_the_tasks_prompts_and_answers():
-  from swapmoe_jax.tasks import make_examples
+  from swapmoe_jax.builtin.tasks import make_examples
 
   examples = make_examples(5, seed=2)
   assert samsum.task_pairs(5, seed=2) == [samsum.Pair(e.prompt, e.answer) for e in examples]

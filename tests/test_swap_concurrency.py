@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import swapmoe_jax
-from swapmoe_jax import budget as budget_lib
 from swapmoe_jax import checkpoint as ckpt
-from swapmoe_jax import decode, loader
-from swapmoe_jax.decode import Flat
-from swapmoe_jax.executor import SwapExecutor
-from swapmoe_jax.swap import SlotWrite
+from swapmoe_jax.serving import budget as budget_lib
+from swapmoe_jax.serving import decode, loader
+from swapmoe_jax.serving.decode import Flat
+from swapmoe_jax.serving.executor import SwapExecutor
+from swapmoe_jax.serving.swap import SlotWrite
 
 K = (2, 3, 1, 2)  # slots per MoE layer of the tiny model (E = 4)
 
@@ -109,7 +109,7 @@ def test_random_interleavings_of_steps_and_swaps(parts, ops, data):
 
   def check():
     nonlocal positions
-    from swapmoe_jax.executor import slot_leaf_positions
+    from swapmoe_jax.serving.executor import slot_leaf_positions
 
     positions = positions or slot_leaf_positions(slots, cfg.moe_layers)
     for kind, result, want in outstanding:

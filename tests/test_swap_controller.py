@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swapmoe_jax.stats import RoutingStats, StepRecord, Telemetry
-from swapmoe_jax.swap import (
+from swapmoe_jax.serving.stats import RoutingStats, StepRecord, Telemetry
+from swapmoe_jax.serving.swap import (
     POLICIES, DecayedFrequencyController, ImportanceSwapController, LRUController, ResidencyError, ResidencyState,
     SlotWrite, StaticController, make_controller, pruned_resident)
 

@@ -34,7 +34,7 @@ class HostExpertStore:
   With numpy host arrays (no `pinned_host` memory kind), rows are views of the banks.
 
   Every matrix is kept as torch's Linear stores it, [out, in], the orientation of the slot buffers
-  (`experts.py` says why); `from_numpy` takes the checkpoint's [in, out] and transposes.
+  (`moe/experts.py` says why); `from_numpy` takes the checkpoint's [in, out] and transposes.
 
   Attributes: norms float32[L, E]; device; memory_kind ('pinned_host' or None).
   """

@@ -13,22 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.moe.activations import activation
 
 _NEG = -1e30  # added to masked attention scores; finite so fully masked rows stay NaN-free
-
-
-def activation(name: str):
-  """The FFN activation named in HF's ACT2FN."""
-  if name == "relu":
-    return jax.nn.relu
-  if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
-  if name in ("gelu_new", "gelu_pytorch_tanh"):
-    return lambda x: jax.nn.gelu(x, approximate=True)
-  if name in ("silu", "swish"):
-    return jax.nn.silu
-  raise ValueError(f"unsupported activation {name!r}")
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

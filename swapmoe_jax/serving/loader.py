@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from swapmoe_jax import decode
-from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.engine import DEFAULT_STEPS_PER_CALL, SwitchModel, check_steps_per_call, positive_int
-from swapmoe_jax.model import SwitchTransformer
-from swapmoe_jax.store import HostExpertStore
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.models.switch.model import SwitchTransformer
+from swapmoe_jax.serving import decode
+from swapmoe_jax.serving.engine import DEFAULT_STEPS_PER_CALL, SwitchModel, check_steps_per_call, positive_int
+from swapmoe_jax.serving.store import HostExpertStore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -103,7 +103,7 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   mesh: None (one device), or a mesh with axis "expert" to split every layer's slots over (then `store`
     is a `sharding.ShardedExpertStore` and every K_l a multiple of the mesh size; see `sharding.py`).
   """
-  from swapmoe_jax import sharding
+  from swapmoe_jax.serving import sharding
 
   slots_per_layer = tuple(slots_per_layer or [cfg.num_experts] * cfg.num_moe_layers)
   abstract = nnx.eval_shape(lambda: SwitchTransformer(
@@ -146,7 +146,8 @@ def check_staging(staging: str) -> None:
     raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
 
 
-def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, planner: str = "uniform",
+def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, policy: str | None = None,
+         planner: str = "uniform",
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
@@ -155,8 +156,11 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
 
   Args:
     folder: a folder written by the converter.
-    budget: accelerator bytes for the model: "4GiB", "512MiB", "33%" (of the full model), or a number
-      of bytes. None: no budget (policy "full").
+    budget: accelerator bytes for the model: "4GiB", "512MiB", "33%" (of the full model), a number
+      of bytes, or "5/16": the bytes that hold 5 resident experts in every MoE layer of a model with 16
+      (at this request shape and cadence). None: no budget (policy "full").
+    experts: K, the same as budget="K/E" (give one of the two): a budget that means the same on
+      every model, where a percentage of a small model's weights can be below the runtime reserve.
     policy: "full" (every expert resident), "swapmoe" (virtual experts, masked gating, importance-driven
       asynchronous swaps), "pruned" (static top-K by expert norm, masked gating), "lru" (exact routing,
       least-recently-used eviction), "lfu" (exact routing, decayed-frequency eviction). Default: "full"
@@ -186,11 +190,15 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
       the single axis "expert" (see `sharding.py`). The budget is then per device (a percentage is of
       the fully resident model's bytes per device), and every K_l a multiple of the device count.
   """
-  from swapmoe_jax import budget as budget_lib
   from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax import planner as planner_lib
-  from swapmoe_jax import sharding
+  from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.serving import planner as planner_lib
+  from swapmoe_jax.serving import sharding
 
+  if experts is not None:
+    if budget is not None:
+      raise ValueError(f"give budget= or experts=, not both (got budget={budget!r}, experts={experts!r})")
+    budget = budget_lib.Budget(experts=positive_int("experts", experts))
   policy = policy or ("full" if budget is None else "swapmoe")
   steps_per_call = check_steps_per_call(steps_per_call)
   if policy not in POLICIES:
@@ -219,7 +227,9 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
     cadence["max_swaps_per_step"] = max_swaps_per_step
   budget_bytes = None
   if budget is not None:
-    budget_bytes = budget_lib.parse_budget(budget).resolve(budget_lib.full_model_bytes(cfg, dbytes, n))
+    staging_slots = cadence.get("max_swaps_per_step", planner_lib.DEFAULT_MAX_SWAPS_PER_STEP)
+    budget_bytes = budget_lib.parse_budget(budget).resolve_for(cfg, dbytes, **shape, staging_slots=staging_slots,
+                                                               devices=n)
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
@@ -227,6 +237,7 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   else:
     store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
   del experts
+  importance = None
   if policy == "full":
     plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   elif planner == "uniform":
@@ -240,22 +251,23 @@ def load(folder: str | os.PathLike, *, budget=None, policy: str | None = None, p
   budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
-                  limits=shape if budget_bytes is not None else None, mesh=mesh, steps_per_call=steps_per_call,
-                  staging=staging)
+                  limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
+                  steps_per_call=steps_per_call, staging=staging)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
                    max_batch_size: int = 1, max_source_len: int = 512, max_new_tokens: int = 64,
-                   max_swaps_per_step: int | None = None) -> int:
+                   max_swaps_per_step: int | None = None, devices: int | None = None) -> int:
   """The budget in bytes that `load` (uniform planner, same dtype and request shape) turns into exactly
   `experts_per_layer` resident experts per MoE layer; K = E is the full model.
 
   For sweeps over K, which mean the same on every model, where a percentage of a tiny model's weights
-  is below the runtime reserve. Reads only the checkpoint's metadata.
+  is below the runtime reserve (`load(..., experts=K)` does the same in one step). `devices`: a count,
+  as `load` takes it; the bytes are then per device. Reads only the checkpoint's metadata.
   """
-  from swapmoe_jax import budget as budget_lib
   from swapmoe_jax import checkpoint as ckpt
-  from swapmoe_jax.planner import DEFAULT_MAX_SWAPS_PER_STEP
+  from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.serving.planner import DEFAULT_MAX_SWAPS_PER_STEP
 
   meta = ckpt.read_metadata(folder)
   dtype_name = dtype or meta.dtype
@@ -263,17 +275,25 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
   staging = DEFAULT_MAX_SWAPS_PER_STEP if max_swaps_per_step is None else max_swaps_per_step
   return budget_lib.budget_for_experts(meta.config, jnp.dtype(DTYPES[dtype_name]).itemsize, experts_per_layer,
-                                       max_batch_size, max_source_len, decode.cache_length(max_new_tokens), staging)
+                                       max_batch_size, max_source_len, decode.cache_length(max_new_tokens), staging,
+                                       1 if devices is None else devices)
 
 
 def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, importance=None):
   """Experts placed in the slots at start: all for "full"; else the top-K_l by calibration importance
-  when given, by expert norm otherwise (the paper's Pruning choice)."""
-  from swapmoe_jax.swap import pruned_resident
+  float[L, E] when given (ties, e.g. experts calibration never routed to, by expert norm), by expert
+  norm otherwise (the paper's Pruning choice)."""
+  from swapmoe_jax.serving.swap import pruned_resident
 
   if policy == "full":
     return [np.arange(k) for k in slots_per_layer]
-  return pruned_resident(store.norms if importance is None else importance, slots_per_layer)
+  if importance is None:
+    return pruned_resident(store.norms, slots_per_layer)
+  importance = np.asarray(importance, np.float64)
+  norms = np.asarray(store.norms, np.float64)
+  if importance.shape != norms.shape:
+    raise ValueError(f"importance must be [L, E] = {norms.shape}, got {importance.shape}")
+  return [np.lexsort((-n, -imp))[:k].astype(np.int32) for imp, n, k in zip(importance, norms, slots_per_layer)]
 
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
@@ -281,11 +301,11 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
              steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING) -> SwitchModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`; `staging`: see `load`."""
-  from swapmoe_jax import sharding
-  from swapmoe_jax.executor import SwapExecutor
-  from swapmoe_jax.residency import EXACT_POLICIES, Residency
-  from swapmoe_jax.stats import Telemetry
-  from swapmoe_jax.swap import make_controller
+  from swapmoe_jax.serving import sharding
+  from swapmoe_jax.serving.executor import SwapExecutor
+  from swapmoe_jax.serving.residency import EXACT_POLICIES, Residency
+  from swapmoe_jax.serving.stats import Telemetry
+  from swapmoe_jax.serving.swap import make_controller
 
   slots = plan.slots_per_layer
   resident = initial_resident(policy, store, slots, importance)

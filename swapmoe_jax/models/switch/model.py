@@ -1,7 +1,7 @@
 """The Switch Transformer encoder-decoder as Flax NNX modules, with Hugging Face semantics.
 
 The modules hold weights; caches and host expert banks are explicit arguments, so the jitted
-functions in `decode.py` are pure functions of (state, caches, inputs).
+functions in `serving/decode.py` are pure functions of (state, caches, inputs).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from swapmoe_jax import router as router_lib
-from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.layers import Attention, DenseFFN, RMSNorm, attend, position_bias
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.models.switch.layers import Attention, DenseFFN, RMSNorm, attend, position_bias
 from swapmoe_jax.moe import VirtualExpertMoE
+from swapmoe_jax.moe import router as router_lib
 
 Banks = tuple | None  # per MoE layer (in config.moe_layers order): (wi [E,D,F], wo [E,F,D]) or None
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 
@@ -33,7 +33,9 @@ _UNITS = {
 _BUDGET_RE = re.compile(
     r"^\s*(?P<num>[+-]?(?:nan|inf(?:inity)?|[\d_]*\.?[\d_]*(?:e[+-]?\d+)?))\s*(?P<unit>[a-z%]*)\s*$",
     re.IGNORECASE)
-_EXAMPLES = "'4GiB', '4.5 GiB', '512MiB', '3GB', '1e9' (bytes) or '33%' (of the full model)"
+_EXAMPLES = ("'4GiB', '4.5 GiB', '512MiB', '3GB', '1e9' (bytes), '33%' (of the full model) or '5/16' (resident "
+             "experts per MoE layer, of 16)")
+_EXPERTS_RE = re.compile(r"^\s*(?P<k>\d+)\s*/\s*(?P<e>\d+)\s*$")
 
 # Activations are estimated in float32 whatever the weight dtype (softmax and router run in float32,
 # HF semantics), times this margin for XLA temporaries the count does not name.
@@ -51,27 +53,56 @@ class BudgetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  """A memory limit: either absolute bytes or a percentage of the full model's weight bytes."""
+  """A memory limit: absolute bytes, a percentage of the full model's weight bytes, or a number of
+  resident experts per MoE layer (`experts` of `num_experts`, "5/16": the bytes whose uniform plan holds
+  exactly that many, which means the same on every model, however small; see `resolve_for`)."""
 
   absolute_bytes: int | None = None
   percent: float | None = None
+  experts: int | None = None
+  num_experts: int | None = None  # the E of "K/E", checked against the model's
 
   def __post_init__(self):
-    if (self.absolute_bytes is None) == (self.percent is None):
-      raise BudgetError("a Budget holds exactly one of absolute_bytes and percent")
+    if sum(x is not None for x in (self.absolute_bytes, self.percent, self.experts)) != 1:
+      raise BudgetError("a Budget holds exactly one of absolute_bytes, percent and experts")
+    if self.experts is not None and (self.experts < 1 or (self.num_experts is not None
+                                                          and not self.experts <= self.num_experts)):
+      raise BudgetError(f"resident experts must be in [1, {self.num_experts or 'E'}], got {self.experts}")
     if self.absolute_bytes is not None and self.absolute_bytes <= 0:
       raise BudgetError(f"budget must be positive, got {self.absolute_bytes} bytes")
     if self.percent is not None and not 0 < self.percent <= 100:
       raise BudgetError(f"budget percentage must be in (0, 100], got {self.percent}%")
 
   def resolve(self, full_model_bytes: int) -> int:
-    """Bytes this budget allows for a model whose weights (dense + all experts) take `full_model_bytes`."""
+    """Bytes this budget allows for a model whose weights (dense + all experts) take `full_model_bytes`.
+    A budget in experts needs the model and the request shape: `resolve_for`."""
+    if self.experts is not None:
+      raise BudgetError(f"budget {self} counts experts; resolve it with resolve_for(config, ...)")
     if self.absolute_bytes is not None:
       return self.absolute_bytes
     # Decimal so that "50%" of an odd byte count floors exactly; a budget is a ceiling.
     return int(decimal.Decimal(int(full_model_bytes)) * decimal.Decimal(repr(self.percent)) / 100)
 
+  def resolve_for(self, config: SwitchConfig, dtype_bytes, *, batch: int, src_len: int, tgt_len: int,
+                  staging_slots: int, devices: int = 1) -> int:
+    """Bytes this budget allows for `config` at this request shape (per device with `devices`)."""
+    if self.experts is None:
+      return self.resolve(full_model_bytes(config, dtype_bytes, devices))
+    if self.num_experts is not None and self.num_experts != config.num_experts:
+      raise BudgetError(f"budget {self} counts experts of {self.num_experts}, but this model has "
+                        f"{config.num_experts} experts per MoE layer; write e.g. "
+                        f"'{min(self.experts, config.num_experts)}/{config.num_experts}'")
+    if not self.experts <= config.num_experts:
+      raise BudgetError(f"budget of {self.experts} resident experts per MoE layer, but this model has "
+                        f"{config.num_experts}")
+    if self.experts % devices:
+      raise BudgetError(f"{self.experts} resident experts per MoE layer do not split over {devices} devices; "
+                        f"give a multiple of {devices}")
+    return budget_for_experts(config, dtype_bytes, self.experts, batch, src_len, tgt_len, staging_slots, devices)
+
   def __str__(self) -> str:
+    if self.experts is not None:
+      return f"{self.experts}/{self.num_experts}" if self.num_experts is not None else f"{self.experts} experts"
     if self.percent is not None:
       p = self.percent
       return f"{int(p)}%" if float(p).is_integer() else f"{p!r}%"
@@ -83,7 +114,8 @@ class Budget:
 
 
 def parse_budget(value: str | int | float | Budget) -> Budget:
-  """Parses '4GiB', '4.5 GiB', '512MiB', '3GB' (decimal), '1e9' or 4_000_000_000 (bytes), '33%'.
+  """Parses '4GiB', '4.5 GiB', '512MiB', '3GB' (decimal), '1e9' or 4_000_000_000 (bytes), '33%', '5/16'
+  (5 resident experts per MoE layer of a model with 16).
 
   Units are case-insensitive. Fractional byte counts are floored (a budget is a ceiling).
 
@@ -96,6 +128,12 @@ def parse_budget(value: str | int | float | Budget) -> Budget:
   if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
     raise BudgetError(f"budget must be text or a number of bytes, got {type(value).__name__}: {value!r}")
   text = str(value) if isinstance(value, str) else repr(value.item() if hasattr(value, "item") else value)
+  m = _EXPERTS_RE.match(text)
+  if m:
+    k, e = int(m.group("k")), int(m.group("e"))
+    if not 1 <= k <= e:
+      raise BudgetError(f"budget {text!r}: resident experts must be in [1, {e}]")
+    return Budget(experts=k, num_experts=e)
   m = _BUDGET_RE.match(text)
   if not m:
     raise BudgetError(f"malformed budget {text!r}; expected e.g. {_EXAMPLES}")
@@ -308,15 +346,16 @@ def min_budget_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, ba
 
 
 def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, experts_per_layer: int, batch: int,
-                       src_len: int, tgt_len: int, staging_slots: int) -> int:
+                       src_len: int, tgt_len: int, staging_slots: int, devices: int = 1) -> int:
   """The budget in bytes whose uniform plan holds exactly `experts_per_layer` experts in every MoE layer
   (1 <= K <= E; K = E is the full model, which needs no staging): for sweeps over K instead of bytes,
-  e.g. on a tiny model, whose every percentage of its weights is below the runtime reserve."""
+  e.g. on a tiny model, whose every percentage of its weights is below the runtime reserve. With
+  `devices`, per device (K a multiple of the device count)."""
   if not 1 <= experts_per_layer <= config.num_experts:
     raise ValueError(f"experts_per_layer must be in [1, {config.num_experts}], got {experts_per_layer}")
   staging = 0 if experts_per_layer == config.num_experts else staging_slots
   return memory_breakdown(config, dtype_bytes, [experts_per_layer] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging).total
+                          staging, devices).total
 
 
 def device_memory_bytes(device) -> int | None:

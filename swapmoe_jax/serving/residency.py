@@ -14,10 +14,10 @@ import time
 import jax
 import numpy as np
 
-from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.executor import SwapExecutor
-from swapmoe_jax.stats import RoutingStats, StepRecord, Telemetry
-from swapmoe_jax.swap import SwapController
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.serving.executor import SwapExecutor
+from swapmoe_jax.serving.stats import RoutingStats, StepRecord, Telemetry
+from swapmoe_jax.serving.swap import SwapController
 
 EXACT_POLICIES = ("lru", "lfu")
 # A closed window's statistics are read this many decode calls after the call that closed it. Reading

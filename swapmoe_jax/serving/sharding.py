@@ -1,15 +1,13 @@
-"""Expert parallelism: the slots of every MoE layer split over a 1-D device mesh (axis "expert").
+"""Expert parallelism, the runtime side: stores, swaps and dense weights over a 1-D device mesh.
 
 When one accelerator is not enough (a TPU v2-8 has eight cores of 8 GiB each), `load(..., devices=n)`
 spreads each MoE layer's slot buffers over n devices:
 - the slot buffers wi [K, F, D], wo [K, D, F] are sharded on K (`NamedSharding(mesh, P("expert"))`):
   device j holds slots [j K/n, (j+1) K/n), so every K_l is a multiple of n (the planner rounds down);
 - index maps, dense weights (`dense_spec`), KV caches and activations are replicated;
-- the expert FFNs run under `shard_map`: each device computes the tokens routed to its own slots and
-  one psum of the [N, D] outputs combines them. Left to GSPMD, the decode path's per-token dynamic
-  slices all-gathered the whole slot buffer onto every device (seen in the compiled HLO on 8 CPU
-  devices), which would defeat the purpose; the prefill dispatch path partitioned well, but one
-  explicit path for both is easier to reason about;
+- the expert FFNs run under `shard_map` (`moe/parallel.py`, on the layer's side): each device
+  computes the tokens routed to its own slots and one psum of the [N, D] outputs combines them;
+  `mark_expert_parallel` below tells each MoE layer of a model which mesh to use;
 - host memory holds each expert once: each layer's host bank is split by expert over the devices'
   host memories (`pinned_host` where the platform has it). Exact routing (lru, lfu) reads a missing
   expert inside the step from the host shard of the device that holds it; the psum delivers the output;
@@ -28,51 +26,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from swapmoe_jax import experts as experts_lib
-from swapmoe_jax.executor import SwapExecutor, _write_slot
-from swapmoe_jax.store import HostExpertStore
-from swapmoe_jax.swap import SlotWrite
-
-EXPERT_AXIS = "expert"
-
-
-def expert_mesh(devices) -> Mesh:
-  """`load`'s `devices` argument -> a 1-D mesh with axis "expert".
-
-  devices: a count n (the first n of `jax.devices()`), a list of distinct `jax.Device`s, or a `Mesh`
-  whose only axis is named "expert".
-  """
-  if isinstance(devices, Mesh):
-    if devices.axis_names != (EXPERT_AXIS,):
-      raise ValueError(f"the mesh must have the single axis {EXPERT_AXIS!r}, got axes {devices.axis_names}")
-    return devices
-  if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
-    available = jax.devices()
-    if not 1 <= devices <= len(available):
-      hint = (" (on the CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N set "
-              "before JAX starts)" if available[0].platform == "cpu" else "")
-      raise ValueError(f"devices={devices}, but {len(available)} {available[0].platform} device(s) are "
-                       f"available{hint}")
-    return Mesh(np.array(available[:devices]), (EXPERT_AXIS,))
-  try:
-    devices = list(devices)
-  except TypeError:
-    raise ValueError(f"devices must be a count, a list of jax devices or a Mesh, got {devices!r}") from None
-  if not devices or not all(isinstance(d, jax.Device) for d in devices):
-    raise ValueError(f"devices must be a non-empty list of jax devices, got {devices!r}")
-  if len(set(devices)) != len(devices):
-    raise ValueError(f"devices lists a device twice: {devices}")
-  return Mesh(np.array(devices), (EXPERT_AXIS,))
-
-
-def mesh_devices(mesh: Mesh) -> list:
-  """The mesh's devices in slot order: device j owns slots [j K/n, (j+1) K/n) of every layer."""
-  return list(mesh.devices.flat)
+from swapmoe_jax.moe import VirtualExpertMoE
+from swapmoe_jax.moe.parallel import EXPERT_AXIS, expert_mesh, mesh_devices  # noqa: F401  (expert_mesh: re-exported for the loader)
+from swapmoe_jax.serving.executor import SwapExecutor, _write_slot
+from swapmoe_jax.serving.store import HostExpertStore
+from swapmoe_jax.serving.swap import SlotWrite
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -98,50 +60,9 @@ def dense_placer(mesh: Mesh):
 
 def mark_expert_parallel(model, mesh: Mesh) -> None:
   """Tells every MoE layer of `model` (before `nnx.split`) to compute its experts over `mesh`."""
-  from swapmoe_jax.moe import VirtualExpertMoE
-
   for _, module in nnx.iter_modules(model):
     if isinstance(module, VirtualExpertMoE):
       module.expert_mesh = mesh
-
-
-# --- device side: expert FFNs over slots (and host banks) split on axis 0 --------------------------
-
-
-def _on_owners(mesh: Mesh, fn, x, index, valid, w1, w2):
-  """fn over the entries of w1, w2 (split over the mesh on axis 0) that each device owns.
-
-  x: [N, D] (replicated); index: int32[N] into the global axis 0 of w1 and w2; valid: bool[N].
-  On each device: fn(x, local index, valid & owned, local w1, local w2) -> [N, D], zeroed where the
-  device does not own the token's index; the psum over devices returns [N, D], replicated.
-  """
-  def local(x, index, valid, w1, w2):
-    size = w1.shape[0]
-    lo = jax.lax.axis_index(EXPERT_AXIS) * size
-    mine = (index >= lo) & (index < lo + size)
-    y = fn(x, jnp.where(mine, index - lo, 0), valid & mine, w1, w2)
-    return jax.lax.psum(jnp.where(mine[:, None], y, 0).astype(x.dtype), EXPERT_AXIS)
-
-  split, rep = PartitionSpec(EXPERT_AXIS), PartitionSpec()
-  # check_vma off: experts.py's one-device code branches (lax.cond) between a per-device value and
-  # zeros, which the varying-axis check rejects; the psum makes the output replicated, as declared.
-  return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, split, split), out_specs=rep,
-                       check_vma=False)(x, index, valid, w1, w2)
-
-
-def expert_parallel(mesh: Mesh):
-  """(expert_ffn, expert_ffn_misses) with `experts.py`'s signatures, for slot buffers sharded on K
-  and host banks sharded on E over `mesh`."""
-  def ffn(x, slot, wi, wo, act, *, keep=None, capacity=None, grouped=None):
-    keep = jnp.ones(slot.shape, bool) if keep is None else keep
-    return _on_owners(mesh, lambda x, s, k, wi, wo: experts_lib.expert_ffn(
-        x, s, wi, wo, act, keep=k, capacity=capacity, grouped=grouped), x, slot, keep, wi, wo)
-
-  def misses(x, expert, miss, bank_wi, bank_wo, act):
-    return _on_owners(mesh, lambda x, e, m, wi, wo: experts_lib.expert_ffn_misses(x, e, m, wi, wo, act),
-                      x, expert, miss, bank_wi, bank_wo)
-
-  return ffn, misses
 
 
 # --- host side: the expert store, split by expert ----------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swapmoe_jax.budget import format_bytes
+from swapmoe_jax.serving.budget import format_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ runs this stand-in. Its weights are random, so its outputs are gibberish: it exi
 pipeline (conversion, budgets, swapping, streaming, statistics) working end to end offline, in seconds.
 
 The model is built with `transformers` (torch is needed only to build it once: `pip install -e ".[test]"`),
-saved with the small sentencepiece tokenizer in `swapmoe_jax/assets/demo_tokenizer/` (96 pieces), and
+saved with the small sentencepiece tokenizer in `swapmoe_jax/builtin/assets/demo_tokenizer/` (96 pieces), and
 converted with `checkpoints_conv.convert` into a cache folder that later calls reuse.
 """
 
@@ -113,8 +113,8 @@ class DefaultModelMissingError(FileNotFoundError):
 def default_checkpoint(progress: bool = False) -> str:
   """The folder of the built-in default model's converted checkpoint (what `load` takes).
 
-  The model ships inside the package (`swapmoe_jax/assets/default_model`, a few MB): a small Switch
-  Transformer trained with `python -m swapmoe_jax.train` on the tasks of `swapmoe_jax.tasks`; its
+  The model ships inside the package (`swapmoe_jax/builtin/assets/default_model`, a few MB): a small Switch
+  Transformer trained with `python -m swapmoe_jax.train` on the tasks of `swapmoe_jax.builtin.tasks`; its
   `TRAINING.json` records the settings and the held-out exact match.
 
   Raises:

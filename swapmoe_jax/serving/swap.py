@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from swapmoe_jax.planner import DEFAULT_MAX_SWAPS_PER_STEP, DEFAULT_UPDATE_EVERY
-from swapmoe_jax.stats import RoutingStats
+from swapmoe_jax.serving.planner import DEFAULT_MAX_SWAPS_PER_STEP, DEFAULT_UPDATE_EVERY
+from swapmoe_jax.serving.stats import RoutingStats
 
 # Per observed call of a layer; 1 / (1 - decay) calls is the effective window (20 for swapmoe).
 DEFAULT_DECAY = 0.95

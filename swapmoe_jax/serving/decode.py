@@ -4,6 +4,11 @@ The model is split once with `split_model` into a static graphdef and two states
 weights, routers, expert norms) and `slots` (expert slot buffers and index maps). Both states, the
 caches and the host expert banks are *arguments* of every jitted function — never captured constants —
 so swapping experts (new slot values, same shapes) never recompiles and weights are not baked in.
+
+These programs belong to the runtime: they merge the split model, run its own step methods
+(`encode`, `init_cache`, `decode_step`, `decode_full` of `models/switch/model.py`, the family's
+encoder-decoder steps), and add what serving needs around them (sampling, EOS, several steps per call,
+statistics accumulated for the swap controller).
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from swapmoe_jax import sampling as sampling_lib
 from swapmoe_jax.moe import ExpertNorms, ExpertSlots, SlotIndex
+from swapmoe_jax.serving import sampling as sampling_lib
 
 
 def split_model(model):
@@ -153,7 +158,7 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
 
 def zero_stats(num_layers: int, num_experts: int):
   """LayerStats of zeros, [L, E] (an empty accumulator for `decode_step`)."""
-  from swapmoe_jax.router import LayerStats
+  from swapmoe_jax.moe.router import LayerStats
 
   return LayerStats(importance=jnp.zeros((num_layers, num_experts), jnp.float32),
                     wanted=jnp.zeros((num_layers, num_experts), jnp.int32),

@@ -6,7 +6,7 @@ map `slot_of: int32[E]` (slot, or -1). Slots and map are
 `ExpertSlots` / `SlotIndex` variables: split them out with `nnx.split` and pass them to jitted functions
 as arguments, so that swapping experts changes values, never shapes, and never recompiles.
 `place_experts` / `put_expert` fill and swap slots eagerly (for a model of one's own; the serving
-engine swaps through `executor.SwapExecutor`, in place, between jitted steps).
+engine swaps through `serving.executor.SwapExecutor`, in place, between jitted steps).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from swapmoe_jax import experts as experts_lib
-from swapmoe_jax import router as router_lib
-from swapmoe_jax.layers import activation
+from swapmoe_jax.moe import experts as experts_lib
+from swapmoe_jax.moe import parallel
+from swapmoe_jax.moe import router as router_lib
+from swapmoe_jax.moe.activations import activation
 
 RoutingMode = Literal["masked", "exact"]
 
@@ -50,7 +51,7 @@ class VirtualExpertMoE(nnx.Module):
     gate_mode: "original" or "renormalized" (masked routing only).
 
   `expert_mesh` (static, default None): a mesh whose axis "expert" splits the slot axis K (and the host
-  bank's E) over devices; set by `sharding.mark_expert_parallel` before `nnx.split`.
+  bank's E) over devices; set by `serving.sharding.mark_expert_parallel` before `nnx.split`.
   """
 
   expert_mesh = None
@@ -88,9 +89,6 @@ class VirtualExpertMoE(nnx.Module):
     self.act_name = act
     self.routing = routing
     self.gate_mode = gate_mode
-    # Training only (`swapmoe_jax.train`): sow the router's probabilities and choices as
-    # `nnx.Intermediate` for the load-balancing loss. Off when serving.
-    self.sow_router = False
 
   @property
   def num_experts(self) -> int:
@@ -162,6 +160,14 @@ class VirtualExpertMoE(nnx.Module):
     if tuple(np.shape(array)) != tuple(shape):
       raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(np.shape(array))}")
 
+  def route(self, x: jax.Array) -> tuple[router_lib.Routing, jax.Array]:
+    """x: [B, T, D] -> (the routing, float32 router probabilities [B, T, E]). A method of its own so
+    that training can capture its outputs (`nnx.capture(..., method_outputs=...)`) for the
+    load-balancing loss."""
+    b = None if self.router_b is None else self.router_b[...]
+    return router_lib.route(x, self.router_w[...], b, self.slot_of[...], self.capacity,
+                            exact=self.routing == "exact", gate_mode=self.gate_mode)
+
   def __call__(
       self,
       x: jax.Array,
@@ -174,13 +180,8 @@ class VirtualExpertMoE(nnx.Module):
     exact = self.routing == "exact"
     if exact and bank is None:
       raise ValueError("exact routing needs the host expert bank")
-    b = None if self.router_b is None else self.router_b[...]
-    routing, probs = router_lib.route(
-        x, self.router_w[...], b, slot_of, self.capacity, exact=exact, gate_mode=self.gate_mode
-    )
+    routing, probs = self.route(x)
     stats = router_lib.layer_stats(x, probs, routing, slot_of, self.norms[...], token_mask)
-    if self.sow_router:
-      self.sow(nnx.Intermediate, "router", (probs, routing.wanted))
     bsz, t, d = x.shape
     act = activation(self.act_name)
     flat_x = x.reshape(-1, d)
@@ -188,9 +189,7 @@ class VirtualExpertMoE(nnx.Module):
     hit = slot >= 0
     ffn, ffn_misses = experts_lib.expert_ffn, experts_lib.expert_ffn_misses
     if self.expert_mesh is not None:
-      from swapmoe_jax import sharding
-
-      ffn, ffn_misses = sharding.expert_parallel(self.expert_mesh)
+      ffn, ffn_misses = parallel.expert_parallel(self.expert_mesh)
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=routing.keep.reshape(-1) & hit,
             capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
     if exact:

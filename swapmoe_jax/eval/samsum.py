@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Sequence
 
-import numpy as np
 
 PROMPT_PREFIX = "summarize: "  # T5's summarisation prefix, as in the paper
 DATASET = "Samsung/samsum"
@@ -81,44 +79,10 @@ def samsum_pairs(split: str = "test", limit: int | None = None, *, dataset: str 
 
 
 def task_pairs(n: int, seed: int = 0) -> list[Pair]:
-  """(prompt, answer) pairs of the built-in model's synthetic tasks (`swapmoe_jax.tasks`): offline data."""
-  from swapmoe_jax.tasks import make_examples
+  """(prompt, answer) pairs of the built-in model's synthetic tasks (`swapmoe_jax.builtin.tasks`): offline data."""
+  from swapmoe_jax.builtin.tasks import make_examples
 
   return [Pair(e.prompt, e.answer) for e in make_examples(n, seed=seed)]
-
-
-def generate_texts(model, sources: Sequence[str], *, max_new_tokens: int, max_source_len: int,
-                   batch_size: int = 1) -> tuple[list[str], int, float]:
-  """Greedy outputs of `model` (a loaded `SwitchModel` with a tokenizer) for each source, in order.
-
-  Sources longer than `max_source_len` tokens are truncated (their EOS kept). Every batch is padded to
-  `batch_size` rows and to a multiple of `SOURCE_BUCKET` tokens (at most `max_source_len`), so that a few
-  shapes compile, not one per source length. Returns the decoded texts, the number of tokens generated
-  (each real row's up to and including EOS) and the seconds spent in generate.
-  """
-  if model.tokenizer is None:
-    raise ValueError("this checkpoint has no tokenizer; text pairs need one")
-  eos = np.asarray(model.config.eos_token_ids)
-  pad = model.config.pad_token_id
-  texts, tokens, seconds = [], 0, 0.0
-  for start in range(0, len(sources), batch_size):
-    batch = model.tokenizer(list(sources[start:start + batch_size]), truncation=True,
-                            max_length=max_source_len)["input_ids"]
-    width = min(max_source_len, -(-max(len(ids) for ids in batch) // SOURCE_BUCKET) * SOURCE_BUCKET)
-    ids = np.full((batch_size, width), pad, np.int32)
-    mask = np.zeros((batch_size, width), bool)
-    for row, row_ids in enumerate(batch):
-      ids[row, :len(row_ids)] = row_ids
-      mask[row, :len(row_ids)] = True
-    mask[len(batch):, 0] = True  # filler rows: one pad token, outputs dropped
-    t0 = time.perf_counter()
-    out = model.generate(ids, mask, max_new_tokens=max_new_tokens)[:len(batch)]
-    seconds += time.perf_counter() - t0
-    is_eos = np.isin(out, eos)
-    ended = is_eos.any(axis=1)
-    tokens += int(np.where(ended, is_eos.argmax(axis=1) + 1, out.shape[1]).sum())
-    texts.extend(model.tokenizer.batch_decode(out, skip_special_tokens=True))
-  return texts, tokens, seconds
 
 
 def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: Sequence[str] = ("swapmoe",),
@@ -143,8 +107,9 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
   Each point loads the model afresh and makes one untimed warm-up call on the first batch (it compiles
   the encoder and the decode step); its routing counts in the row's telemetry.
   """
-  from swapmoe_jax import rouge
-  from swapmoe_jax.loader import experts_budget, load
+  from swapmoe_jax.eval import rouge
+  from swapmoe_jax.eval.requests import make_requests, run_stream
+  from swapmoe_jax.serving.loader import experts_budget, load
 
   if not pairs:
     raise ValueError("no pairs to evaluate")
@@ -156,22 +121,26 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
   points = [("full", None)] if include_full else []
   for b in budgets:
     points.extend((policy, b) for policy in policies)
-  sources = [p.source for p in pairs]
   references = [p.reference for p in pairs]
   rows = []
   for policy, budget in points:
     if progress is not None:
       progress(f"{policy} budget={budget}")
     model = load(folder, budget=budget, policy=policy, gate_mode=gate_mode, dtype=dtype, **shape)
-    kw = dict(max_new_tokens=max_new_tokens, max_source_len=max_source_len, batch_size=batch_size)
-    generate_texts(model, sources[:batch_size], **kw)  # warm-up: compiles
-    predictions, tokens, seconds = generate_texts(model, sources, **kw)
+    if model.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer; text pairs need one")
+    requests = make_requests(model.tokenizer, [(p.source, p.reference) for p in pairs], src_len=max_source_len,
+                             tgt_len=max_new_tokens, bucket=SOURCE_BUCKET)
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    run_stream(model, requests[:batch_size], **kw)  # warm-up: compiles
+    res = run_stream(model, requests, timed_from=0, **kw)
+    predictions = model.tokenizer.batch_decode(res["outputs"], skip_special_tokens=True)
     stats = model.stats.summary() if model.stats is not None else {}
     plan = model.plan
     rows.append(SweepRow(
         policy=policy, budget_bytes=None if plan.budget_bytes is None else int(plan.budget_bytes),
         slots_per_layer=tuple(plan.slots_per_layer), rouge2=rouge.rouge2(predictions, references),
-        ms_per_token=1e3 * seconds / max(tokens, 1), tokens=tokens,
+        ms_per_token=res["ms_per_token"], tokens=res["tokens"],
         redirect_rate=float(stats.get("redirect_rate", 0.0)), misses=int(stats.get("misses", 0)),
         experts_swapped=int(stats.get("experts_swapped", 0)), predictions=tuple(predictions)))
   return rows
@@ -179,7 +148,7 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
 
 def format_table(rows: Sequence[SweepRow]) -> str:
   """The rows as an aligned text table (budget, K per layer, Rouge-2 x100, ms/token, telemetry)."""
-  from swapmoe_jax.budget import format_bytes
+  from swapmoe_jax.serving.budget import format_bytes
 
   head = ("policy", "budget", "K per layer", "Rouge-2", "ms/token", "tokens", "redirected", "misses", "swapped")
   body = [(r.policy, "-" if r.budget_bytes is None else format_bytes(r.budget_bytes),

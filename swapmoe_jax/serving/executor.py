@@ -14,12 +14,11 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from swapmoe_jax.decode import Flat, unflat
-from swapmoe_jax.store import HostExpertStore
-from swapmoe_jax.swap import SlotWrite
+from swapmoe_jax.serving.decode import Flat, unflat
+from swapmoe_jax.serving.store import HostExpertStore
+from swapmoe_jax.serving.swap import SlotWrite
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))

@@ -21,9 +21,9 @@ import heapq
 
 import numpy as np
 
-from swapmoe_jax.budget import (
+from swapmoe_jax.serving.budget import (
     BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, format_bytes, memory_breakdown)
-from swapmoe_jax.config import SwitchConfig
+from swapmoe_jax.models.switch.config import SwitchConfig
 
 # The paper's `frequency`, counted in device calls (one prefill or one decode step). A decode step
 # sees one token per row, so one call's importance is noisy; 16 calls average enough tokens and keep

@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from swapmoe_jax import decode
-from swapmoe_jax.config import SwitchConfig
-from swapmoe_jax.sampling import Sampling
+from swapmoe_jax.models.switch.config import SwitchConfig
+from swapmoe_jax.serving import decode
+from swapmoe_jax.serving.sampling import Sampling
 
 
 # Decode steps per device call in `generate` (see `decode.decode_steps`).
@@ -144,7 +144,7 @@ class SwitchModel:
   def _check_cache_fits(self, ids: np.ndarray, max_new_tokens: int):
     """Without planned limits, refuses a request whose decoder cache alone exceeds the device's memory
     (XLA would abort the process on such shapes, or run out of memory halfway)."""
-    from swapmoe_jax import budget as budget_lib
+    from swapmoe_jax.serving import budget as budget_lib
 
     if self.limits:
       return

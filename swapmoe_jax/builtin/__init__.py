@@ -1,0 +1,1 @@
+"""The built-in model: its synthetic tasks, its training, the shipped checkpoint and the demo model."""

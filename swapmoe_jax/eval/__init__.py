@@ -1,0 +1,1 @@
+"""Evaluation protocols: accuracy against budget on the built-in tasks, SAMSum and Rouge."""

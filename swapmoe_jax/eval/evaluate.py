@@ -1,0 +1,286 @@
+"""Accuracy against memory budget: exact match and agreement with `full`, per policy and gate option.
+
+  python -m swapmoe_jax.evaluate                       # the built-in model, the default grid
+  python -m swapmoe_jax.evaluate --budgets 100,33 --policies swapmoe,pruned --requests 50 --out /tmp/ev
+
+Budgets are resident experts per MoE layer: `--experts 2,3,5` directly, or `--budgets` as fractions of
+*expert* memory, K = round(f * E) (at least 1), with the rest of the model (dense weights, caches,
+staging, workspace) accounted for as usual (`load(..., experts=K)`). Requests
+come one at a time (batch 1) from a stream of held-out task prompts (`tasks.request_stream`): "runs"
+(a family for several requests in a row, as in a user's session) or "shuffled". For each (stream,
+budget, policy, gate) it measures:
+- exact match against the task's answer (checkable by construction);
+- token agreement of the generated ids with `full` on the same requests;
+- under teacher forcing on given text (model-agnostic fidelity): next-token argmax agreement with
+  `full` and the mean KL(full || model) of the next-token distributions;
+- decode time per token, redirect rate (masked policies), miss rate (exact policies), experts swapped;
+- paired differences of exact match on the same requests, with 95 % bootstrap intervals
+  (`eval/paired.py`): each row against `full`, and masked rows against `pruned` at the same K and gate.
+Writes `evaluation.md`, `evaluation.json` and `evaluation.png` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from swapmoe_jax.builtin import tasks
+from swapmoe_jax.eval.paired import paired_difference
+from swapmoe_jax.eval.requests import Request, make_requests, run_stream
+
+DEFAULT_BUDGETS = (100, 75, 50, 33, 25, 15)
+DEFAULT_POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
+GATED = ("swapmoe", "pruned")  # the gate option only matters for masked routing
+SRC_LEN, NEW_TOKENS = 32, 24
+
+
+def _decode_text(tokenizer, ids) -> str:
+  return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def teacher_forced(model, requests: list[Request]) -> list[np.ndarray]:
+  """Next-token log-probabilities float32 [T, V] per request, under teacher forcing on the answers."""
+  cfg = model.config
+  out = []
+  for r in requests:
+    dec = np.concatenate([np.full((1, 1), cfg.decoder_start_token_id, np.int32), r.target[:, :-1]], axis=1)
+    logits = np.asarray(model(r.ids, r.mask, dec, r.target_mask))[0]
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    out.append(logp[r.target_mask[0]])
+  return out
+
+
+def agreement(outputs, reference) -> float:
+  """Matching positions / positions, summed over requests (a position past a sequence's end mismatches)."""
+  match = total = 0
+  for a, b in zip(outputs, reference):
+    n = max(len(a), len(b))
+    m = min(len(a), len(b))
+    match += int(np.sum(np.asarray(a[:m]) == np.asarray(b[:m])))
+    total += n
+  return match / max(total, 1)
+
+
+def fidelity(logps, reference_logps) -> tuple[float, float]:
+  """(argmax agreement, mean KL(reference || model)) over every teacher-forced position."""
+  agree = kl = n = 0
+  for lp, ref in zip(logps, reference_logps):
+    agree += int(np.sum(lp.argmax(-1) == ref.argmax(-1)))
+    kl += float(np.sum(np.exp(ref) * (ref - lp)))
+    n += lp.shape[0]
+  return agree / max(n, 1), kl / max(n, 1)
+
+
+def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
+             gates=("original", "renormalized"), streams=("runs", "shuffled"), requests: int = 200, seed: int = 0,
+             dtype: str | None = None, progress=None, experts=None) -> list[dict]:
+  """The evaluation grid; one row per (stream, budget, policy, gate). See the module docstring.
+
+  `experts`: resident experts per MoE layer to evaluate (K values); when given, `budgets` (percentages
+  of E) is not used."""
+  from swapmoe_jax import checkpoint as ckpt
+  from swapmoe_jax.serving.loader import load
+
+  meta = ckpt.read_metadata(folder)
+  e = meta.config.num_experts
+  if experts is not None:
+    if not experts or any(not 1 <= int(k) <= e for k in experts):
+      raise ValueError(f"experts must be resident experts per layer in [1, {e}], got {list(experts)}")
+    sizes = [(round(100 * int(k) / e, 1), int(k)) for k in experts]
+  else:
+    sizes = [(pct, max(1, min(e, round(pct / 100 * e)))) for pct in budgets]
+  limits = dict(max_batch_size=1, max_source_len=SRC_LEN, max_new_tokens=NEW_TOKENS)
+  rows = []
+  for stream in streams:
+    examples = tasks.request_stream(requests, stream, seed=seed)
+    full = load(folder, dtype=dtype, **limits)
+    if full.tokenizer is None:
+      raise ValueError(f"{folder} has no tokenizer; the evaluation needs one")
+    reqs = make_requests(full.tokenizer, [(ex.prompt, ex.answer) for ex in examples], src_len=SRC_LEN,
+                         tgt_len=NEW_TOKENS)
+    ref = run_stream(full, reqs, max_new_tokens=NEW_TOKENS)
+    ref_lp = teacher_forced(full, reqs)
+    configs = [("full", 100, e, "original")] if "full" in policies else []
+    for pct, k in sizes:
+      for policy in policies:
+        if policy == "full":
+          continue
+        for gate in (gates if policy in GATED else ("original",)):
+          configs.append((policy, pct, k, gate))
+    for policy, pct, k, gate in configs:
+      if policy == "full":
+        model, res, lp, budget = full, ref, ref_lp, None
+      else:
+        model = load(folder, experts=k, policy=policy, gate_mode=gate, dtype=dtype, **limits)
+        budget = int(model.plan.budget_bytes)
+        res = run_stream(model, reqs, max_new_tokens=NEW_TOKENS)
+        lp = teacher_forced(model, reqs)
+      texts = [_decode_text(full.tokenizer, o) for o in res["outputs"]]
+      tf_agree, tf_kl = fidelity(lp, ref_lp)
+      s = model.stats.summary() if model.stats is not None else {}
+      correct = [int(t == ex.answer) for t, ex in zip(texts, examples)]
+      row = dict(stream=stream, policy=policy, gate=gate if policy in GATED else "-", expert_pct=pct,
+                 slots=k, experts=e, budget_bytes=budget, requests=len(reqs),
+                 exact_match=float(np.mean(correct)), correct=correct,
+                 agreement=agreement(res["outputs"], ref["outputs"]), tf_agreement=tf_agree, tf_kl=tf_kl,
+                 ms_per_token=res["ms_per_token"], redirect_rate=s.get("redirect_rate"),
+                 miss_rate=1 - s["hit_rate"] if s.get("hits", 0) + s.get("misses", 0) else None,
+                 experts_swapped=s.get("experts_swapped"))
+      rows.append(row)
+      if progress:
+        progress(row)
+  add_comparisons(rows)
+  return rows
+
+
+def add_comparisons(rows: list[dict]) -> None:
+  """Adds to each row its paired exact-match difference with `full` (`vs_full`) and, for masked
+  policies other than `pruned`, with `pruned` at the same stream, K and gate (`vs_pruned`): dicts of
+  eval.paired.PairedDifference's fields, or None where the other row is missing."""
+  def find(stream, policy, k=None, gate=None):
+    for r in rows:
+      if (r["stream"], r["policy"]) == (stream, policy) and (k is None or r["slots"] == k) and (
+          gate is None or r["gate"] == gate):
+        return r
+    return None
+
+  for r in rows:
+    full = find(r["stream"], "full")
+    pruned = find(r["stream"], "pruned", r["slots"], r["gate"]) if r["policy"] not in ("full", "pruned") else None
+    for key, other in (("vs_full", full if r["policy"] != "full" else None), ("vs_pruned", pruned)):
+      r[key] = None if other is None else dataclasses.asdict(paired_difference(r["correct"], other["correct"]))
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ("| stream | policy | gate | experts resident | exact match | agreement w/ full | TF agreement | "
+          "TF KL | ms/token | redirect | miss | swaps | EM − full [95% CI] | EM − pruned [95% CI] |")
+  lines = [head, "|" + "---|" * 14]
+  pp = lambda d: "—" if not d else f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
+  fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+  for r in rows:
+    lines.append(
+        f"| {r['stream']} | {r['policy']} | {r['gate']} | {r['slots']}/{r['experts']} ({r['expert_pct']}%) | "
+        f"{100 * r['exact_match']:.1f}% | {100 * r['agreement']:.1f}% | {100 * r['tf_agreement']:.1f}% | "
+        f"{r['tf_kl']:.4f} | {r['ms_per_token']:.2f} | {fmt(r['redirect_rate'] and 100 * r['redirect_rate'], '.1f')}"
+        f"{'' if r['redirect_rate'] is None else '%'} | "
+        f"{fmt(r['miss_rate'] and 100 * r['miss_rate'], '.1f')}{'' if r['miss_rate'] is None else '%'} | "
+        f"{fmt(r['experts_swapped'], 'd')} | {pp(r.get('vs_full'))} | {pp(r.get('vs_pruned'))} |")
+  return "\n".join(lines)
+
+
+METRICS = {"exact_match": ("exact match (%)", 100), "agreement": ("token agreement with full (%)", 100),
+           "tf_agreement": ("teacher-forced agreement with full (%)", 100),
+           "tf_kl": ("mean KL(full || policy), teacher-forced", 1), "ms_per_token": ("decode ms / token", 1)}
+
+
+def plot(rows: list[dict], path: str, metric: str = "exact_match") -> str | None:
+  """`metric` (a key of METRICS) against resident expert fraction: one line per policy/gate, one panel per
+  stream. Returns the path, or None without matplotlib."""
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+  label, scale = METRICS[metric]
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed (pip install -e \".[plot]\"): no plot", file=sys.stderr)
+    return None
+  streams = sorted({r["stream"] for r in rows})
+  fig, axes = plt.subplots(1, len(streams), figsize=(6 * len(streams), 4.2), squeeze=False)
+  for ax, stream in zip(axes[0], streams):
+    sub = [r for r in rows if r["stream"] == stream]
+    full = [r for r in sub if r["policy"] == "full"]
+    if full:
+      ax.axhline(scale * full[0][metric], color="k", ls="--", lw=1, label="full")
+    for key in sorted({(r["policy"], r["gate"]) for r in sub if r["policy"] != "full"}):
+      pts = sorted((r["expert_pct"], scale * r[metric]) for r in sub if (r["policy"], r["gate"]) == key)
+      ax.plot(*zip(*pts), marker="o", label=key[0] if key[1] == "-" else f"{key[0]} ({key[1]})")
+    ax.set_title(f"{stream} stream")
+    ax.set_xlabel("resident experts per MoE layer (% of E)")
+    ax.set_ylabel(label)
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def write_report(rows: list[dict], out_dir: str, meta: dict) -> dict:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, f"evaluation.{k}") for k in ("md", "json", "png")}
+  with open(paths["md"], "w") as f:
+    f.write(markdown(rows) + "\n")
+  with open(paths["json"], "w") as f:
+    json.dump(dict(meta, rows=rows), f, indent=1)
+  if plot(rows, paths["png"]) is None:
+    del paths["png"]
+  return paths
+
+
+def _csv(value: str, cast=str) -> tuple:
+  return tuple(cast(v.strip().rstrip("%")) for v in value.split(",") if v.strip())
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m swapmoe_jax.evaluate", description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", help="converted checkpoint folder (default: the built-in model)")
+  size = p.add_mutually_exclusive_group()
+  size.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="expert-memory percentages")
+  size.add_argument("--experts", help="resident experts per MoE layer, e.g. 2,3,4,5,8 (instead of --budgets)")
+  p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+  p.add_argument("--gates", default="original,renormalized")
+  p.add_argument("--streams", default="runs,shuffled")
+  p.add_argument("--requests", type=int, default=200, help="requests per stream")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"))
+  p.add_argument("--out", default="evaluation", help="folder for evaluation.{md,json,png}")
+  a = p.parse_args(argv)
+  try:
+    budgets = _csv(a.budgets, float)
+    budgets = tuple(int(b) if b == int(b) else b for b in budgets)
+    if not budgets or any(not 0 < b <= 100 for b in budgets):
+      raise ValueError(f"--budgets must be percentages in (0, 100], got {a.budgets!r}")
+    from swapmoe_jax.serving.loader import POLICIES
+    policies = _csv(a.policies)
+    bad = set(policies) - set(POLICIES)
+    if bad:
+      raise ValueError(f"unknown policy {sorted(bad)}; supported: {', '.join(POLICIES)}")
+    if a.requests < 1:
+      raise ValueError("--requests must be >= 1")
+    if a.model:
+      folder = a.model
+    else:
+      from swapmoe_jax.builtin.demo import default_checkpoint
+      folder = default_checkpoint()
+    t0 = time.time()
+    show = lambda r: print(  # noqa: E731
+        f"{r['stream']:9s} {r['policy']:8s} {r['gate']:13s} {r['slots']:3d}/{r['experts']} "
+        f"EM {100 * r['exact_match']:5.1f}%  agree {100 * r['agreement']:5.1f}%  KL {r['tf_kl']:.4f}",
+        file=sys.stderr, flush=True)
+    experts = None if a.experts is None else _csv(a.experts, int)
+    rows = evaluate(folder, budgets=budgets, policies=policies, gates=_csv(a.gates), streams=_csv(a.streams),
+                    requests=a.requests, seed=a.seed, dtype=a.dtype, progress=show, experts=experts)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  import jax
+  meta = dict(model=os.path.abspath(folder), command="python -m swapmoe_jax.evaluate " + " ".join(argv or sys.argv[1:]),
+              device=jax.devices()[0].device_kind, seconds=round(time.time() - t0, 1))
+  paths = write_report(rows, a.out, meta)
+  print(markdown(rows))
+  print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model families, one package each, built on the virtual-expert layer (`swapmoe_jax.moe`)."""
