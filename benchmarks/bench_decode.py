@@ -5,9 +5,9 @@
 
 Each run is a fresh subprocess (so that the runtime's peak-memory counter starts at zero) that builds
 the shape with random weights (speed and memory do not depend on the values), plans for the budget,
-generates `--new-tokens` tokens greedily for `--repeats` prompts, and reports per-token latency
-(ms/token with the host running ahead; p50/p95 of the per-token time of each device call when every
-call's tokens are fetched as they come), prefill time, tokens/s, the measured peak device memory
+generates `--new-tokens` tokens greedily for `--repeats` prompts, and reports per-request figures as a
+user sees them (`timing.py`: whole-request latency and ms per generated token, time to first token,
+per-token decode from whole device-call boundaries, p50/p95 per call), tokens/s, the measured peak device memory
 against the budget, the policy's telemetry, and the swaps made while timed. `--shape`, `--dtype` and
 `--batch` take several values: every run is made for each combination.
 
@@ -36,28 +36,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _timed_generates(model, prompt, args) -> dict:
-  """Per-token figures of `--repeats` requests: ms/token with the host running ahead (a request of 1
-  token subtracted from one of `--new-tokens`, which removes the prefill), and the per-token time of
-  each device call when every call's tokens reach the host as they come (stream)."""
+  """Per-request figures of `--repeats` requests of `--new-tokens` tokens (`timing.py`)."""
+  import timing
+
   chunk = args.steps_per_call
-  per_token, prefill, lat = [], [], []
+  plain, streams = [], []
   for _ in range(args.repeats):
     ids = prompt()
     t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, steps_per_call=chunk)
-    t1 = time.perf_counter()
-    model.generate(ids, max_new_tokens=args.new_tokens, steps_per_call=chunk)
-    t2 = time.perf_counter()
-    prefill.append(t1 - t)
-    per_token.append(((t2 - t1) - (t1 - t)) / (args.new_tokens - 1))
-    stamps = []
+    out = model.generate(ids, max_new_tokens=args.new_tokens, steps_per_call=chunk)
+    plain.append(time.perf_counter() - t)
+    if out.shape[1] != args.new_tokens:
+      raise RuntimeError(f"a request stopped after {out.shape[1]} of {args.new_tokens} tokens")
+    s = timing.Stamps()
     model.generate(prompt(), max_new_tokens=args.new_tokens, steps_per_call=chunk,
-                   stream=lambda step, tok: stamps.append(time.perf_counter()) if step % chunk == 0 else None)
-    lat.extend(np.diff(stamps) / chunk)
-  lat = np.asarray(lat)
-  return {"ms_per_token": 1e3 * float(np.median(per_token)),
-          "stream_p50_ms": 1e3 * float(np.median(lat)), "stream_p95_ms": 1e3 * float(np.percentile(lat, 95)),
-          "prefill_ms": 1e3 * float(np.median(prefill)), "tokens_per_s": args.batch / float(np.median(per_token))}
+                   stream=lambda step, tok: s.token())
+    streams.append(s)
+  return timing.per_request(plain, streams, args.new_tokens, chunk, args.batch)
 
 
 def _stage_bandwidth(model, n=None, repeats=8) -> float | None:
@@ -125,7 +120,8 @@ def run_one(args) -> dict:
 
   built = random_model.build(cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len,
                              new_tokens=args.new_tokens, update_every=args.update_every, max_swaps=args.max_swaps,
-                             pool=1, mesh=mesh, steps_per_call=args.steps_per_call, staging=staging)
+                             pool=args.pool or cfg.num_experts, mesh=mesh, steps_per_call=args.steps_per_call,
+                             staging=staging)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
@@ -133,7 +129,7 @@ def run_one(args) -> dict:
   rng = np.random.default_rng(1)
   prompt = lambda: random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]  # noqa: E731
   model.generate(prompt(), max_new_tokens=args.new_tokens)  # warm-up: compilation
-  model.generate(prompt(), max_new_tokens=1)
+  model.generate(prompt(), max_new_tokens=args.new_tokens, stream=lambda step, tok: None)
   ex = model.residency.executor if model.residency is not None else None
   swapped_before = ex.experts_written if ex is not None else 0
   timed = _timed_generates(model, prompt, args)
@@ -141,8 +137,8 @@ def run_one(args) -> dict:
   peak = mem("peak_bytes_in_use")
   peak_per_device = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
   tele = model.stats.summary() if model.stats is not None else {}
-  # Tokens decoded by the timed requests: per repeat, 1 + new_tokens (ms/token) + new_tokens (stream).
-  decoded = args.repeats * (1 + 2 * args.new_tokens)
+  # Tokens decoded by the timed requests: per repeat, a plain and a streamed request.
+  decoded = args.repeats * 2 * args.new_tokens
   return common | timed | {
       "slots_per_layer": list(plan.slots_per_layer), "steps_per_call": args.steps_per_call, "staging": staging,
       "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
@@ -229,12 +225,15 @@ def add_request_arguments(p: argparse.ArgumentParser, several: bool = False) -> 
   p.add_argument("--update-every", type=int, default=16)
   p.add_argument("--max-swaps", type=int, default=2)
   p.add_argument("--steps-per-call", type=int, default=16, help="decode steps per device call")
+  p.add_argument("--pool", type=int, default=0,
+                 help="distinct random experts per layer, repeated to fill it (default 0: every expert distinct, "
+                      "as in a real model; 1: broadcast views of one, for quick runs that do not time swaps)")
 
 
 def print_table(rows) -> None:
   gib = 2**30
   print(f"\n{'shape':<17}{'dt':>5}{'b':>3}{'policy':>11}{'budget':>8}{'plan G':>8}{'peak G':>8}{'ms/tok':>8}"
-        f"{'vs full':>8}{'p50':>8}{'p95':>8}{'prefill':>8}{'redir':>7}{'hit':>5}{'sw/tok':>7}")
+        f"{'vs full':>8}{'p50':>8}{'p95':>8}{'ttft':>8}{'redir':>7}{'hit':>5}{'sw/tok':>7}")
   for r in rows:
     if r["policy"] == "transfer":
       continue

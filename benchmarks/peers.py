@@ -33,18 +33,21 @@ def hf_config(cfg):
       pad_token_id=cfg.pad_token_id, eos_token_id=1, dropout_rate=0.0)
 
 
-class _Stamps:
-  """A `generate` streamer that records when each new token arrives (the first `put` is the prompt)."""
+class _Streamer:
+  """A `generate` streamer stamping each new token's arrival (`timing.Stamps`); HF's first `put` is the
+  decoder start token, not a generated one."""
 
-  def __init__(self):
-    self.times = []
+  def __init__(self, stamps):
+    self.stamps, self.seen = stamps, 0
 
   def put(self, value):
     import torch
 
     if torch.cuda.is_available():
       torch.cuda.synchronize()
-    self.times.append(time.perf_counter())
+    if self.seen:
+      self.stamps.token()
+    self.seen += 1
 
   def end(self):
     pass
@@ -52,7 +55,8 @@ class _Stamps:
 
 def run_peer(peer: str, budget: str, cfg, dtype: str, batch: int, src_len: int, new_tokens: int, repeats: int,
              full_model_bytes: int) -> dict:
-  """One peer at one budget ('none' for `hf`), in this process. Returns a row like `bench_decode.run_one`'s."""
+  """One peer at one budget ('none' for `hf`), in this process. Returns a row like `bench_decode.run_one`'s,
+  with the per-request figures of `timing.py` (HF's `generate` streams each token: calls of one step)."""
   import torch
   import transformers
 
@@ -91,27 +95,23 @@ def run_peer(peer: str, budget: str, cfg, dtype: str, batch: int, src_len: int, 
     torch.cuda.synchronize()
     return out
 
+  import timing
+
   gen(2)  # warm-up
-  per_token, prefill, lat = [], [], []
+  plain, streams = [], []
   for _ in range(repeats):
     t = time.perf_counter()
-    gen(1)
-    t1 = time.perf_counter()
     gen(new_tokens)
-    t2 = time.perf_counter()
-    prefill.append(t1 - t)
-    per_token.append(((t2 - t1) - (t1 - t)) / (new_tokens - 1))
-    stamps = _Stamps()
-    gen(new_tokens, stamps)
-    lat.extend(np.diff(stamps.times[1:]))  # [0]: the decoder start token, [1]: the first new token
-  lat = np.asarray(lat)
+    plain.append(time.perf_counter() - t)
+    stamps = timing.Stamps()
+    gen(new_tokens, _Streamer(stamps))
+    streams.append(stamps)
+  figures = timing.per_request(plain, streams, new_tokens, 1, batch)
   return {
       "shape": None, "dtype": dtype, "policy": peer, "budget": budget, "batch": batch, "src_len": src_len,
       "new_tokens": new_tokens, "slots_per_layer": None, "budget_bytes": budget_bytes, "planned_bytes": None,
       "full_model_bytes": full_model_bytes, "peak_device_bytes": int(torch.cuda.max_memory_allocated()),
-      "ms_per_token": 1e3 * float(np.median(per_token)), "stream_p50_ms": 1e3 * float(np.median(lat)),
-      "stream_p95_ms": 1e3 * float(np.percentile(lat, 95)), "prefill_ms": 1e3 * float(np.median(prefill)),
-      "tokens_per_s": batch / float(np.median(per_token)), "setup_s": setup_s,
+      **figures, "setup_s": setup_s,
       "device": torch.cuda.get_device_name(0), "platform": "cuda", "devices": 1,
       "versions_peer": {"torch": torch.__version__, "transformers": transformers.__version__},
   }

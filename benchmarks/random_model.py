@@ -15,8 +15,9 @@ import numpy as np
 def random_model_parts(cfg, dtype, seed=0, pool=4, init="hf"):
   """A dense tree in the checkpoint layout and per-layer experts, random with the standard deviations
   Hugging Face initializes a Switch model with (`SwitchTransformersPreTrainedModel._init_weights`). A
-  layer's E experts repeat a pool of `pool` random ones (pool=1: read-only broadcast views, no host
-  memory), to keep host set-up fast and small; routing uses the random routers.
+  layer's E experts repeat a pool of `pool` random ones (pool >= E: every expert distinct, as in a real
+  model, which timings of swaps need; pool=1: read-only broadcast views, no host memory, for quick
+  runs); routing uses the random routers.
 
   init="flat" draws every projection with std 0.05 instead (what the benchmarks used before): attention
   logits then have a std near 15, softmax is a near-hard argmax, and outputs become sensitive to
@@ -51,8 +52,11 @@ def random_model_parts(cfg, dtype, seed=0, pool=4, init="hf"):
         b["cross"] = attn()
       if i in sparse:
         b["router"] = {"w": r(d, cfg.num_experts, std=1.0)}
+        pool = min(pool, cfg.num_experts)
         base_wi, base_wo = r(pool, d, f, std=w(d**-0.5)), r(pool, f, d, std=w(d**-0.5))
-        if pool == 1:
+        if pool == cfg.num_experts:
+          experts.append((base_wi, base_wo))
+        elif pool == 1:
           experts.append(tuple(np.broadcast_to(x, (cfg.num_experts,) + x.shape[1:]) for x in (base_wi, base_wo)))
         else:
           idx = np.arange(cfg.num_experts) % pool

@@ -186,7 +186,7 @@ class FreshBuild:
                                                  slots_per_layer=m.plan.slots_per_layer, resident=resident,
                                                  routing=self.routing)
     if self.graphdef is None:
-      self.graphdef = decode.Static(graphdef)
+      self.graphdef = decode.Static(graphdef, m._graphdef.precision)  # noqa: SLF001
     inputs = (self.ids, self.mask, self.dec, None, m._banks)  # noqa: SLF001
     ours = decode.forward(m._graphdef, m._params, m._slots, *inputs)[0]  # noqa: SLF001
     fresh = decode.forward(self.graphdef, decode.Flat.of(params), decode.Flat.of(slots), *inputs)[0]

@@ -13,6 +13,7 @@ statistics accumulated for the swap controller).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -65,16 +66,22 @@ def unflat(x):
 
 
 class Static:
-  """A static jit argument hashed by identity.
+  """A static jit argument hashed by identity: the graphdef, and the matmul precision of its programs.
 
   jit hashes its static arguments on every call: an `nnx.GraphDef` of a switch-base model takes ~2.3 ms
   to hash (and ~0.8 ms to compare) — three times a GPU decode step. Wrap it once per model.
+
+  precision: None (JAX's default) or a `jax.default_matmul_precision` name that every program traced
+  with this graphdef uses. The engine sets "highest" for float32 models: JAX's default multiplies
+  float32 in TF32 on recent NVIDIA GPUs (and in one bfloat16 pass on TPUs), which put `full` 5 % away
+  from HF float32 in logits on an H200; at "highest" it is float32.
   """
 
-  __slots__ = ("value",)
+  __slots__ = ("value", "precision")
 
-  def __init__(self, value):
+  def __init__(self, value, precision: str | None = None):
     self.value = value
+    self.precision = precision
 
   def __hash__(self):
     return id(self.value)
@@ -89,21 +96,29 @@ def _merge(graphdef, params, slots):
   return nnx.merge(graphdef, unflat(params), unflat(slots))
 
 
+def _numerics(graphdef):
+  """The matmul precision a program traces under (see `Static`)."""
+  precision = graphdef.precision if isinstance(graphdef, Static) else None
+  return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def forward(graphdef, params, slots, input_ids, mask, decoder_input_ids, decoder_mask, banks):
   """Full teacher-forced pass. Returns float32 logits [B, T, V], encoder output [B, S, D] and stats."""
-  model = _merge(graphdef, params, slots)
-  enc_h, enc_stats = model.encode(input_ids, mask, banks)
-  logits, dec_stats = model.decode_full(decoder_input_ids, enc_h, mask, decoder_mask, banks)
+  with _numerics(graphdef):
+    model = _merge(graphdef, params, slots)
+    enc_h, enc_stats = model.encode(input_ids, mask, banks)
+    logits, dec_stats = model.decode_full(decoder_input_ids, enc_h, mask, decoder_mask, banks)
   return logits, enc_h, (enc_stats, dec_stats)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def encode(graphdef, params, slots, input_ids, mask, max_len, banks):
   """Runs the encoder once and builds the decoder cache for `max_len` positions."""
-  model = _merge(graphdef, params, slots)
-  enc_h, enc_stats = model.encode(input_ids, mask, banks)
-  return model.init_cache(enc_h, mask, max_len), enc_stats
+  with _numerics(graphdef):
+    model = _merge(graphdef, params, slots)
+    enc_h, enc_stats = model.encode(input_ids, mask, banks)
+    return model.init_cache(enc_h, mask, max_len), enc_stats
 
 
 @functools.partial(jax.jit, static_argnums=(0, 10, 11, 12), donate_argnums=(5,))
@@ -119,8 +134,9 @@ def decode_step(graphdef, params, slots, tokens, done, cache, pos, key, banks, s
   Returns (next tokens int32[B] — pad for finished rows, done, cache, pos + 1, stats_sum + this step's
   stats).
   """
-  model = _merge(graphdef, params, slots)
-  logits, cache, stats = model.decode_step(tokens, pos, cache, banks)
+  with _numerics(graphdef):
+    model = _merge(graphdef, params, slots)
+    logits, cache, stats = model.decode_step(tokens, pos, cache, banks)
   nxt = sampling_lib.select(logits, jax.random.fold_in(key, pos), sampling)
   nxt = jnp.where(done, pad_id, nxt)
   done = done | jnp.isin(nxt, jnp.asarray(eos_ids, jnp.int32))
@@ -151,8 +167,9 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
     done = done | jnp.isin(nxt, eos)
     return (nxt, done, cache, pos + 1, jax.tree.map(jnp.add, acc, stats)), nxt
 
-  (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum), None,
-                                                        length=num_steps)
+  with _numerics(graphdef):
+    (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum), None,
+                                                          length=num_steps)
   return out, done, cache, pos, stats_sum
 
 

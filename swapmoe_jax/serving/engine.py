@@ -6,6 +6,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from swapmoe_jax.models.switch.config import SwitchConfig
@@ -78,7 +79,8 @@ class SwitchModel:
     self.config = config
     self.dtype = dtype
     self.graphdef = graphdef
-    self._graphdef = decode.Static(graphdef)  # hashed by identity on every jitted call
+    # hashed by identity on every jitted call; float32 computes in float32 (see `decode.Static`)
+    self._graphdef = decode.Static(graphdef, "highest" if jnp.dtype(dtype) == jnp.float32 else None)
     self._params = decode.Flat.of(params)  # flat: cheap to pass to every jitted call
     self._slots = decode.Flat.of(slots)
     self.store = store
