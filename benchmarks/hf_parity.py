@@ -35,6 +35,8 @@ def main(argv=None) -> int:
   p.add_argument("--precision", nargs="+", choices=("engine", "default"), default=["engine", "default"],
                  help="engine: what `load` does (float32 at 'highest'); default: JAX's default precision "
                       "(both, by default, on the same model and prompts)")
+  p.add_argument("--hf-device", choices=("auto", "cpu"), default="auto",
+                 help="where HF runs: its accelerator when torch sees one (auto), or the CPU (exact float32)")
   p.add_argument("--out", help="append the JSON line to this file")
   args = p.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
   from swapmoe_jax.serving import decode
 
   cfg = SHAPES[args.shape]
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  dev = "cuda" if torch.cuda.is_available() and args.hf_device == "auto" else "cpu"
   t0 = time.perf_counter()
   torch.manual_seed(0)
   import transformers
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
                src_len=args.src_len, new_tokens=args.new_tokens, max_abs_logit_diff=max(diffs),
                max_rel_logit_diff=max(rel), argmax_flips=flips, greedy_requests_equal=equal,
                device=jax.devices()[0].device_kind, torch_device=dev, setup_s=round(setup_s, 1),
+               torch_tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32,
+                               float32_matmul_precision=torch.get_float32_matmul_precision()),
                versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__))
     print(json.dumps(row), flush=True)
     if args.out:
