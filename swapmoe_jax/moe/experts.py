@@ -10,6 +10,11 @@ Both compute the same function; a test asserts they agree.
 
 Expert weights are kept the way torch's Linear stores them, [out, in]: per expert wi [F, D] and
 wo [D, F] (slot buffers wi [K, F, D], wo [K, D, F]), so that every product contracts the minor axis.
+A GLU expert (Mixtral, Qwen-MoE, OLMoE) keeps the same two matrices, wi [2F, D] holding the gate rows
+then the up rows (HF's fused `gate_up_proj`): `act` here is the function from wi·x to the hidden
+activations, `activations.gated(act)` for GLU, so that every path below serves both kinds unchanged.
+Top-k routing flattens token-choice pairs into the N rows (a token repeated k times); since a token
+picks an expert at most once, no slot gets more pairs than there are tokens.
 Measured in one run of `benchmarks/ffn_layouts.py --slots 64` on an H200 (switch-base-64's decoder: six
 MoE layers, 16 steps per call): with [in, out] rows XLA copied every slot buffer into this orientation
 at 8 tokens (+3.4 GiB of temporaries, past any budget), and a 1-token step took 0.184 ms against
@@ -56,9 +61,10 @@ def dispatch_capacity(num_tokens: int, batch: int, capacity: int) -> int:
 
 def expert_ffn(x: jax.Array, slot: jax.Array, wi: jax.Array, wo: jax.Array, act, *, keep: jax.Array | None = None,
                capacity: int | None = None, grouped: bool | None = None):
-  """Each kept token through the expert in its slot. x: [N, D]; slot: int32[N] in [0, K); keep: bool[N]
-  (default all); capacity: most tokens any slot keeps (default N). Returns [N, D] (0 where not kept
-  by the dispatch path; the caller zeroes dropped tokens in either path)."""
+  """Each kept token through the expert in its slot. x: [N, D]; slot: int32[N] in [0, K); wi: [K, F or
+  2F, D]; wo: [K, D, F]; act: wi·x [..., F or 2F] -> hidden [..., F]; keep: bool[N] (default all);
+  capacity: most tokens any slot keeps (default N). Returns [N, D] (0 where not kept by the dispatch
+  path; the caller zeroes dropped tokens in either path)."""
   n = x.shape[0]
   if grouped is None:
     grouped = n > GATHER_MAX_TOKENS
@@ -82,8 +88,8 @@ def expert_ffn_misses(
 ) -> jax.Array:
   """Tokens whose expert is not resident, served from the host bank inside the step (exact routing).
 
-  x: [N, D]; expert: int32[N]; miss: bool[N]; bank_wi: [E, F, D]; bank_wo: [E, D, F] (host memory, e.g.
-  `pinned_host`). Only missing experts are copied: per token for few tokens, per expert otherwise.
+  x: [N, D]; expert: int32[N]; miss: bool[N]; bank_wi: [E, F or 2F, D]; bank_wo: [E, D, F] (host memory,
+  e.g. `pinned_host`); act as in `expert_ffn`. With top-k routing the N rows are token-choice pairs. Only missing experts are copied: per token for few tokens, per expert otherwise.
   Returns [N, D], zero for tokens that are not misses.
   """
   n, d = x.shape

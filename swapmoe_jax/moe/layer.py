@@ -1,8 +1,8 @@
 """The virtual-expert MoE layer: a Flax NNX module usable in any JAX model.
 
 The router (always resident) scores all E experts; expert weights come from a fixed-shape slot buffer
-`wi: [K, F, D]`, `wo: [K, D, F]` (torch Linear's [out, in] per expert, see `experts.py`) and an index
-map `slot_of: int32[E]` (slot, or -1). Slots and map are
+`wi: [K, F, D]` (GLU experts: [K, 2F, D], gate rows then up rows), `wo: [K, D, F]` (torch Linear's
+[out, in] per expert, see `experts.py`) and an index map `slot_of: int32[E]` (slot, or -1). Slots and map are
 `ExpertSlots` / `SlotIndex` variables: split them out with `nnx.split` and pass them to jitted functions
 as arguments, so that swapping experts changes values, never shapes, and never recompiles.
 `place_experts` / `put_expert` fill and swap slots eagerly (for a model of one's own; the serving
@@ -21,9 +21,10 @@ from flax import nnx
 from swapmoe_jax.moe import experts as experts_lib
 from swapmoe_jax.moe import parallel
 from swapmoe_jax.moe import router as router_lib
-from swapmoe_jax.moe.activations import activation
+from swapmoe_jax.moe.activations import expert_hidden
 
 RoutingMode = Literal["masked", "exact"]
+ExpertKind = Literal["mlp", "glu"]
 
 
 class ExpertSlots(nnx.Variable):
@@ -39,16 +40,25 @@ class ExpertNorms(nnx.Variable):
 
 
 class VirtualExpertMoE(nnx.Module):
-  """Top-1 MoE over K resident slots ("virtual experts", SwapMoE).
+  """Top-1 (Switch) or top-k (Mixtral, Qwen2/3-MoE, OLMoE) MoE over K resident slots ("virtual
+  experts", SwapMoE).
 
   Args:
     d_model, d_ff, num_experts: D, F, E.
     num_slots: K (1 <= K <= E).
-    capacity: HF expert capacity per batch row.
+    capacity: HF expert capacity per batch row (Switch, top_k == 1), or None: no token is dropped.
     act: activation name (HF ACT2FN).
     routing: "masked" (serve only resident experts; paper) or "exact" (a missing expert is read from the
       host bank passed to `__call__`, so outputs equal the fully resident model).
     gate_mode: "original" or "renormalized" (masked routing only).
+    top_k: experts per token; k > 1 needs capacity=None (see `router.route_topk`).
+    norm_topk_prob: divide the k gates by their sum (capacity=None only; HF's `norm_topk_prob`).
+    expert_kind: "mlp" (y = wo·act(wi·x)) or "glu" (wi holds gate and up rows: y = wo·(act(g)·u)).
+    shared_d_ff: Fs of an always-resident GLU shared expert (Qwen2-MoE), or None:
+      y += sigmoid(x·shared_gate) · shared(x).
+
+  With capacity=None the routing's fields are [B, T, k] for k > 1 and [B, T] for k == 1; the
+  statistics stay [E] and count token-choice pairs.
 
   `expert_mesh` (static, default None): a mesh whose axis "expert" splits the slot axis K (and the host
   bank's E) over devices; set by `serving.sharding.mark_expert_parallel` before `nnx.split`.
@@ -62,7 +72,7 @@ class VirtualExpertMoE(nnx.Module):
       d_ff: int,
       num_experts: int,
       num_slots: int,
-      capacity: int,
+      capacity: int | None,
       *,
       act: str = "relu",
       router_bias: bool = False,
@@ -70,6 +80,10 @@ class VirtualExpertMoE(nnx.Module):
       gate_mode: router_lib.GateMode = "original",
       dtype=jnp.float32,
       rngs: nnx.Rngs,
+      top_k: int = 1,
+      norm_topk_prob: bool = False,
+      expert_kind: ExpertKind = "mlp",
+      shared_d_ff: int | None = None,
   ):
     if not 1 <= num_slots <= num_experts:
       raise ValueError(f"num_slots must be in [1, {num_experts}], got {num_slots}")
@@ -77,18 +91,39 @@ class VirtualExpertMoE(nnx.Module):
       raise ValueError(f"routing must be 'masked' or 'exact', got {routing!r}")
     if gate_mode not in router_lib.GATE_MODES:
       raise ValueError(f"gate_mode must be one of {router_lib.GATE_MODES}, got {gate_mode!r}")
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if capacity is not None and top_k != 1:
+      raise ValueError(f"capacity applies to top-1 routing only; top_k={top_k} needs capacity=None")
+    if capacity is not None and norm_topk_prob:
+      raise ValueError("norm_topk_prob applies to capacity=None routing only")
+    if expert_kind not in ("mlp", "glu"):
+      raise ValueError(f"expert_kind must be 'mlp' or 'glu', got {expert_kind!r}")
+    if shared_d_ff is not None and shared_d_ff < 1:
+      raise ValueError(f"shared_d_ff must be a positive int or None, got {shared_d_ff}")
     self.router_w = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (d_model, num_experts), jnp.float32))
     self.router_b = nnx.Param(jnp.zeros((num_experts,), jnp.float32)) if router_bias else None
     init = nnx.initializers.normal(d_model**-0.5)
-    self.wi = ExpertSlots(init(rngs.params(), (num_slots, d_ff, d_model), dtype))
+    rows = 2 * d_ff if expert_kind == "glu" else d_ff
+    self.wi = ExpertSlots(init(rngs.params(), (num_slots, rows, d_model), dtype))
     self.wo = ExpertSlots(init(rngs.params(), (num_slots, d_model, d_ff), dtype))
     slot_of = jnp.where(jnp.arange(num_experts) < num_slots, jnp.arange(num_experts), -1)
     self.slot_of = SlotIndex(slot_of.astype(jnp.int32))
     self.norms = ExpertNorms(jnp.ones((num_experts,), jnp.float32))
+    if shared_d_ff is None:
+      self.shared_wi = self.shared_wo = self.shared_gate = None
+    else:
+      self.shared_wi = nnx.Param(init(rngs.params(), (2 * shared_d_ff, d_model), dtype))
+      shared_init = nnx.initializers.normal(shared_d_ff**-0.5)
+      self.shared_wo = nnx.Param(shared_init(rngs.params(), (d_model, shared_d_ff), dtype))
+      self.shared_gate = nnx.Param(init(rngs.params(), (d_model, 1), dtype))
     self.capacity = capacity
     self.act_name = act
     self.routing = routing
     self.gate_mode = gate_mode
+    self.top_k = top_k
+    self.norm_topk_prob = norm_topk_prob
+    self.expert_kind = expert_kind
 
   @property
   def num_experts(self) -> int:
@@ -114,8 +149,8 @@ class VirtualExpertMoE(nnx.Module):
 
     Args:
       experts: int[n], distinct experts in [0, E), n <= K; slots n..K-1 are left out of the index map.
-      wi, wo: every expert's weights in the slots' orientation (torch Linear's [out, in]), [E, F, D] and
-        [E, D, F] (numpy or jax arrays, any memory).
+      wi, wo: every expert's weights in the slots' orientation (torch Linear's [out, in]), [E, F, D]
+        ([E, 2F, D] for GLU experts) and [E, D, F] (numpy or jax arrays, any memory).
     """
     experts = np.asarray(experts)
     e, k = self.num_experts, self.num_slots
@@ -133,7 +168,7 @@ class VirtualExpertMoE(nnx.Module):
     self.slot_of[...] = jnp.asarray(slot_of)
 
   def put_expert(self, slot: int, expert: int, wi, wo) -> int:
-    """Writes one expert's weights wi [F, D], wo [D, F] into `slot` and points the index map at it;
+    """Writes one expert's weights wi [F, D] ([2F, D] for GLU), wo [D, F] into `slot` and points the index map at it;
     the slot's previous expert leaves the map. Eager, values only (no recompilation, as above).
 
     Returns:
@@ -165,6 +200,11 @@ class VirtualExpertMoE(nnx.Module):
     that training can capture its outputs (`nnx.capture(..., method_outputs=...)`) for the
     load-balancing loss."""
     b = None if self.router_b is None else self.router_b[...]
+    if self.capacity is None:
+      routing, probs = router_lib.route_topk(
+          x, self.router_w[...], b, self.slot_of[...], self.top_k, exact=self.routing == "exact",
+          gate_mode=self.gate_mode, norm_topk_prob=self.norm_topk_prob)
+      return (routing if self.top_k > 1 else jax.tree.map(lambda a: a[..., 0], routing)), probs
     return router_lib.route(x, self.router_w[...], b, self.slot_of[...], self.capacity,
                             exact=self.routing == "exact", gate_mode=self.gate_mode)
 
@@ -174,22 +214,35 @@ class VirtualExpertMoE(nnx.Module):
       token_mask: jax.Array | None = None,
       bank: tuple[jax.Array, jax.Array] | None = None,
   ) -> tuple[jax.Array, router_lib.LayerStats, router_lib.Routing]:
-    """x: [B, T, D]; token_mask: bool [B, T] (statistics only); bank: (wi [E, F, D], wo [E, D, F]) in host
-    memory, required for exact routing. Returns y [B, T, D], the layer's statistics and its routing."""
+    """x: [B, T, D]; token_mask: bool [B, T] (statistics only); bank: (wi [E, F or 2F, D], wo [E, D, F]) in
+    host memory, required for exact routing. Returns y [B, T, D], the layer's statistics and its routing."""
+    if self.routing == "exact" and bank is None:
+      raise ValueError("exact routing needs the host expert bank")
+    if self.capacity is None:
+      y, stats, routing = self._topk(x, token_mask, bank)
+    else:
+      y, stats, routing = self._top1(x, token_mask, bank)
+    if self.shared_wi is not None:
+      y = y + self._shared(x)
+    return y, stats, routing
+
+  def _ffns(self):
+    if self.expert_mesh is not None:
+      return parallel.expert_parallel(self.expert_mesh)
+    return experts_lib.expert_ffn, experts_lib.expert_ffn_misses
+
+  def _top1(self, x, token_mask, bank):
+    """Switch: top-1 with HF's capacity rule; routing fields [B, T]."""
     slot_of = self.slot_of[...]
     exact = self.routing == "exact"
-    if exact and bank is None:
-      raise ValueError("exact routing needs the host expert bank")
     routing, probs = self.route(x)
     stats = router_lib.layer_stats(x, probs, routing, slot_of, self.norms[...], token_mask)
     bsz, t, d = x.shape
-    act = activation(self.act_name)
+    act = expert_hidden(self.act_name, self.expert_kind)
     flat_x = x.reshape(-1, d)
     slot = routing.slot.reshape(-1)
     hit = slot >= 0
-    ffn, ffn_misses = experts_lib.expert_ffn, experts_lib.expert_ffn_misses
-    if self.expert_mesh is not None:
-      ffn, ffn_misses = parallel.expert_parallel(self.expert_mesh)
+    ffn, ffn_misses = self._ffns()
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=routing.keep.reshape(-1) & hit,
             capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
     if exact:
@@ -198,3 +251,36 @@ class VirtualExpertMoE(nnx.Module):
     scale = (routing.gate * routing.keep).reshape(-1, 1).astype(x.dtype)
     y = (y * scale).astype(x.dtype).reshape(bsz, t, d)
     return y, stats, routing
+
+  def _topk(self, x, token_mask, bank):
+    """Top-k without capacity over token-choice pairs: pair j of token n is row n·k + j."""
+    slot_of = self.slot_of[...]
+    routing, probs = self.route(x)
+    k = self.top_k
+    pairs = routing if k > 1 else jax.tree.map(lambda a: a[..., None], routing)  # [B, T, k]
+    stats = router_lib.topk_layer_stats(x, probs, pairs, slot_of, self.norms[...], token_mask)
+    bsz, t, d = x.shape
+    n = bsz * t
+    act = expert_hidden(self.act_name, self.expert_kind)
+    flat_x = jnp.repeat(x.reshape(n, d), k, axis=0)  # [N k, D]
+    slot = pairs.slot.reshape(-1)
+    hit = slot >= 0
+    ffn, ffn_misses = self._ffns()
+    # A token picks an expert at most once, so no slot gets more than N pairs: capacity N drops none.
+    y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=pairs.keep.reshape(-1) & hit,
+            capacity=n)
+    if self.routing == "exact":
+      y_miss = ffn_misses(flat_x, pairs.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
+      y = jnp.where(hit[:, None], y, y_miss)
+    # HF: each expert's output times its weight in x.dtype, then summed over the k choices (here in float32).
+    y = (y * (pairs.gate * pairs.keep).reshape(-1, 1).astype(x.dtype)).astype(x.dtype)
+    y = jnp.sum(y.reshape(n, k, d).astype(jnp.float32), axis=1).astype(x.dtype)
+    return y.reshape(bsz, t, d), stats, routing
+
+  def _shared(self, x):
+    """The shared expert (HF Qwen2MoeSparseMoeBlock): sigmoid(x·gate) · down(act(gate_proj x) · up_proj x).
+    x: [B, T, D] -> [B, T, D]."""
+    h = expert_hidden(self.act_name, "glu")(jnp.einsum("btd,fd->btf", x, self.shared_wi[...]))
+    out = jnp.einsum("btf,df->btd", h, self.shared_wo[...])
+    gate = jax.nn.sigmoid(jnp.einsum("btd,do->bto", x, self.shared_gate[...]))
+    return (gate * out).astype(x.dtype)

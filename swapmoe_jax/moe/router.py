@@ -1,6 +1,7 @@
-"""Top-1 routing with masked gating (SwapMoE) and HF's capacity rule, plus routing statistics.
+"""Routing with masked gating (SwapMoE), plus routing statistics: top-1 with HF's capacity rule (Switch)
+and top-k without capacity (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
-HF semantics (SwitchTransformersTop1Router): logits and softmax in float32, probabilities cast back to
+Top-1 (`route`), HF semantics (SwitchTransformersTop1Router): logits and softmax in float32, probabilities cast back to
 the input dtype, argmax over those, gate = the chosen probability (not renormalised); per batch row, a
 token whose cumulative count for its expert exceeds `expert_capacity` is dropped (its MoE output is 0).
 
@@ -9,6 +10,12 @@ resident goes to its best resident expert ("masked gating"); the gate is either 
 probability of the served expert ("original") or the probability renormalised over the resident set
 ("renormalized"). Importance (Eq. 1) is measured on the *unmasked* choice, so a non-resident expert
 can gain importance.
+
+Top-k (`route_topk`), HF semantics (MixtralTopKRouter, Qwen2MoeTopKRouter, Qwen3MoeTopKRouter,
+OlmoeTopKRouter in transformers 5): softmax in float32 over all E experts, `torch.topk` of those
+probabilities, with `norm_topk_prob` the k weights divided by their sum (in float32), then cast to the
+input dtype (Mixtral always renormalises and keeps float32 weights; the cast only matters below float32).
+Masked routing serves a token with its k best *resident* experts; the same two gate modes apply.
 """
 
 from __future__ import annotations
@@ -26,25 +33,35 @@ GATE_MODES = ("original", "renormalized")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Routing:
-  """Routing decisions for one MoE layer. Shapes: [B, T] unless noted."""
+  """Routing decisions for one MoE layer. Shapes: [B, T] for top-1, [B, T, k] for top-k (k > 1), one entry
+  per token-choice pair, the k choices in decreasing order of probability."""
 
   wanted: jax.Array  # int32: the unmasked router's expert
   chosen: jax.Array  # int32: the expert that serves the token
   slot: jax.Array  # int32: resident slot of `chosen`, -1 when not resident (exact routing misses)
   gate: jax.Array  # <dtype>: weight of the expert output
-  keep: jax.Array  # bool: False for tokens dropped by the capacity rule
+  keep: jax.Array  # bool: False for tokens dropped by the capacity rule (top-k: for a non-resident choice, K < k)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-  """Per-layer routing statistics, computed on the device. Shapes: [E] unless noted."""
+  """Per-layer routing statistics, computed on the device. Shapes: [E] unless noted. With top-k routing
+  the counts are of token-choice pairs, and importance sums over a token's k wanted experts."""
 
   importance: jax.Array  # float32: Σ_{x: wanted=i} ‖x‖·G(x)_i·‖E_i‖ (paper Eq. 1)
   wanted: jax.Array  # int32: tokens the unmasked router sends to each expert
   served: jax.Array  # int32: tokens computed by each expert (after masking and capacity)
-  redirected: jax.Array  # int32 []: tokens served by another expert than wanted
+  redirected: jax.Array  # int32 []: tokens served by another expert than wanted (top-k: not any wanted one)
   misses: jax.Array  # int32 []: tokens whose wanted expert was not resident
+
+
+def _logits(x, w, b):
+  # HIGHEST: XLA's default precision multiplies float32 in one bfloat16 pass on TPUs (and in TF32 on
+  # recent NVIDIA GPUs), which flips near-tied routing decisions; HF routes in float32. The router is
+  # [D, E]: full precision costs nothing measurable. On the CPU it changes nothing.
+  logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return logits if b is None else logits + b.astype(jnp.float32)
 
 
 def route(
@@ -61,13 +78,7 @@ def route(
 
   Returns the routing and the float32 router probabilities [B, T, E].
   """
-  # HIGHEST: XLA's default precision multiplies float32 in one bfloat16 pass on TPUs (and in TF32 on
-  # recent NVIDIA GPUs), which flips near-tied routing decisions; HF routes in float32. The router is
-  # [D, E]: full precision costs nothing measurable. On the CPU it changes nothing.
-  logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  if b is not None:
-    logits = logits + b.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)  # float32 [B, T, E]
+  probs = jax.nn.softmax(_logits(x, w, b), axis=-1)  # float32 [B, T, E]
   probs_in = probs.astype(x.dtype)  # HF casts back to the input dtype before the argmax
   wanted = jnp.argmax(probs_in, axis=-1).astype(jnp.int32)
   resident = slot_of >= 0  # [E]
@@ -91,6 +102,79 @@ def route(
   keep = priority <= capacity
   slot = slot_of[chosen]
   return Routing(wanted=wanted, chosen=chosen, slot=slot, gate=gate, keep=keep), probs
+
+
+def route_topk(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None,
+    slot_of: jax.Array,
+    top_k: int,
+    *,
+    exact: bool,
+    gate_mode: GateMode = "original",
+    norm_topk_prob: bool = False,
+) -> tuple[Routing, jax.Array]:
+  """Top-k routing without capacity. x: [B, T, D]; w: [D, E]; b: [E] or None; slot_of: int32[E].
+
+  Returns the routing, fields [B, T, k] (`keep` is all True except, in masked routing with fewer
+  resident experts than k, for the non-resident choices, whose gate is 0), and the float32 router
+  probabilities [B, T, E].
+
+  Gates: exact routing and gate_mode "original" take the full-softmax probabilities of the chosen
+  experts; "renormalized" divides them by the resident experts' total probability. With
+  `norm_topk_prob` the k gates are then divided by their sum (over the served choices). All in float32,
+  then cast to x.dtype (HF Qwen2MoeTopKRouter).
+  """
+  if gate_mode not in GATE_MODES:
+    raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+  probs = jax.nn.softmax(_logits(x, w, b), axis=-1)  # float32 [B, T, E]
+  top_p, wanted = jax.lax.top_k(probs, top_k)  # [B, T, k], decreasing (torch.topk)
+  wanted = wanted.astype(jnp.int32)
+  resident = slot_of >= 0  # [E]
+  if exact:
+    chosen, p, keep = wanted, top_p, jnp.ones(wanted.shape, bool)
+  else:
+    masked_p, masked = jax.lax.top_k(jnp.where(resident, probs, -1.0), top_k)
+    # Tokens whose k wanted experts are all resident keep exactly the unmasked choice (see `route`).
+    same = jnp.all(resident[wanted], axis=-1, keepdims=True)
+    chosen = jnp.where(same, wanted, masked.astype(jnp.int32))
+    keep = resident[chosen]  # False only when fewer than k experts are resident
+    p = jnp.where(keep, jnp.where(same, top_p, masked_p), 0.0)
+    if gate_mode == "renormalized":
+      p = p / jnp.sum(jnp.where(resident, probs, 0.0), axis=-1, keepdims=True)
+  if norm_topk_prob:
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+  routing = Routing(wanted=wanted, chosen=chosen, slot=slot_of[chosen], gate=p.astype(x.dtype), keep=keep)
+  return routing, probs
+
+
+def topk_layer_stats(
+    x: jax.Array,
+    probs: jax.Array,
+    routing: Routing,
+    slot_of: jax.Array,
+    expert_norms: jax.Array,
+    token_mask: jax.Array | None,
+) -> LayerStats:
+  """`layer_stats` over token-choice pairs. x: [B, T, D]; probs: float32 [B, T, E]; routing fields
+  [B, T, k]; token_mask: bool [B, T]. A pair is redirected when its served expert is none of the
+  token's wanted experts."""
+  num_experts = probs.shape[-1]
+  valid = jnp.ones(routing.wanted.shape[:2], bool) if token_mask is None else token_mask.astype(bool)
+  x_norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))  # [B, T]
+  wanted_1h = jnp.sum(jax.nn.one_hot(routing.wanted, num_experts, dtype=jnp.float32), axis=2) * valid[..., None]
+  importance = jnp.einsum("bte,bt,bte->e", wanted_1h, x_norm, probs) * expert_norms.astype(jnp.float32)
+  served = valid[..., None] & routing.keep  # [B, T, k]
+  served_1h = jax.nn.one_hot(routing.chosen, num_experts, dtype=jnp.int32) * served[..., None]
+  elsewhere = ~jnp.any(routing.chosen[..., :, None] == routing.wanted[..., None, :], axis=-1)  # [B, T, k]
+  return LayerStats(
+      importance=importance,
+      wanted=jnp.sum(wanted_1h, axis=(0, 1)).astype(jnp.int32),
+      served=jnp.sum(served_1h, axis=(0, 1, 2)),
+      redirected=jnp.sum(served & elsewhere).astype(jnp.int32),
+      misses=jnp.sum(valid[..., None] & (slot_of[routing.wanted] < 0)).astype(jnp.int32),
+  )
 
 
 def layer_stats(
