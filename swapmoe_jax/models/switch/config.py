@@ -47,6 +47,8 @@ class SwitchConfig:
   eos_token_ids: tuple[int, ...] = (1,)
   decoder_start_token_id: int = 0
 
+  is_encoder_decoder = True  # (a class constant, not a field) decoder-only families say False
+
   def __post_init__(self):
     # Checked field by field, so that a damaged swapmoe.json ("d_model": "768", true, 1.5) is refused
     # by name here instead of failing somewhere inside a jitted function.

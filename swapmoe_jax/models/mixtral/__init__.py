@@ -1,0 +1,5 @@
+"""Mixtral (HF MixtralForCausalLM): config reading; the model is `models.decoder.CausalMoE`."""
+
+from swapmoe_jax.models.mixtral.config import config_from_hf
+
+__all__ = ["config_from_hf"]
