@@ -1,4 +1,4 @@
-"""Command line: `python -m checkpoints_conv --hf <folder or hub id> --out <folder>`.
+"""Command line: `python -m checkpoints_conv --hf <folder or hub id> [--out] <folder>`.
 
 Exit status 0 on success, 2 on a conversion error (one `error: ...` line on stderr), 130 when
 interrupted; nothing is left on disk after a failure.
@@ -14,10 +14,12 @@ import sys
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m checkpoints_conv",
-      description="Convert a Hugging Face SwitchTransformers checkpoint into swapmoe_jax's Orbax layout.")
+      description="Convert a Hugging Face SwitchTransformers, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint "
+                  "into swapmoe_jax's Orbax layout.")
   p.add_argument("--hf", required=True, metavar="SOURCE",
                  help="local folder with config.json and weights, or a hub id such as google/switch-base-8")
-  p.add_argument("--out", required=True, metavar="FOLDER", help="folder to write (must not exist)")
+  p.add_argument("--out", metavar="FOLDER", help="folder to write (must not exist); may also be given positionally")
+  p.add_argument("out_folder", nargs="?", metavar="OUT", help="the folder to write, instead of --out")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="dtype of the stored weights (default: float32)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint at --out")
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
   Returns:
     The exit status.
   """
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if (args.out is None) == (args.out_folder is None):
+    parser.error("give the output folder once: --out FOLDER or FOLDER")
+  args.out = args.out or args.out_folder
   # Conversion needs no accelerator, but Orbax initialises a JAX backend: on the command line, pin
   # it to the CPU so that a GPU is neither claimed nor preallocated. (Not when called with `argv`
   # from a Python process, whose JAX platforms are its own business.) jax is already imported by

@@ -1,7 +1,10 @@
-"""HF SwitchTransformers folder (or hub id) -> a converted swapmoe_jax checkpoint folder.
+"""HF folder (or hub id) -> a converted swapmoe_jax checkpoint folder.
 
-The output layout is `swapmoe_jax/checkpoint.py`'s; the name mapping is `rules.RULES`. Tensors are
-read one at a time; each MoE layer's experts are written as soon as the layer is complete, so memory
+config.json's `model_type` picks the family: SwitchTransformers (written here, names mapped by
+`rules.RULES`) or a decoder-only MoE, mixtral, qwen2_moe, qwen3_moe or olmoe (`decoder.write`, names
+mapped by `decoder_rules.RULES`). The output layout is `swapmoe_jax/checkpoint.py`'s.
+
+Tensors are read one at a time; each MoE layer's experts are written as soon as the layer is complete, so memory
 holds the dense weights plus about one layer of experts. Everything is written into a temporary
 folder next to the output and renamed into place at the end: an error leaves neither, and a process
 killed outright leaves the output absent or complete, never partial. Its temporary folder (named for
@@ -19,19 +22,23 @@ import warnings
 
 import numpy as np
 
-from checkpoints_conv import rules
+from checkpoints_conv import decoder, decoder_rules, rules
 from checkpoints_conv.errors import ConversionError
 from checkpoints_conv.sources import WeightReader, resolve_source
 from swapmoe_jax import checkpoint as ckpt
+from swapmoe_jax.models.decoder.config import DecoderConfig
 from swapmoe_jax.models.switch.config import ConfigError, SwitchConfig, read_json_object
+
+SWITCH_ARCHITECTURE = "SwitchTransformersForConditionalGeneration"
 
 
 def convert(hf_source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
             progress: bool = True, overwrite: bool = False) -> str:
-  """Converts a Hugging Face SwitchTransformers checkpoint.
+  """Converts a Hugging Face SwitchTransformers, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint.
 
   Args:
-    hf_source: a local folder with `config.json` and weights, or a hub id ("google/switch-base-8").
+    hf_source: a local folder with `config.json` and weights, or a hub id ("google/switch-base-8",
+      "mistralai/Mixtral-8x7B-v0.1").
     out_dir: the folder to write; must not exist unless `overwrite`.
     dtype: "float32" or "bfloat16", the dtype of every stored array. Expert norms are computed from
       the source values in float32 whatever this is.
@@ -60,7 +67,11 @@ def convert(hf_source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
   tmp = tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=parent)
   try:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would follow the folder through the rename
-    norms = _write(tmp, reader, cfg, dtype, progress)
+    if isinstance(cfg, SwitchConfig):
+      norms = _write(tmp, reader, cfg, dtype, progress)
+    else:
+      dense, norms = decoder.write(tmp, reader, cfg, dtype, progress)
+      ckpt.save_tree(os.path.join(tmp, ckpt.DENSE_DIR), _nest(dense))
     tokenizer = _copy_extras(src, tmp)
     ckpt.write_metadata(tmp, config=cfg, dtype=dtype, hf_config=hf_config, expert_norms=norms,
                         has_tokenizer=tokenizer, source=_describe(hf_source, src))
@@ -140,13 +151,26 @@ def _check_output(out: str, overwrite: bool) -> None:
     raise ConversionError(f"refusing to replace {out}: it is not a converted checkpoint (no {ckpt.METADATA_FILE})")
 
 
-def _read_config(src: str) -> tuple[dict, SwitchConfig]:
+def _read_config(src: str) -> tuple[dict, SwitchConfig | DecoderConfig]:
+  """config.json and this project's config of it, by `model_type`."""
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"missing {path}: a Hugging Face model folder has config.json next to the weights")
   hf_config = read_json_object(path, ConversionError)
+  model_type, archs = hf_config.get("model_type"), hf_config.get("architectures") or []
+  supported = {"switch_transformers": SWITCH_ARCHITECTURE} | decoder_rules.ARCHITECTURES
+  if model_type not in supported:
+    listed = ", ".join(f"{arch} (model_type {mt})" for mt, arch in supported.items())
+    raise ConversionError(f"{path}: unsupported model_type {model_type!r} (architectures {archs}); "
+                          f"supported: {listed}")
+  if model_type != "switch_transformers" and archs and supported[model_type] not in archs:
+    # Other heads (ForSequenceClassification, ...) have other tensors; only the causal LM is served.
+    raise ConversionError(f"{path}: unsupported architecture {archs} for model_type {model_type!r}; "
+                          f"supported: {supported[model_type]}")
   try:
-    return hf_config, SwitchConfig.from_hf_dict(hf_config)
+    if model_type == "switch_transformers":
+      return hf_config, SwitchConfig.from_hf_dict(hf_config)
+    return hf_config, DecoderConfig.from_hf_dict(hf_config)
   except ConfigError as e:
     raise ConversionError(f"{path}: {e}") from e
 

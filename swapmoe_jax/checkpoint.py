@@ -20,7 +20,22 @@ Dense tree (nested dicts of numpy arrays; matrices are stored [in, out], i.e. to
           or "router": {"w": [D, E]} plus "b": [E] iff config.router_bias (sparse block)}
   decoder BLOCK: the same plus "cross_norm": [D], "cross": {"q", "k", "v", "o"}
 
-NB is `relative_attention_num_buckets`. Experts live apart from the dense tree so that the loader can
+NB is `relative_attention_num_buckets`.
+
+Decoder-only families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; config `models.decoder.config.DecoderConfig`,
+swapmoe.json "family": "decoder") use the same folders with gated experts and their own dense tree::
+
+  experts/decoder_003/    # {"e0000": {"wi": [D, 2F] (gate columns, then up), "wo": [F, D]}, ...}
+  {"embed": [V, D], "lm_head": [D, V] (only when not tie_word_embeddings), "final_norm": [D],
+   "blocks": {"0": BLOCK, ...}}
+  BLOCK: {"attn_norm": [D], "attn": {"q": [D, H*C], "k": [D, G*C], "v": [D, G*C], "o": [H*C, D],
+          "q_b": [H*C], "k_b", "v_b": [G*C] iff attention_bias, "o_b": [D] iff output_bias,
+          "q_norm": [C] or [H*C], "k_norm": [C] or [G*C] iff qk_norm ("head" or "full")},
+          "ffn_norm": [D], and either "mlp": {"wi": [D, 2F], "wo": [F, D]} (dense block)
+          or "router": {"w": [D, E]} plus "shared": {"wi": [D, 2Fs], "wo": [Fs, D], "gate": [D, 1]}
+          iff shared_d_ff (sparse block)}
+
+G is the number of key/value heads. Experts live apart from the dense tree so that the loader can
 read them once into host memory, and so that one expert can be read alone (`restore_experts`).
 """
 
@@ -30,24 +45,32 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
 
 from swapmoe_jax.models.switch.config import ConfigError, SwitchConfig, read_json_object
 
+if TYPE_CHECKING:
+  from swapmoe_jax.models.decoder.config import DecoderConfig
+
 FORMAT_VERSION = 1
 METADATA_FILE = "swapmoe.json"
+FAMILY_SWITCH, FAMILY_DECODER = "switch", "decoder"  # swapmoe.json "family"; absent means switch
 FILES_KEY = "files"  # in swapmoe.json: {relative path: bytes} of every other file (optional in version 1)
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
 TOKENIZER_DIR = "tokenizer"
 GENERATION_CONFIG_FILE = "generation_config.json"
-# Files copied into tokenizer/ when the source has them; the first two are the vocabularies.
-TOKENIZER_VOCAB_FILES = ("spiece.model", "tokenizer.json")
+# Files copied into tokenizer/ when the source has them; the first ones are the vocabularies (one of
+# them must be present), then what a tokenizer needs beside them: BPE merges, special tokens, and the
+# chat template (transformers 5 writes it to chat_template.jinja, older ones into tokenizer_config.json
+# or chat_template.json).
+TOKENIZER_VOCAB_FILES = ("spiece.model", "tokenizer.json", "tokenizer.model", "vocab.json")
 TOKENIZER_FILES = TOKENIZER_VOCAB_FILES + (
-    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+    "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json")
 DTYPES: dict[str, Any] = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -65,6 +88,13 @@ def layer_dirname(stack: str, block: int) -> str:
   return f"{stack}_{block:03d}"
 
 
+def expert_shapes(config: SwitchConfig | DecoderConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+  """On-disk shapes (wi, wo) of one expert: Switch ([D, F], [F, D]); gated families ([D, 2F], [F, D])."""
+  if isinstance(config, SwitchConfig):
+    return (config.d_model, config.d_ff), (config.d_ff, config.d_model)
+  return (config.hidden_size, 2 * config.moe_d_ff), (config.moe_d_ff, config.hidden_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointMeta:
   """What `swapmoe.json` says about a converted folder, validated against the folder.
@@ -72,7 +102,7 @@ class CheckpointMeta:
   Attributes:
     folder: absolute path of the converted folder.
     format_version: the format version that wrote it (<= FORMAT_VERSION).
-    config: the model configuration.
+    config: the model configuration: a `SwitchConfig`, or a `DecoderConfig` for the decoder-only families.
     dtype: "float32" or "bfloat16", the dtype of every stored array.
     expert_norms: float32[num_moe_layers, E], ‖E_i‖ per MoE layer in `moe_layers` order.
     moe_layers: ((stack, block), ...), equal to `config.moe_layers`.
@@ -82,7 +112,7 @@ class CheckpointMeta:
 
   folder: str
   format_version: int
-  config: SwitchConfig
+  config: SwitchConfig | DecoderConfig
   dtype: str
   expert_norms: np.ndarray
   moe_layers: tuple[tuple[str, int], ...]
@@ -124,7 +154,7 @@ def save_tree(path: str | os.PathLike, tree: dict[str, Any]) -> None:
     ckptr.save(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeSave(tree))
 
 
-def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig, dtype: str,
+def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig | DecoderConfig, dtype: str,
                    hf_config: dict[str, Any], expert_norms: np.ndarray, has_tokenizer: bool,
                    source: str) -> None:
   """Writes `swapmoe.json`; `expert_norms` is float32[num_moe_layers, E] in `config.moe_layers` order.
@@ -136,8 +166,11 @@ def write_metadata(folder: str | os.PathLike, *, config: SwitchConfig, dtype: st
   if norms.shape != (config.num_moe_layers, config.num_experts):
     raise ValueError(f"expert_norms has shape {norms.shape}, expected "
                      f"{(config.num_moe_layers, config.num_experts)}")
+  family = FAMILY_SWITCH if isinstance(config, SwitchConfig) else FAMILY_DECODER
   meta = {
       "format_version": FORMAT_VERSION,
+      "family": family,
+      "model_type": getattr(config, "model_type", "switch_transformers"),
       "config": config.to_dict(),
       "dtype": dtype,
       "hf_config": hf_config,
@@ -201,10 +234,22 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
     raise CheckpointError(
         f"{path} was written by a newer swapmoe_jax (format_version {version}, this one reads up to "
         f"{FORMAT_VERSION}); upgrade swapmoe_jax or convert the model again")
+  family = meta.get("family", FAMILY_SWITCH)  # written since the decoder families came; Switch before
+  if family == FAMILY_SWITCH:
+    config_class = SwitchConfig
+  elif family == FAMILY_DECODER:
+    from swapmoe_jax.models.decoder.config import DecoderConfig
+
+    config_class = DecoderConfig
+  else:
+    raise CheckpointError(f"unknown family {family!r} in {path}; known: {FAMILY_SWITCH}, {FAMILY_DECODER}")
   try:
-    config = SwitchConfig.from_dict(field("config", dict))
+    config = config_class.from_dict(field("config", dict))
   except (ConfigError, TypeError) as e:
     raise CheckpointError(f"bad config in {path}: {e}") from e
+  model_type = getattr(config, "model_type", "switch_transformers")
+  if meta.get("model_type", model_type) != model_type:
+    raise CheckpointError(f"malformed {path}: 'model_type' is {meta['model_type']!r}, its config says {model_type!r}")
   dtype = field("dtype", str)
   if dtype not in DTYPES:
     raise CheckpointError(f"unknown dtype {dtype!r} in {path}; known: {', '.join(DTYPES)}")
@@ -330,7 +375,8 @@ def restore_experts(meta: CheckpointMeta, layer: int,
     experts: expert ids in [0, E), in the order wanted (repeats allowed); None: all E in order.
 
   Returns:
-    (wi, wo): wi [n, D, F], wo [n, F, D], dtype `meta.dtype`, n = len(experts).
+    (wi, wo): wi [n, D, F], wo [n, F, D] (F is 2F for wi of gated experts: `expert_shapes`), dtype
+    `meta.dtype`, n = len(experts).
   """
   import orbax.checkpoint as ocp
 
@@ -342,9 +388,9 @@ def restore_experts(meta: CheckpointMeta, layer: int,
   if bad:
     raise CheckpointError(f"expert ids {bad} out of range: {meta.folder} has {cfg.num_experts} experts per layer")
   dtype = DTYPES[meta.dtype]
-  D, F = cfg.d_model, cfg.d_ff
+  wi_shape, wo_shape = expert_shapes(cfg)
   if not ids:
-    return np.zeros((0, D, F), dtype), np.zeros((0, F, D), dtype)
+    return np.zeros((0, *wi_shape), dtype), np.zeros((0, *wo_shape), dtype)
   # Orbax partial restore reads only the keys in `item`; a key missing on disk would silently come
   # back as its placeholder, hence the shape check below.
   wanted = sorted(set(ids))
@@ -358,9 +404,9 @@ def restore_experts(meta: CheckpointMeta, layer: int,
     if np.shape(wi) == () or np.shape(wo) == ():  # the placeholder came back: not on disk
       raise CheckpointError(f"expert count mismatch: {path} has no expert {j}, but the config in "
                             f"{METADATA_FILE} says num_experts={cfg.num_experts}")
-    if np.shape(wi) != (D, F) or np.shape(wo) != (F, D):
+    if np.shape(wi) != wi_shape or np.shape(wo) != wo_shape:
       raise CheckpointError(f"expert {j} in {path} has shapes {np.shape(wi)}, {np.shape(wo)}; "
-                            f"expected {(D, F)}, {(F, D)}")
+                            f"expected {wi_shape}, {wo_shape}")
   wi = np.stack([tree[expert_key(j)]["wi"] for j in ids]).astype(dtype, copy=False)
   wo = np.stack([tree[expert_key(j)]["wo"] for j in ids]).astype(dtype, copy=False)
   return wi, wo

@@ -141,3 +141,71 @@ def converted_tiny(tmp_path_factory):
     return cache[key]
 
   return make
+
+
+# --- decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) -------------------------------
+
+DECODER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+_DECODER_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, max_position_embeddings=128)
+# Per family: a config class and tiny sizes that exercise what the family has. Qwen2-MoE: a dense block
+# (mlp_only_layers), a shared expert, q/k/v biases, tied embeddings. Qwen3-MoE: head_dim != D/H, a
+# dense block, per-head q/k norms. OLMoE: q/k norms over all heads. Mixtral: every block sparse, untied.
+_DECODER_TINY = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=40, moe_intermediate_size=16, num_experts=4,
+                                         shared_expert_intermediate_size=24, mlp_only_layers=[1],
+                                         tie_word_embeddings=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=40, moe_intermediate_size=16, num_experts=4, head_dim=6,
+                                         mlp_only_layers=[0], norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4)),
+}
+
+
+def tiny_decoder_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
+  """A tiny HF config of a decoder-only MoE family: V=96, D=32, 3 blocks, H=4, Hkv=2, E=4, top-2."""
+  if model_type not in _DECODER_TINY:
+    raise ValueError(f"unknown family {model_type!r}; known: {', '.join(DECODER_FAMILIES)}")
+  cls, sizes = _DECODER_TINY[model_type]
+  return getattr(transformers, cls)(**(_DECODER_COMMON | sizes | overrides))
+
+
+def make_decoder_model(model_type: str, seed: int = 0, router_std: float | None = 0.5,
+                       **overrides) -> transformers.PreTrainedModel:
+  """A random tiny `*ForCausalLM` of `model_type` in eval mode, float32.
+
+  HF initialises norms to 1 and biases to 0, under which a swapped norm or bias would pass unnoticed:
+  here every norm weight is 1 + N(0, 0.1²) and every bias N(0, 0.1²). `router_std` re-draws the router
+  weights from N(0, router_std²) (HF's std 0.02 leaves top-k decisions to float noise); None keeps them.
+  """
+  cfg = tiny_decoder_config(model_type, **overrides)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg)
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.1 * noise)
+      elif name.endswith(".bias"):
+        p.copy_(0.1 * noise)
+      elif router_std is not None and name.endswith(".gate.weight") and p.shape[0] == cfg_num_experts(cfg):
+        p.copy_(router_std * noise)
+  return model.eval()
+
+
+def cfg_num_experts(cfg: transformers.PretrainedConfig) -> int:
+  """E of a decoder family's HF config (Mixtral calls it num_local_experts)."""
+  return cfg.num_local_experts if cfg.model_type == "mixtral" else cfg.num_experts
+
+
+def add_chat_tokenizer(folder: str | os.PathLike) -> list[str]:
+  """Copies the committed test tokenizer into `folder` with a chat template (`chat_template.jinja`, as
+  transformers 5 writes it); returns the file names written."""
+  names = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+  for name in names[:2]:
+    shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(folder, name))
+  with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+    f.write("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}")
+  return names
