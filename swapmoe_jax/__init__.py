@@ -27,12 +27,12 @@ if (_gpu_plugin_installed() and "xla_gpu_autotune_level" not in _os.environ.get(
 from swapmoe_jax.builtin.demo import default_checkpoint
 from swapmoe_jax.models.switch import ConfigError, SwitchConfig, SwitchTransformer
 from swapmoe_jax.moe import ExpertSlots, SlotIndex, VirtualExpertMoE
-from swapmoe_jax.serving.engine import InputError, SwitchModel
+from swapmoe_jax.serving.engine import CausalLM, InputError, SwitchModel
 from swapmoe_jax.serving.loader import build_model, experts_budget, load
 from swapmoe_jax.serving.sampling import Sampling
 
 __all__ = [
-    "ConfigError", "InputError", "Sampling", "SlotIndex", "ExpertSlots", "SwitchConfig", "SwitchModel",
+    "CausalLM", "ConfigError", "InputError", "Sampling", "SlotIndex", "ExpertSlots", "SwitchConfig", "SwitchModel",
     "SwitchTransformer", "VirtualExpertMoE", "build_model", "default_checkpoint", "experts_budget", "load",
 ]
 __version__ = "0.1.0"

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
   from swapmoe_jax.serving.loader import POLICIES
 
   p = _Parser(prog="python -m swapmoe_jax.generate",
-              description="Generate text with a Switch Transformer under a memory budget (SwapMoE).")
+              description="Generate text with a Mixture-of-Experts model (Switch Transformer, Mixtral, "
+                                          "Qwen-MoE, OLMoE) under a memory budget (SwapMoE).")
   p.add_argument("--model", metavar="FOLDER|HUB_ID",
                  help="converted checkpoint folder, Hugging Face folder or hub id (converted once into the "
                       "cache); default: the built-in model (trained on synthetic tasks, see swapmoe_jax.builtin.tasks)")
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--prompt", help=f"input text (default {DEFAULT_PROMPT!r}); with a checkpoint that has "
                                     "no tokenizer, space-separated token ids")
   src.add_argument("--input-file", metavar="FILE", help="one prompt per line (blank lines are skipped)")
+  p.add_argument("--chat", action="store_true",
+                 help="wrap each prompt in the tokenizer's chat template as a user turn (decoder-only models)")
   p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
   p.add_argument("--max-source-len", type=int, default=512, metavar="N",
                  help="longest prompt in tokens that the budget must hold (default 512)")
@@ -185,11 +188,18 @@ def resolve_model(model: str | None, *, quiet: bool = False) -> str:
 # --- prompts -> ids --------------------------------------------------------------------------------
 
 
-def _encode(prompts: list[str], tokenizer, vocab_size: int) -> list:
-  """Token ids (int lists, EOS appended by the tokenizer) of each prompt; ids as text without one."""
+def _encode(prompts: list[str], tokenizer, vocab_size: int, chat: bool = False) -> list:
+  """Token ids (int lists, special tokens added by the tokenizer) of each prompt; ids as text without
+  one. chat: each prompt as a user turn of the tokenizer's chat template, ready for the assistant's."""
+  if chat and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
+    raise UsageError("--chat needs a tokenizer with a chat template; this checkpoint's tokenizer has none")
   out = []
   for text in prompts:
-    if tokenizer is not None:
+    if chat:
+      ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+      ids = [int(t) for t in ids]
+    elif tokenizer is not None:
       ids = list(tokenizer(text)["input_ids"])
     else:
       try:
@@ -343,7 +353,9 @@ def _run(args) -> int:
   meta = ckpt.read_metadata(folder)
   tokenizer = loader._tokenizer(meta)  # noqa: SLF001 - the same tokenizer `load` attaches
   cfg = meta.config
-  encoded = _encode(prompts, tokenizer, cfg.vocab_size)
+  if args.chat and cfg.is_encoder_decoder:
+    raise UsageError("--chat is for decoder-only chat models; this checkpoint is a Switch Transformer")
+  encoded = _encode(prompts, tokenizer, cfg.vocab_size, chat=args.chat)
   for text, ids in zip(prompts, encoded):
     if len(ids) > args.max_source_len:
       raise UsageError(f"prompt {text[:40]!r} is {len(ids)} tokens long, above --max-source-len "

@@ -4,6 +4,8 @@ generation identical, component by component so a failure points at its layer.""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,37 @@ def test_generation_stops_at_eos_and_pads_like_hf(pairs):
   np.testing.assert_array_equal(got, ref)
   first = np.flatnonzero(got[0] == eos)[0]
   assert first <= 2 and np.all(got[0, first + 1:] == cfg.pad_token_id)
+
+
+def test_steps_after_every_rows_eos_skip_the_model(pairs):
+  """Once every row is done, the rest of a call's steps skip the model (`skip_finished`): its cache is
+  not written (the model did not run), its tokens are pad, and generate's output is unchanged."""
+  import dataclasses
+
+  from swapmoe_jax.serving import decode
+  from swapmoe_jax.serving.sampling import Sampling
+
+  _, ours = pairs["step1_e4_tied", "gen"]
+  ids, mask, _ = _inputs(seed=2)
+  eos = int(ours.generate(ids[:1], mask[:1], max_new_tokens=8)[0, 2])
+  cfg = dataclasses.replace(ours.config, eos_token_ids=(eos,))
+  model = swapmoe_jax.SwitchModel(cfg, ours.graphdef, ours.params, ours.slots, dtype=ours.dtype)
+  skipped = model.generate(ids[:1], mask[:1], max_new_tokens=40)
+  model.skip_finished = False
+  np.testing.assert_array_equal(model.generate(ids[:1], mask[:1], max_new_tokens=40), skipped)
+  assert skipped.shape[1] == 3 and skipped[0, -1] == eos
+
+  b = 2
+  cache, _ = decode.encode(model._graphdef, model._params, model._slots, ids[:b], mask[:b].astype(bool), 64, None)
+  zeros = decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts)
+  args = (model._graphdef, model._params, model._slots, np.full((b,), 5, np.int32), np.ones((b,), bool))
+  rest = (np.int32(0), jax.random.key(0), None, zeros, Sampling(), cfg.pad_token_id, cfg.eos_token_ids, 4)
+  before = jax.device_get(cache.self_k[0])
+  toks, _, after, pos, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, True)
+  np.testing.assert_array_equal(jax.device_get(after.self_k[0]), before)
+  assert np.all(np.asarray(toks) == cfg.pad_token_id) and int(pos) == 4
+  _, _, ran, _, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, False)
+  assert not np.array_equal(jax.device_get(ran.self_k[0])[:, :, :4], before[:, :, :4]), "the model ran"
 
 
 def test_incremental_decoding_equals_full_forward(pairs):

@@ -263,13 +263,16 @@ def jax_key():
 
 
 def test_a_request_compiles_the_decode_step_once(folder):
-  """Every input of the step is committed to the device like its outputs, so the first, second and
-  window-closing steps share one program (uncommitted inputs once gave three compiles per model)."""
+  """Every input of the step is committed to the device like its outputs, so the second and later and
+  window-closing calls share one program (uncommitted inputs once gave three compiles per model); the
+  first call, of one step (the first token early), is the only other one."""
   model = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=4, **SHAPE)
   before = decode.decode_steps._cache_size()
   ids, mask = _ids(3)
-  model.generate(ids, mask, max_new_tokens=12)
-  assert decode.decode_steps._cache_size() - before == 1
+  model.generate(ids, mask, max_new_tokens=12, steps_per_call=4)
+  assert decode.decode_steps._cache_size() - before == 2
+  model.generate(ids, mask, max_new_tokens=12, steps_per_call=4)
+  assert decode.decode_steps._cache_size() - before == 2
 
 
 @pytest.mark.parametrize("policy", ["swapmoe", "lru"])

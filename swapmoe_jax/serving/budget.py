@@ -198,7 +198,10 @@ def dense_param_count(config: SwitchConfig) -> int:
   (block 0 only, reused by all blocks) and final_norm [D]; per block attn_norm [D], q/k/v [D,H*C],
   o [H*C,D], ffn_norm [D], then either a dense mlp wi [D,F] + wo [F,D] or a router w [D,E] (+ b [E]);
   decoder blocks also cross_norm [D] and cross q/k/v/o.
+  A decoder-only family counts its own (`config.dense_param_count()`).
   """
+  if not config.is_encoder_decoder:
+    return config.dense_param_count()
   c = config
   d, hc, e = c.d_model, c.inner_dim, c.num_experts
   attention = 4 * d * hc
@@ -218,6 +221,8 @@ def dense_param_count(config: SwitchConfig) -> int:
 
 def router_param_count(config: SwitchConfig) -> int:
   """Router parameters (w [D,E], b [E]) of all MoE layers: held in float32 whatever the model dtype."""
+  if not config.is_encoder_decoder:
+    return config.router_param_count()
   e = config.num_experts
   return config.num_moe_layers * (config.d_model * e + (e if config.router_bias else 0))
 
@@ -232,7 +237,7 @@ def dense_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -> int:
 
 
 def expert_bytes_each(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -> int:
-  """Bytes of one expert (wi [D,F] + wo [F,D]) in the model dtype."""
+  """Bytes of one expert (wi [D,F] + wo [F,D]; a gated expert's wi is [D,2F]) in the model dtype."""
   return config.expert_param_count() * dtype_size(dtype_bytes)
 
 
@@ -268,7 +273,10 @@ class MemoryBreakdown:
 
 
 def kv_cache_bytes(config: SwitchConfig, dtype_bytes, batch: int, src_len: int, tgt_len: int) -> int:
-  """Decoder caches in the model dtype: self-attention K,V [B,H,T,C] and cross K,V [B,H,S,C] per layer."""
+  """Decoder caches in the model dtype: self-attention K,V [B,H,T,C] and cross K,V [B,H,S,C] per layer
+  (a decoder-only model: K,V [B,Hkv,S+T,C] per layer, `config.kv_cache_elements`)."""
+  if not config.is_encoder_decoder:
+    return config.kv_cache_elements(batch, src_len, tgt_len) * dtype_size(dtype_bytes)
   per_position = 2 * batch * config.num_heads * config.d_kv
   return config.num_decoder_layers * per_position * (tgt_len + src_len) * dtype_size(dtype_bytes)
 
@@ -286,8 +294,13 @@ def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int
   The encoder also holds the MoE dispatch buffers (experts.py): tokens [K,C,D], the intermediate
   [K,C,F] and the outputs [K,C,D] with C = min(B*S, B*expert_capacity), counted with K = E, plus the
   [B*S, E] one-hot ranks. Teacher-forced scoring of all T positions at once ([B,T,V] logits) is not
-  covered.
+  covered. A decoder-only family counts its own activations (`config.workspace_elements`: the prompt's
+  prefill over B*S tokens, or one decode step over a cache of S+T positions), with the same dtype,
+  margin and reserve.
   """
+  if not config.is_encoder_decoder:
+    elements = config.workspace_elements(batch, src_len, tgt_len)
+    return math.ceil(elements * WORKSPACE_DTYPE_BYTES * WORKSPACE_MARGIN) + RUNTIME_RESERVE_BYTES
   c = config
   d, hc, f, e, h = c.d_model, c.inner_dim, c.d_ff, c.num_experts, c.num_heads
   per_token = 4 * d + 3 * hc + f + 2 * e

@@ -143,34 +143,80 @@ def decode_step(graphdef, params, slots, tokens, done, cache, pos, key, banks, s
   return nxt, done, cache, pos + 1, jax.tree.map(jnp.add, stats_sum, stats)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13, 14), donate_argnums=(5,))
 def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, stats_sum, sampling, pad_id,
-                 eos_ids, num_steps):
+                 eos_ids, num_steps, skip_finished=True):
   """`num_steps` decode steps in one device call (a `lax.scan` of `decode_step`'s body).
 
   A switch-base decode step is ~300 small kernels: dispatched one call per token, the host's dispatch
   time (~1 ms) is as long as the step itself. One call per `num_steps` tokens removes it from all
   but one step in `num_steps`, and gives swaps staged between calls a whole call to land behind.
   Same arguments and results as `decode_step`, except the tokens: int32[num_steps, B], in order, and
-  that rows already done are left out of the routing statistics: a call runs up to
-  `num_steps - 1` steps past the last row's EOS, which must not weigh in the experts' importance.
+  that rows already done are left out of the routing statistics.
+
+  skip_finished (static): once every row has emitted EOS, the remaining steps skip the model (a
+  `lax.cond`) and only emit pad. The host learns of EOS a couple of calls late (it never waits on the
+  call it just dispatched), so without this the steps of up to three calls after the last EOS would run
+  the whole model for tokens that are dropped; with it a request costs its tokens' steps plus a few
+  empty ones. False: every step runs the model (as before).
   """
   model = _merge(graphdef, params, slots)
   eos = jnp.asarray(eos_ids, jnp.int32)
 
-  def body(carry, _):
+  def step(carry):
     tokens, done, cache, pos, acc = carry
     # Rows that have finished only pad: they stay out of the routing statistics.
     logits, cache, stats = model.decode_step(tokens, pos, cache, banks, live=~done)
     nxt = sampling_lib.select(logits, jax.random.fold_in(key, pos), sampling)
     nxt = jnp.where(done, pad_id, nxt)
     done = done | jnp.isin(nxt, eos)
-    return (nxt, done, cache, pos + 1, jax.tree.map(jnp.add, acc, stats)), nxt
+    return nxt, done, cache, pos + 1, jax.tree.map(jnp.add, acc, stats)
+
+  def skip(carry):
+    tokens, done, cache, pos, acc = carry
+    return jnp.full_like(tokens, pad_id), done, cache, pos + 1, acc
+
+  def body(carry, _):
+    carry = jax.lax.cond(jnp.all(carry[1]), skip, step, carry) if skip_finished else step(carry)
+    return carry, carry[0]
 
   with _numerics(graphdef):
     (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum), None,
                                                           length=num_steps)
   return out, done, cache, pos, stats_sum
+
+
+# --- decoder-only families -------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def causal_forward(graphdef, params, slots, input_ids, mask, banks):
+  """A decoder-only model over whole sequences. Returns float32 logits [B, T, V] and stacked LayerStats."""
+  with _numerics(graphdef):
+    model = _merge(graphdef, params, slots)
+    return model.forward(input_ids, mask, banks)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 8, 9, 10))
+def prefill(graphdef, params, slots, input_ids, mask, max_len, key, banks, sampling, pad_id, eos_ids):
+  """A decoder-only model's prompt (left-padded, [B, S]) into a fresh cache of `max_len` positions, and
+  its first generated token: the request's first token comes out of its first device call.
+
+  Returns (first tokens int32[B], done bool[B], cache, stacked LayerStats of the prompt).
+  """
+  with _numerics(graphdef):
+    model = _merge(graphdef, params, slots)
+    cache = model.init_cache(input_ids.shape[0], max_len)
+    logits, cache, stats = model.prefill(input_ids, mask, cache, banks)
+  first = sampling_lib.select(logits, jax.random.fold_in(key, input_ids.shape[1] - 1), sampling)
+  del pad_id  # every row has a last prompt token: none is finished before its first token
+  return first, jnp.isin(first, jnp.asarray(eos_ids, jnp.int32)), cache, stats
+
+
+def prompt_length(length: int) -> int:
+  """Prompt positions a decoder-only request occupies: rounded up to a multiple of 16 (left padding), so
+  that nearby prompt lengths share one compiled prefill and one decode program."""
+  return max(16, -(-length // 16) * 16)
 
 
 def zero_stats(num_layers: int, num_experts: int):

@@ -1,4 +1,5 @@
-"""`SwitchModel`: the object `swapmoe_jax.load` returns — call it for logits, or `generate` tokens."""
+"""The objects `swapmoe_jax.load` returns: `SwitchModel` (encoder-decoder) and `CausalLM` (decoder-only
+families). Call one for logits, or `generate` tokens; both share the decode loop of `ServedModel`."""
 
 from __future__ import annotations
 
@@ -66,14 +67,14 @@ def _as_mask(mask, ids: np.ndarray, name: str) -> np.ndarray:
   return m.astype(bool)
 
 
-class SwitchModel:
-  """A loaded Switch Transformer. Weights are split once into (graphdef, params, slots).
+class ServedModel:
+  """A loaded model under a residency policy. Weights are split once into (graphdef, params, slots).
 
   Attributes: config, dtype, graphdef, params, slots, store (host experts), tokenizer (or None),
   policy (residency policy name), steps_per_call (decode steps per device call in `generate`).
   """
 
-  def __init__(self, config: SwitchConfig, graphdef, params, slots, *, dtype, store=None, tokenizer=None,
+  def __init__(self, config, graphdef, params, slots, *, dtype, store=None, tokenizer=None,
                policy: str = "full", banks=None, meta: Any = None, residency=None, plan=None, limits=None,
                steps_per_call: int = DEFAULT_STEPS_PER_CALL):
     self.config = config
@@ -93,6 +94,7 @@ class SwitchModel:
     self.plan = plan
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
     self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
+    self.skip_finished = True  # decode steps after every row's EOS skip the model (`decode.decode_steps`)
 
   @property
   def params(self):
@@ -160,6 +162,76 @@ class SwitchModel:
       raise InputError(f"max_new_tokens {max_new_tokens} needs a decoder cache of {budget_lib.format_bytes(need)} "
                        f"for batch {b}, source length {s}: more than the device's {budget_lib.format_bytes(limit)}")
 
+  # --- the decode loop, shared by the families ---------------------------------------------------
+  def _decode(self, cache, tokens, done, pos, key, sampling, *, chunk: int, steps: int, max_new_tokens: int,
+              stream, out: list, first_alone: bool = False) -> np.ndarray:
+    """Runs `steps` decode steps in calls of `chunk` after the prefill, and returns the generated ids.
+
+    tokens, done, pos: the device state after the prefill (the last token of every row, finished rows,
+    the next cache position); out: entries (tokens [n, B], done [B]) already produced (the prefill's
+    first token for a decoder-only model), which count towards `max_new_tokens`. first_alone: the
+    first call runs one step, so that the first token reaches the host (and `stream`) without waiting
+    for `chunk` steps; a request's last call may then run past the cache, whose writes are clamped to
+    its last position (`dynamic_update_slice`) by steps whose tokens are dropped.
+    """
+    cfg = self.config
+    stats_sum = None
+    emitted, step, finished = 0, 0, False
+    first = 1 if first_alone and chunk > 1 and steps > 1 else 0
+    # Entries produced before the loop, and the one-step first call's: handed out as soon as the next
+    # call is dispatched (the others `_EMIT_LAG_CALLS` calls late).
+    ready = len(out) + first
+    for n in [1] * first + [chunk] * -(-(steps - first) // chunk):
+      toks, done, cache, pos, stats_sum = decode.decode_steps(
+          self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
+          stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
+          cfg.eos_token_ids, n, self.skip_finished)
+      tokens = toks[-1]
+      if self.residency is not None:
+        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=n)
+      out.append((toks, done))
+      # The host reads a call's results `_EMIT_LAG_CALLS` calls late: that call has finished (or is about
+      # to) while later ones are queued, so waiting for it never leaves the device idle.
+      while not finished and emitted < max(len(out) - _EMIT_LAG_CALLS, min(ready, len(out) - 1)):
+        finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
+        emitted += 1
+      if finished:  # every row had emitted EOS: the calls after that one only padded
+        del out[emitted:]
+        break
+    while not finished and emitted < len(out):
+      finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
+      emitted += 1
+    self._flush(stats_sum)
+    toks = np.concatenate(jax.device_get([t for t, _ in out]), axis=0).T[:, :max_new_tokens]
+    return _trim_finished(toks, cfg.eos_token_ids)
+
+  @staticmethod
+  def _emit(entry, step: int, max_new_tokens: int, stream) -> tuple[bool, int]:
+    """Hands one entry's tokens (steps `step`, `step + 1`, ...) to `stream`. Returns whether every row
+    had emitted EOS by its end, and the next step."""
+    toks, done = entry
+    n = toks.shape[0]
+    if stream is not None:
+      toks = np.asarray(toks)
+      for j in range(min(n, max_new_tokens - step)):
+        stream(step + j, toks[j])
+    return bool(np.asarray(done).all()), step + n
+
+  def _generate_args(self, input_ids, attention_mask, max_new_tokens, steps_per_call, seed, temperature, top_k,
+                     top_p):
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+    chunk = check_steps_per_call(self.steps_per_call if steps_per_call is None else steps_per_call)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+      raise InputError(f"seed must be an integer, got {seed!r:.40}")
+    ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
+    mask = _as_mask(attention_mask, ids, "attention_mask")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    return max_new_tokens, chunk, ids, mask, sampling
+
+
+class SwitchModel(ServedModel):
+  """A loaded Switch Transformer (encoder-decoder)."""
+
   # --- teacher-forced logits -----------------------------------------------------------------
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
     """Logits float32 [B, T, V] for `decoder_input_ids` (default: the decoder start token alone)."""
@@ -195,22 +267,17 @@ class SwitchModel:
     early are padded with the pad id, and generation stops once every row has emitted EOS (as HF does).
 
     stream: optional callable(step, tokens np.int32[B]) called as tokens are produced (they reach the
-      host a device call at a time).
-    steps_per_call: decode steps per device call (default `self.steps_per_call`), a divisor of 64.
-      Swaps are committed between calls. 1 gives one call per token.
+      host a device call at a time; the first token alone, from a call of one step after the encoder).
+    steps_per_call: decode steps per device call after the first (default `self.steps_per_call`), a
+      divisor of 64. Swaps are committed between calls. 1 gives one call per token.
     """
-    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-    chunk = check_steps_per_call(self.steps_per_call if steps_per_call is None else steps_per_call)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-      raise InputError(f"seed must be an integer, got {seed!r:.40}")
-    ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
-    mask = _as_mask(attention_mask, ids, "attention_mask")
+    max_new_tokens, chunk, ids, mask, sampling = self._generate_args(
+        input_ids, attention_mask, max_new_tokens, steps_per_call, seed, temperature, top_k, top_p)
     self._check_limits(ids, max_new_tokens)
     self._check_cache_fits(ids, max_new_tokens)
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg = self.config
-    # Whole calls of `chunk` steps: the cache (a multiple of 64 positions) holds the last call's extra
-    # steps, whose tokens are dropped.
+    # A first call of one step, then whole calls of `chunk` steps; the last call's extra steps (their
+    # tokens dropped) write the cache's last position at most (see `_decode`).
     cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
     self._after_prefill(enc_stats)
@@ -218,44 +285,9 @@ class SwitchModel:
     tokens = self._put(np.full((b,), cfg.decoder_start_token_id, np.int32))
     done = self._put(np.zeros((b,), bool))
     key = self._put(jax.random.key(seed))
-    stats_sum = None
-    out = []
     pos = self._put(np.zeros((), np.int32))
-    calls = -(-max_new_tokens // chunk)
-    emitted, finished = 0, False
-    for call in range(calls):
-      toks, done, cache, pos, stats_sum = decode.decode_steps(
-          self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
-          stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
-          cfg.eos_token_ids, chunk)
-      tokens = toks[-1]
-      if self.residency is not None:
-        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=chunk)
-      out.append((toks, done))
-      # The host reads a call's results `_EMIT_LAG_CALLS` calls late: that call has finished (or is about
-      # to) while later ones are queued, so waiting for it never leaves the device idle.
-      while not finished and emitted < len(out) - _EMIT_LAG_CALLS:
-        finished = self._emit(out[emitted], emitted, chunk, max_new_tokens, stream)
-        emitted += 1
-      if finished:  # every row had emitted EOS: the calls after that one only padded
-        del out[emitted:]
-        break
-    while not finished and emitted < len(out):
-      finished = self._emit(out[emitted], emitted, chunk, max_new_tokens, stream)
-      emitted += 1
-    self._flush(stats_sum)
-    toks = np.concatenate(jax.device_get([t for t, _ in out]), axis=0).T[:, :max_new_tokens]
-    return _trim_finished(toks, cfg.eos_token_ids)
-
-  @staticmethod
-  def _emit(entry, call: int, chunk: int, max_new_tokens: int, stream) -> bool:
-    """Hands one call's tokens to `stream`; True when every row had emitted EOS by its end."""
-    toks, done = entry
-    if stream is not None:
-      toks = np.asarray(toks)
-      for j in range(min(chunk, max_new_tokens - call * chunk)):
-        stream(call * chunk + j, toks[j])
-    return bool(np.asarray(done).all())
+    return self._decode(cache, tokens, done, pos, key, sampling, chunk=chunk, steps=max_new_tokens,
+                        max_new_tokens=max_new_tokens, stream=stream, out=[], first_alone=True)
 
 
 def check_steps_per_call(n) -> int:
@@ -273,3 +305,62 @@ def _trim_finished(toks: np.ndarray, eos_ids) -> np.ndarray:
     return toks
   last = int(is_eos.argmax(axis=1).max())
   return toks[:, : last + 1]
+
+
+class CausalLM(ServedModel):
+  """A loaded decoder-only MoE language model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+  `model(input_ids, attention_mask=None)` gives logits [B, T, V]; `model.generate(...)` only the new tokens.
+  Prompts are left-padded on the host (a right-padded batch is realigned, as HF expects left padding
+  for generation) to a multiple of 16 positions (`decode.prompt_length`).
+  """
+
+  def __call__(self, input_ids, attention_mask=None):
+    """Logits float32 [B, T, V] of every position (positions count only unmasked tokens, as HF's
+    `position_ids` from the attention mask)."""
+    ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
+    mask = _as_mask(attention_mask, ids, "attention_mask")
+    self._check_limits(ids)
+    logits, stats = decode.causal_forward(self._graphdef, self._params, self._slots, ids, mask, self._banks)
+    self._after_prefill(None, stats)
+    self._flush()
+    return logits
+
+  def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None,
+               steps_per_call: int | None = None) -> np.ndarray:
+    """The new tokens int32 [B, <=max_new_tokens] (the prompt is not repeated); rows that finished early
+    are padded with the pad id, and generation stops once every row has emitted EOS (as HF does).
+
+    The first token comes from the prompt's own device call (`stream` sees it before any decode step
+    runs); then calls of `steps_per_call` steps. Other arguments: see `SwitchModel.generate`.
+    """
+    max_new_tokens, chunk, ids, mask, sampling = self._generate_args(
+        input_ids, attention_mask, max_new_tokens, steps_per_call, seed, temperature, top_k, top_p)
+    cfg = self.config
+    ids, mask = left_pad(ids, mask, cfg.pad_token_id, decode.prompt_length(ids.shape[1]))
+    self._check_limits(ids, max_new_tokens)
+    self._check_cache_fits(ids, max_new_tokens)
+    s = ids.shape[1]
+    key = self._put(jax.random.key(seed))
+    first, done, cache, stats = decode.prefill(
+        self._graphdef, self._params, self._slots, ids, mask, s + decode.cache_length(max_new_tokens), key,
+        self._banks, sampling, cfg.pad_token_id, cfg.eos_token_ids)
+    self._after_prefill(None, stats)
+    pos = self._put(np.asarray(s, np.int32))
+    return self._decode(cache, first, done, pos, key, sampling, chunk=chunk, steps=max_new_tokens - 1,
+                        max_new_tokens=max_new_tokens, stream=stream, out=[(first[None], done)])
+
+
+def left_pad(ids: np.ndarray, mask: np.ndarray, pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's unmasked tokens, in order, at the right end of `length` positions (pad ids on the left)."""
+  b, s = ids.shape
+  if s > length:
+    raise ValueError(f"length {length} is shorter than the prompts ({s})")
+  out = np.full((b, length), pad_id, np.int32)
+  out_mask = np.zeros((b, length), bool)
+  for r in range(b):
+    row = ids[r][mask[r]]
+    out[r, length - row.size:] = row
+    out_mask[r, length - row.size:] = True
+  return out, out_mask

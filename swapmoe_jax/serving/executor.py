@@ -34,12 +34,19 @@ def _write_slot(wi, wo, row_wi, row_wo, slot, index_map):
 
 
 def slot_leaf_positions(slots, layer_paths) -> list[tuple[int, int, int]]:
-  """Per MoE layer, the positions of its wi, wo and slot_of among the flattened slot state's leaves."""
+  """Per MoE layer, the positions of its wi, wo and slot_of among the flattened slot state's leaves.
+
+  A layer (stack, i) lives at `stack/blocks/i/moe` (an encoder-decoder), or at `blocks/i/moe` in a
+  decoder-only model, whose one stack is not a level of its tree."""
   leaves = jax.tree_util.tree_flatten_with_path(unflat(slots))[0]  # same order as Flat.of(slots)
   index = {tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey)): n
            for n, (path, _) in enumerate(leaves)}
-  return [tuple(index[(stack, "blocks", i, "moe", name)] for name in ("wi", "wo", "slot_of"))
-          for stack, i in layer_paths]
+
+  def find(stack, i, name):
+    path = ("blocks", i, "moe", name)
+    return index[(stack,) + path] if (stack,) + path in index else index[path]
+
+  return [tuple(find(stack, i, name) for name in ("wi", "wo", "slot_of")) for stack, i in layer_paths]
 
 
 class SwapExecutor:

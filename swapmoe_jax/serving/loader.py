@@ -1,4 +1,5 @@
-"""`load(folder)`: a converted checkpoint -> a ready `SwitchModel` (weights split, experts in host memory)."""
+"""`load(folder)`: a converted checkpoint -> a ready `SwitchModel` or `CausalLM` (weights split, experts in
+host memory)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from flax import nnx
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.models.switch.model import SwitchTransformer
 from swapmoe_jax.serving import decode
-from swapmoe_jax.serving.engine import DEFAULT_STEPS_PER_CALL, SwitchModel, check_steps_per_call, positive_int
+from swapmoe_jax.serving.engine import (DEFAULT_STEPS_PER_CALL, CausalLM, ServedModel, SwitchModel,
+                                       check_steps_per_call, positive_int)
 from swapmoe_jax.serving.store import HostExpertStore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -95,6 +97,16 @@ def _fill_slots(store: HostExpertStore, layer: int, experts: np.ndarray, dtype):
   return wi, wo
 
 
+def _family(cfg, dense: dict):
+  """(module class, the params' pure dict from the dense tree, moe_of(tree, stack, block) -> that MoE
+  layer's dict in a pure tree) of the config's model family."""
+  if cfg.is_encoder_decoder:
+    return SwitchTransformer, nnx_tree_from_dense(cfg, dense), lambda tree, stack, i: tree[stack]["blocks"][i]["moe"]
+  from swapmoe_jax.models.decoder.model import CausalMoE, params_from_dense
+
+  return CausalMoE, params_from_dense(cfg, dense), lambda tree, stack, i: tree["blocks"][i]["moe"]
+
+
 def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype=jnp.float32,
                 slots_per_layer=None, resident=None, routing="masked", gate_mode="original", mesh=None):
   """Builds (graphdef, params, slots) with the given resident experts per MoE layer.
@@ -106,15 +118,15 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   from swapmoe_jax.serving import sharding
 
   slots_per_layer = tuple(slots_per_layer or [cfg.num_experts] * cfg.num_moe_layers)
-  abstract = nnx.eval_shape(lambda: SwitchTransformer(
+  module, values, moe_of = _family(cfg, dense)
+  abstract = nnx.eval_shape(lambda: module(
       cfg, slots_per_layer=slots_per_layer, routing=routing, gate_mode=gate_mode, dtype=dtype))
   if mesh is not None:
     sharding.mark_expert_parallel(abstract, mesh)
   graphdef, params, slots = decode.split_model(abstract)
   pure = nnx.to_pure_dict(params)
-  values = nnx_tree_from_dense(cfg, dense)
   for l, (stack, i) in enumerate(cfg.moe_layers):
-    values[stack]["blocks"][i]["moe"]["norms"] = store.norms[l]
+    moe_of(values, stack, i)["norms"] = store.norms[l]
   nnx.replace_by_pure_dict(params, _fill(pure, values, put=None if mesh is None else sharding.dense_placer(mesh)))
   slot_pure = nnx.to_pure_dict(slots)
   if resident is None:
@@ -129,7 +141,7 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
     else:
       wi, wo = sharding.fill_slots(mesh, store, l, experts, dtype, _fill_slots)
       slot_of = jax.device_put(slot_of, sharding.replicated(mesh))
-    slot_pure[stack]["blocks"][i]["moe"] = {"wi": wi, "wo": wo, "slot_of": slot_of}
+    moe_of(slot_pure, stack, i).update({"wi": wi, "wo": wo, "slot_of": slot_of})
   nnx.replace_by_pure_dict(slots, slot_pure)
   return graphdef, params, slots
 
@@ -217,9 +229,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   mesh = None if devices is None else sharding.expert_mesh(devices)
   n = 1 if mesh is None else mesh.size
   dbytes = jnp.dtype(jdtype).itemsize
-  shape = dict(batch=positive_int("max_batch_size", max_batch_size),
-               src_len=positive_int("max_source_len", max_source_len),
-               tgt_len=decode.cache_length(positive_int("max_new_tokens", max_new_tokens)))
+  shape = request_shape(cfg, max_batch_size, max_source_len, max_new_tokens)
   cadence = {}
   if update_every is not None:
     cadence["update_every"] = update_every
@@ -274,9 +284,20 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
   if dtype_name not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
   staging = DEFAULT_MAX_SWAPS_PER_STEP if max_swaps_per_step is None else max_swaps_per_step
+  shape = request_shape(meta.config, max_batch_size, max_source_len, max_new_tokens)
   return budget_lib.budget_for_experts(meta.config, jnp.dtype(DTYPES[dtype_name]).itemsize, experts_per_layer,
-                                       max_batch_size, max_source_len, decode.cache_length(max_new_tokens), staging,
+                                       shape["batch"], shape["src_len"], shape["tgt_len"], staging,
                                        1 if devices is None else devices)
+
+
+def request_shape(cfg, max_batch_size: int, max_source_len: int, max_new_tokens: int) -> dict:
+  """The largest request a plan holds: {"batch", "src_len", "tgt_len"} in device positions (a decoder-only
+  model's prompt rounded up as `generate` pads it, `decode.prompt_length`; the generated positions as
+  the cache holds them, `decode.cache_length`)."""
+  src_len = positive_int("max_source_len", max_source_len)
+  return dict(batch=positive_int("max_batch_size", max_batch_size),
+              src_len=src_len if cfg.is_encoder_decoder else decode.prompt_length(src_len),
+              tgt_len=decode.cache_length(positive_int("max_new_tokens", max_new_tokens)))
 
 
 def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, importance=None):
@@ -298,7 +319,7 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
-             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING) -> SwitchModel:
+             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`; `staging`: see `load`."""
   from swapmoe_jax.serving import sharding
@@ -334,7 +355,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
     maps = [controller.state.index_map(l) for l in range(cfg.num_moe_layers)]
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
-  return SwitchModel(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
+  served = SwitchModel if cfg.is_encoder_decoder else CausalLM
+  return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
                      policy=policy, banks=store.banks() if exact else None, meta=meta,
                      residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
 
