@@ -9,6 +9,9 @@ Each repeat runs two whole requests of `new_tokens` tokens from fresh prompts:
             for ours). `decode_ms_per_token` = (last boundary - first boundary) / the tokens between
             them: whole device calls only, never a difference of two requests of different lengths.
             `stream_p50_ms` / `stream_p95_ms`: per-token time of each call (boundary gap / tokens).
+            `first_alone`: the first token comes from a call of its own (a decoder-only model's
+            prefill, `CausalLM.generate`), the next calls bring `chunk` tokens each; that first
+            boundary counts for the time to first token only, never for the decode figures.
 Figures are medians over the repeats (stream percentiles over every call of every repeat).
 """
 
@@ -30,19 +33,22 @@ class Stamps:
     self.times.append(time.perf_counter())
 
 
-def boundaries(times, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-  """(arrival time of each device call's tokens, the token index at which each call's tokens start)."""
-  idx = np.arange(0, len(times), chunk)
+def boundaries(times, chunk: int, first_alone: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(arrival time of each device call's tokens, the token index at which each call's tokens start).
+  `first_alone`: token 0 is a call of its own, then calls of `chunk` from token 1."""
+  idx = np.arange(0, len(times), chunk) if not first_alone else np.arange(1, len(times), chunk)
   return np.asarray(times)[idx], idx
 
 
-def per_request(plain_s: list[float], streams: list[Stamps], new_tokens: int, chunk: int, batch: int) -> dict:
-  """The figures of the module docstring from `plain_s` (whole-request seconds) and streamed stamps."""
+def per_request(plain_s: list[float], streams: list[Stamps], new_tokens: int, chunk: int, batch: int,
+                first_alone: bool = False) -> dict:
+  """The figures of the module docstring from `plain_s` (whole-request seconds) and streamed stamps
+  (`first_alone`: see the module docstring)."""
   ttft, decode, gaps = [], [], []
   for s in streams:
     if len(s.times) != new_tokens:
       raise ValueError(f"a streamed request gave {len(s.times)} tokens, expected {new_tokens}")
-    t, idx = boundaries(s.times, chunk)
+    t, idx = boundaries(s.times, chunk, first_alone)
     ttft.append(s.times[0] - s.start)
     if len(t) > 1:
       decode.append((t[-1] - t[0]) / (idx[-1] - idx[0]))
