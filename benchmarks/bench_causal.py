@@ -356,7 +356,8 @@ _COUNTERS = ("tokens_routed", "redirected", "hits", "misses", "experts_swapped",
 def run_ours(args, cfg, common: dict) -> dict:
   import jax
 
-  policy, budget, staging = (args.run.split(":") + ["none", None])[:3]
+  parts = args.run.split(":")
+  policy, budget, staging = parts[0], parts[1] if len(parts) > 1 else "none", parts[2] if len(parts) > 2 else None
   from swapmoe_jax.serving import loader
 
   staging = staging or loader.DEFAULT_STAGING
