@@ -320,7 +320,8 @@ def build(cfg, dtype: str, policy: str, budget: str, *, batch: int, src_len: int
   budget_lib.check_fits_device(plan.breakdown.total, jax.devices()[0])  # before building the weights
   t0 = time.perf_counter()
   dense, experts, norms = random_parts(cfg, np.dtype(jdtype), threads=threads, progress=progress)
-  store = HostExpertStore.from_numpy(experts, norms, jdtype)  # reads the layers one at a time
+  store = HostExpertStore.from_numpy(experts, norms, jdtype,  # reads the layers one at a time
+                                     pinned=loader.needs_pinned(policy, staging))
   t1 = time.perf_counter()
   model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype,
                           limits=shape if budget_bytes is not None else None, steps_per_call=steps_per_call,

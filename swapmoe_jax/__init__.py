@@ -24,6 +24,15 @@ if (_gpu_plugin_installed() and "xla_gpu_autotune_level" not in _os.environ.get(
     and not _os.environ.get("SWAPMOE_KEEP_XLA_AUTOTUNE")):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 
+# XLA caps pinned host memory at 64 GB on a GPU by default; exact policies keep every expert there, and
+# a Mixtral-8x7B has 87 GiB of experts. Raised to the host's physical memory unless set (same caveats).
+if _gpu_plugin_installed() and "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ and hasattr(_os, "sysconf"):
+  try:
+    _os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(
+        _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES") // 2**30)
+  except (ValueError, OSError):
+    pass
+
 from swapmoe_jax.builtin.demo import default_checkpoint
 from swapmoe_jax.models.switch import ConfigError, SwitchConfig, SwitchTransformer
 from swapmoe_jax.moe import ExpertSlots, SlotIndex, VirtualExpertMoE

@@ -153,6 +153,15 @@ STAGINGS = ("transfer", "gather", "pageable")
 DEFAULT_STAGING = "pageable"
 
 
+def needs_pinned(policy: str, staging: str) -> bool:
+  """Whether a one-device store must hold its experts in pinned host memory: exact routing reads misses
+  from pinned banks inside the step, and the "transfer" and "gather" stagings copy out of pinned memory;
+  the other policies with "pageable" stage from numpy (and "full"/"pruned" only fill their slots once)."""
+  from swapmoe_jax.serving.residency import EXACT_POLICIES
+
+  return policy in EXACT_POLICIES or staging != "pageable"
+
+
 def check_staging(staging: str) -> None:
   if staging not in STAGINGS:
     raise ValueError(f"unknown staging {staging!r}; supported: {', '.join(STAGINGS)}")
@@ -243,7 +252,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
-    store = HostExpertStore.from_numpy(experts, meta.expert_norms, jdtype)
+    store = HostExpertStore.from_numpy(experts, meta.expert_norms, jdtype, pinned=needs_pinned(policy, staging))
   else:
     store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
   del experts

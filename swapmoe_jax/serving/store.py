@@ -52,11 +52,18 @@ class HostExpertStore:
     self._num_experts = len(rows[0]) if rows is not None else int(wi[0].shape[0])
 
   @classmethod
-  def from_numpy(cls, experts: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, dtype, device=None):
+  def from_numpy(cls, experts: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, dtype, device=None,
+                 pinned: bool = True):
     """experts: per MoE layer (wi [E, D, F], wo [E, F, D]) in the checkpoint's [in, out] orientation;
-    transposed to [out, in] one layer at a time."""
+    transposed to [out, in] one layer at a time.
+
+    pinned: hold the experts in the device's pinned host memory where it has one (needed by exact
+    routing and the "transfer"/"gather" stagings); False keeps ordinary numpy banks, as `to_pageable`
+    leaves them, without passing through pinned memory — which XLA caps (64 GB by default on a GPU:
+    a Mixtral-8x7B's 87 GiB of experts did not fit) and which would hold the experts twice meanwhile.
+    """
     device = device or jax.devices()[0]
-    kind = host_memory_kind(device)
+    kind = host_memory_kind(device) if pinned else None
     wi, wo, rows = [], [], []
     for a, b in experts:
       a, b = (np.ascontiguousarray(np.swapaxes(np.asarray(x).astype(dtype, copy=False), 1, 2)) for x in (a, b))
