@@ -94,7 +94,9 @@ class ServedModel:
     self.plan = plan
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
     self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
-    self.skip_finished = True  # decode steps after every row's EOS skip the model (`decode.decode_steps`)
+    # Decode steps after every row's EOS skip the model (`decode.decode_steps`). Not under exact routing:
+    # its host-bank conditional nested in this one crashed XLA's CPU compiler (a segfault in CI).
+    self.skip_finished = True
 
   @property
   def params(self):
@@ -185,7 +187,7 @@ class ServedModel:
       toks, done, cache, pos, stats_sum = decode.decode_steps(
           self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
           stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
-          cfg.eos_token_ids, n, self.skip_finished)
+          cfg.eos_token_ids, n, self.skip_finished and self._banks is None)
       tokens = toks[-1]
       if self.residency is not None:
         self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=n)
