@@ -63,12 +63,11 @@ def test_per_device_plans_split_evenly_never_exceed_and_are_maximal(devices, sca
 
 def test_the_uniform_planner_rounds_down_to_a_multiple_of_the_devices():
   dtype_bytes, batch, src, tgt = SHAPE
-  one = expert_bytes_each(TINY, dtype_bytes)
-  exact = memory_breakdown(TINY, dtype_bytes, [6] * 4, batch, src, tgt, 2, devices=2).total
-  plan = plan_uniform(TINY, exact + one - 1, dtype_bytes, batch, src, tgt, devices=2)
+  one_more = memory_breakdown(TINY, dtype_bytes, [8, 6, 6, 6], batch, src, tgt, 2, devices=2).total
+  plan = plan_uniform(TINY, one_more - 1, dtype_bytes, batch, src, tgt, devices=2)
   assert plan.slots_per_layer == (6,) * 4  # almost one more expert per device: not a whole slot on each
   assert "split over 2 devices" in plan.reason and "per device" in plan.reason
-  assert plan_uniform(TINY, exact + one, dtype_bytes, batch, src, tgt, devices=2).slots_per_layer == (8, 6, 6, 6)
+  assert plan_uniform(TINY, one_more, dtype_bytes, batch, src, tgt, devices=2).slots_per_layer == (8, 6, 6, 6)
 
 
 def test_devices_that_do_not_divide_the_experts_are_refused():

@@ -22,7 +22,7 @@ import heapq
 import numpy as np
 
 from swapmoe_jax.serving.budget import (
-    BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, format_bytes, memory_breakdown)
+    ALLOCATOR_MARGIN_PERCENT, BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, format_bytes, memory_breakdown)
 from swapmoe_jax.models.switch.config import SwitchConfig
 
 # The paper's `frequency`, counted in device calls (one prefill or one decode step). A decode step
@@ -92,7 +92,10 @@ def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, s
   check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices)
   base = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
                           staging_slots, devices)
-  extra = (budget_bytes - base.total) // expert_bytes_each(config, dtype_bytes)
+  # A plan's total is its arrays plus the allocator margin on them (`MemoryBreakdown`): the arrays may
+  # take the largest A with A + ceil(A * margin / 100) <= budget, i.e. A <= budget * 100 // (100 + margin).
+  arrays = budget_bytes * 100 // (100 + ALLOCATOR_MARGIN_PERCENT)
+  extra = (arrays - (base.total - base.allocator_bytes)) // expert_bytes_each(config, dtype_bytes)
   return min(config.num_moe_layers + extra, config.num_moe_layers * config.num_experts // devices)
 
 
