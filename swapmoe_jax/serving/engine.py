@@ -94,8 +94,8 @@ class ServedModel:
     self.plan = plan
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
     self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
-    # Decode steps after every row's EOS skip the model (`decode.decode_steps`). Not under exact routing:
-    # its host-bank conditional nested in this one crashed XLA's CPU compiler (a segfault in CI).
+    # Decode steps after every row's EOS skip the model (`decode.decode_steps`). Not under exact routing,
+    # whose programs stay as they were: XLA's CPU compiler crashed in CI compiling the new ones.
     self.skip_finished = True
 
   @property
@@ -288,8 +288,9 @@ class SwitchModel(ServedModel):
     done = self._put(np.zeros((b,), bool))
     key = self._put(jax.random.key(seed))
     pos = self._put(np.zeros((), np.int32))
+    # Not under exact routing: XLA's CPU compiler crashed (twice, in CI) compiling its one-step program.
     return self._decode(cache, tokens, done, pos, key, sampling, chunk=chunk, steps=max_new_tokens,
-                        max_new_tokens=max_new_tokens, stream=stream, out=[], first_alone=True)
+                        max_new_tokens=max_new_tokens, stream=stream, out=[], first_alone=self._banks is None)
 
 
 def check_steps_per_call(n) -> int:
