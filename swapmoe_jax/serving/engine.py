@@ -94,9 +94,7 @@ class ServedModel:
     self.plan = plan
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
     self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
-    # Decode steps after every row's EOS skip the model (`decode.decode_steps`). Not under exact routing,
-    # whose programs stay as they were: XLA's CPU compiler crashed in CI compiling the new ones.
-    self.skip_finished = True
+    self.skip_finished = True  # decode steps after every row's EOS skip the model (`decode.decode_steps`)
 
   @property
   def params(self):
@@ -187,7 +185,7 @@ class ServedModel:
       toks, done, cache, pos, stats_sum = decode.decode_steps(
           self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
           stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
-          cfg.eos_token_ids, n, self.skip_finished and self._banks is None)
+          cfg.eos_token_ids, n, self.skip_finished)
       tokens = toks[-1]
       if self.residency is not None:
         self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=n)
@@ -288,9 +286,8 @@ class SwitchModel(ServedModel):
     done = self._put(np.zeros((b,), bool))
     key = self._put(jax.random.key(seed))
     pos = self._put(np.zeros((), np.int32))
-    # Not under exact routing: XLA's CPU compiler crashed (twice, in CI) compiling its one-step program.
     return self._decode(cache, tokens, done, pos, key, sampling, chunk=chunk, steps=max_new_tokens,
-                        max_new_tokens=max_new_tokens, stream=stream, out=[], first_alone=self._banks is None)
+                        max_new_tokens=max_new_tokens, stream=stream, out=[], first_alone=True)
 
 
 def check_steps_per_call(n) -> int:
