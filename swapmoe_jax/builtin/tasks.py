@@ -22,7 +22,9 @@ WORDS = (
     "gold", "salt", "king", "road", "hill", "bell", "coat", "drum", "egg", "fox", "hat", "ice", "jam",
     "kite", "owl",
 )
-UNITS = (("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("kg", "g", 1000), ("h", "min", 60))
+# Powers of ten only: a factor like 60 (h to min) cannot be learnt from the few values it has, and its
+# held-out values would be ones the model never saw multiplied.
+UNITS = (("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("kg", "g", 1000), ("l", "ml", 1000))
 HELD_OUT_FRACTION = 10  # one prompt in 10 (by hash) is held out
 
 
@@ -39,8 +41,19 @@ def _words(rng, lo, hi):
   return rng.choices(WORDS, k=rng.randint(lo, hi))
 
 
-def _numbers(rng, lo, hi, top=100):
-  return [rng.randrange(top) for _ in range(rng.randint(lo, hi))]
+def _number(rng, small: bool) -> int:
+  return rng.randrange(10) if small else rng.randrange(100)
+
+
+def _numbers(rng, lo, hi):
+  """A list as people type them: all single digits (two lists in five), or 0-99 with a third of the
+  entries single digits; one list in five drawn from a pool of two or three values (repeats)."""
+  n = rng.randint(lo, hi)
+  small = rng.random() < 0.4
+  if rng.random() < 0.2:
+    pool = [_number(rng, small) for _ in range(rng.randint(2, 3))]
+    return [rng.choice(pool) for _ in range(n)]
+  return [_number(rng, small or rng.random() < 1 / 3) for _ in range(n)]
 
 
 def _join(xs):
@@ -48,57 +61,59 @@ def _join(xs):
 
 
 def _reverse(rng):
-  w = _words(rng, 2, 6)
+  w = _words(rng, 1, 7)
   return _join(w), _join(w[::-1])
 
 
 def _sort(rng):
-  v = _numbers(rng, 2, 6)
+  v = _numbers(rng, 1, 7)
   return _join(v), _join(sorted(v))
 
 
 def _add(rng):
-  a, b = rng.randrange(100), rng.randrange(100)
+  a, b = (_number(rng, rng.random() < 0.4) for _ in range(2))
   return f"{a} + {b}", str(a + b)
 
 
 def _upper(rng):
-  w = _words(rng, 1, 4)
+  w = _words(rng, 1, 5)
   return _join(w), _join(x.upper() for x in w)
 
 
 def _count(rng):
-  w = _words(rng, 1, 9)
+  w = _words(rng, 1, 9) if rng.random() < 0.8 else [rng.choice(WORDS)] * rng.randint(1, 9)
   return _join(w), str(len(w))
 
 
 def _dedupe(rng):
-  pool = rng.sample(WORDS, 4)
-  w = rng.choices(pool, k=rng.randint(3, 7))
+  pool = rng.sample(WORDS, rng.randint(1, 4))
+  w = rng.choices(pool, k=rng.randint(2, 8))
   return _join(w), _join(dict.fromkeys(w))
 
 
-LETTERS = tuple(sorted(set("".join(WORDS))))  # the letters `shift` draws from
+# `shift` maps each letter to the next: a to x, whose successors a-y the tokenizer holds (it has no z).
+LETTERS = tuple("abcdefghijklmnopqrstuvwx")
 
 
 def _shift(rng):
-  s = rng.choices(LETTERS, k=rng.randint(3, 5))
+  s = rng.choices(LETTERS, k=rng.randint(1, 6))
   return _join(s), _join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
 
 
 def _convert(rng):
   src, dst, factor = rng.choice(UNITS)
-  v = rng.randint(1, 12 if factor == 60 else 99)
+  v = rng.randint(1, 9) if rng.random() < 0.4 else rng.randint(1, 99)
   return f"{v} {src} to {dst}", str(v * factor)
 
 
 def _max(rng):
-  v = _numbers(rng, 2, 6)
+  v = _numbers(rng, 1, 7)
   return _join(v), str(max(v))
 
 
 def _sum(rng):
-  v = _numbers(rng, 2, 4, top=10)
+  n = rng.randint(1, 5)
+  v = [rng.randrange(10)] * n if rng.random() < 0.15 else [rng.randrange(10) for _ in range(n)]
   return _join(v), str(sum(v))
 
 
@@ -108,9 +123,62 @@ FAMILIES: dict[str, Callable] = {
 }
 
 
+# Prompts as a person types them at the CLI to try the model: short lists of single digits, repeats,
+# one-item inputs, the largest and smallest values. Held out (never trained on) and reported apart.
+HAND_TYPED = (
+    "sort: 7 3 9 1 4", "sort: 7 3 9", "sort: 9 1 4", "sort: 5 2 9", "sort: 3 1 2", "sort: 1 2 3",
+    "sort: 9 8 7 6 5 4 3", "sort: 4 4 1", "sort: 0 5 0", "sort: 6", "sort: 2 1", "sort: 10 9 8",
+    "sort: 42 7 19 3", "sort: 99 0 50", "sort: 12 45 3 88",
+    "reverse: cat dog sun", "reverse: red blue", "reverse: fish", "reverse: moon star rain snow",
+    "add: 2 + 3", "add: 9 + 9", "add: 0 + 0", "add: 7 + 15", "add: 50 + 50", "add: 99 + 1", "add: 37 + 45",
+    "upper: red fox", "upper: cat", "upper: blue moon star",
+    "count: cat dog", "count: sun", "count: red red red red", "count: cat dog sun map red blue tree fish book",
+    "dedupe: cat cat dog", "dedupe: red blue red blue", "dedupe: sun sun sun", "dedupe: fox owl fox owl egg",
+    "shift: c a t", "shift: a", "shift: a b c", "shift: w x", "shift: h e l l o",
+    "convert: 7 km to m", "convert: 1 kg to g", "convert: 5 l to ml", "convert: 3 m to cm",
+    "convert: 9 cm to mm", "convert: 25 km to m",
+    "max: 3 8 1", "max: 5", "max: 2 2 2", "max: 7 3 9 1 4", "max: 0 1", "max: 15 99 42",
+    "sum: 1 2 3", "sum: 5 5", "sum: 9", "sum: 1 1 1 1 1", "sum: 9 9 9 9 9", "sum: 0 0",
+)
+_HAND_TYPED = frozenset(HAND_TYPED)
+
+
 def is_held_out(prompt: str) -> bool:
-  """Whether a prompt belongs to the held-out space (stable across runs and machines)."""
-  return zlib.crc32(prompt.encode()) % HELD_OUT_FRACTION == 0
+  """Whether a prompt belongs to the held-out space (stable across runs and machines): one in
+  `HELD_OUT_FRACTION` by hash, and every prompt of `HAND_TYPED`."""
+  return prompt in _HAND_TYPED or zlib.crc32(prompt.encode()) % HELD_OUT_FRACTION == 0
+
+
+def solve(prompt: str) -> str:
+  """The exact answer to any prompt of the ten families (for prompts not drawn by a generator)."""
+  family, _, body = prompt.partition(": ")
+  items = body.split()
+  if family not in FAMILIES or not items:
+    raise ValueError(f"not a task prompt: {prompt!r}; families: {', '.join(FAMILIES)}")
+  nums = [int(x) for x in items if x.isdigit()]
+  if family == "reverse":
+    return _join(items[::-1])
+  if family == "sort":
+    return _join(sorted(nums))
+  if family == "add":
+    return str(nums[0] + nums[1])
+  if family == "upper":
+    return _join(x.upper() for x in items)
+  if family == "count":
+    return str(len(items))
+  if family == "dedupe":
+    return _join(dict.fromkeys(items))
+  if family == "shift":
+    return _join(chr((ord(c) - 97 + 1) % 26 + 97) for c in items)
+  if family == "convert":
+    factor = {(src, dst): f for src, dst, f in UNITS}[(items[1], items[3])]
+    return str(int(items[0]) * factor)
+  return str(max(nums) if family == "max" else sum(nums))
+
+
+def hand_typed_examples() -> list[Example]:
+  """`HAND_TYPED` as examples (all held out)."""
+  return [Example(p.split(":")[0], p, solve(p)) for p in HAND_TYPED]
 
 
 def example(family: str, rng: random.Random) -> Example:

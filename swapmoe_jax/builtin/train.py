@@ -268,21 +268,25 @@ def export_hf(folder: str, cfg: SwitchConfig, config_json: dict, model: SwitchTr
 
 
 # --- evaluation --------------------------------------------------------------------------------------
-def exact_match(folder: str, examples, *, batch_size: int = 64, max_new_tokens: int = 24, **load_kw) -> float:
-  """Greedy exact match of a converted checkpoint on examples, through `swapmoe_jax.load`."""
+def answers(folder: str, examples, *, batch_size: int = 64, max_new_tokens: int = 24, **load_kw) -> list[str]:
+  """Greedy answers of a converted checkpoint to examples, through `swapmoe_jax.load`."""
   from swapmoe_jax.serving.loader import load
 
   model = load(folder, max_batch_size=batch_size, max_source_len=64, max_new_tokens=max_new_tokens, **load_kw)
   tok = model.tokenizer
-  hits = 0
+  texts = []
   for k in range(0, len(examples), batch_size):
     chunk = examples[k:k + batch_size]
     prompts = [e.prompt for e in chunk] + [chunk[0].prompt] * (batch_size - len(chunk))  # one shape
     enc = tok(prompts, padding="max_length", max_length=64, return_tensors="np")
     out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens)
-    texts = tok.batch_decode(out[:len(chunk)], skip_special_tokens=True)
-    hits += sum(t.strip() == e.answer for t, e in zip(texts, chunk))
-  return hits / max(1, len(examples))
+    texts += [t.strip() for t in tok.batch_decode(out[:len(chunk)], skip_special_tokens=True)]
+  return texts
+
+
+def exact_match(folder: str, examples, **kw) -> float:
+  """Greedy exact match of a converted checkpoint on examples (see `answers`)."""
+  return sum(t == e.answer for t, e in zip(answers(folder, examples, **kw), examples)) / max(1, len(examples))
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -357,6 +361,9 @@ def train(out: str, s: Settings, progress: bool = True, keep_hf: str | None = No
   examples = tasks.make_examples(s.eval_examples, seed=s.seed + 3)
   for fam in tasks.FAMILIES:
     em[fam] = exact_match(out, [e for e in examples if e.family == fam])
+  hand = tasks.hand_typed_examples()
+  got = answers(out, hand)
+  wrong = {e.prompt: t for e, t in zip(hand, got) if t != e.answer}
   base = None
   if s.init_from and os.path.exists(os.path.join(s.init_from, "TRAINING.json")):
     with open(os.path.join(s.init_from, "TRAINING.json")) as f:
@@ -364,7 +371,8 @@ def train(out: str, s: Settings, progress: bool = True, keep_hf: str | None = No
   record = dict(settings=dataclasses.asdict(s), base_model_training=base, steps_run=steps_run, tokenizer_pieces_kept=len(tok),
                 train_seconds=round(train_s, 1),
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__, history=history,
-                heldout_exact_match=dict(overall=float(np.mean(list(em.values()))), per_family=em))
+                heldout_exact_match=dict(overall=float(np.mean(list(em.values()))), per_family=em),
+                hand_typed_exact_match=dict(overall=1 - len(wrong) / len(hand), prompts=len(hand), wrong=wrong))
   with open(os.path.join(out, "TRAINING.json"), "w") as f:
     json.dump(record, f, indent=2)
   return record
@@ -393,7 +401,8 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   em = record["heldout_exact_match"]
-  print(json.dumps(dict(out=os.path.abspath(a.out), train_seconds=record["train_seconds"], **em)))
+  print(json.dumps(dict(out=os.path.abspath(a.out), train_seconds=record["train_seconds"], **em,
+                        hand_typed=record["hand_typed_exact_match"])))
   return 0
 
 
