@@ -165,11 +165,11 @@ class FreshBuild:
   """Teacher-forced logits of a model built fresh with a given resident set, against the soaked one's."""
 
   def __init__(self, models: Models, rng):
-    from swapmoe_jax.serving.residency import EXACT_POLICIES
+    from swapmoe_jax.serving.loader import routing_of
 
     m = models.model
     self.m, self.dense = m, models.dense
-    self.routing = "exact" if m.policy in EXACT_POLICIES else "masked"
+    self.routing = routing_of(m.policy)
     b, s = m.limits["batch"], m.limits["src_len"]
     self.ids = rng.integers(2, m.config.vocab_size, (b, s)).astype(np.int32)
     self.mask = np.ones((b, s), bool)

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="slots per layer: equal, or by routing importance measured on the prompts")
   p.add_argument("--gate", choices=("original", "renormalized"), default="original",
                  help="gate value after masked routing")
+  p.add_argument("--selective-threshold", type=float, metavar="P",
+                 help="--policy selective: a missing expert whose router probability is >= P is read from "
+                      "host memory, the others redirected (default 0.5; 0: exact routing, above 1: masked)")
   src = p.add_mutually_exclusive_group()
   src.add_argument("--prompt", help=f"input text (default {DEFAULT_PROMPT!r}); with a checkpoint that has "
                                     "no tokenizer, space-separated token ids")
@@ -101,6 +104,10 @@ def _check_args(args) -> None:
     raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
   if args.experts is not None and args.experts < 1:
     raise UsageError(f"--experts must be >= 1, got {args.experts}")
+  if args.selective_threshold is not None and args.policy != "selective":
+    raise UsageError("--selective-threshold needs --policy selective")
+  if args.selective_threshold is not None and not args.selective_threshold >= 0:
+    raise UsageError(f"--selective-threshold must be >= 0, got {args.selective_threshold}")
   if args.policy not in (None, "full") and args.budget is None and args.experts is None:
     raise UsageError(f"--policy {args.policy} needs a --budget or --experts (e.g. --experts 5)")
 
@@ -369,7 +376,8 @@ def _run(args) -> int:
   model = loader.load(folder, budget=args.budget, experts=args.experts, policy=args.policy, planner=args.planner,
                       gate_mode=args.gate, dtype=args.dtype, max_batch_size=args.batch_size,
                       max_source_len=args.max_source_len, max_new_tokens=args.max_new_tokens,
-                      calibration_inputs=calibration, progress=_progress(args), staging=args.staging)
+                      calibration_inputs=calibration, progress=_progress(args), staging=args.staging,
+                      selective_threshold=args.selective_threshold)
   tokenizer = model.tokenizer if model.tokenizer is not None else tokenizer
   eos_ids = set(int(t) for t in cfg.eos_token_ids)
   stdout = sys.stdout

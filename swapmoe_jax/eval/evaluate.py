@@ -2,6 +2,7 @@
 
   python -m swapmoe_jax.evaluate                       # the built-in model, the default grid
   python -m swapmoe_jax.evaluate --budgets 100,33 --policies swapmoe,pruned --requests 50 --out /tmp/ev
+  python -m swapmoe_jax.evaluate --experts 3,5 --policies full,swapmoe,pruned,oracle --streams runs
 
 Budgets are resident experts per MoE layer: `--experts 2,3,5` directly, or `--budgets` as fractions of
 *expert* memory, K = round(f * E) (at least 1), with the rest of the model (dense weights, caches,
@@ -16,6 +17,12 @@ budget, policy, gate) it measures:
 - decode time per token, redirect rate (masked policies), miss rate (exact policies), experts swapped;
 - paired differences of exact match on the same requests, with 95 % bootstrap intervals
   (`eval/paired.py`): each row against `full`, and masked rows against `pruned` at the same K and gate.
+Policy `oracle` (evaluation only, `eval/oracle.py`) is the ceiling of masked routing: per task family
+the static top-K_l set of the experts `full` routed that family's requests to in this stream
+(hindsight), pinned at every change of family under `pruned`'s masked routing (the pins are not
+timed; their copies count as swaps). With it, swapmoe rows also get their difference with the oracle
+(`vs_oracle`) and the fraction of the oracle's gain over pruned they capture (`captured`), and the
+report a second table (`oracle.bound`).
 Writes `evaluation.md`, `evaluation.json` and `evaluation.png` into --out.
 """
 
@@ -31,12 +38,14 @@ import time
 import numpy as np
 
 from swapmoe_jax.builtin import tasks
-from swapmoe_jax.eval.paired import paired_difference
+from swapmoe_jax.eval import oracle as oracle_lib
+from swapmoe_jax.eval.paired import gain_ratio, paired_difference
 from swapmoe_jax.eval.requests import Request, make_requests, run_stream
 
 DEFAULT_BUDGETS = (100, 75, 50, 33, 25, 15)
 DEFAULT_POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
-GATED = ("swapmoe", "pruned")  # the gate option only matters for masked routing
+EVAL_ONLY_POLICIES = ("oracle",)  # not a serving policy: masked routing with per-family pins in hindsight
+GATED = ("swapmoe", "pruned", "oracle", "selective")  # the gate option only matters for masked routing
 SRC_LEN, NEW_TOKENS = 32, 24
 
 
@@ -44,11 +53,14 @@ def _decode_text(tokenizer, ids) -> str:
   return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def teacher_forced(model, requests: list[Request]) -> list[np.ndarray]:
-  """Next-token log-probabilities float32 [T, V] per request, under teacher forcing on the answers."""
+def teacher_forced(model, requests: list[Request], before=None) -> list[np.ndarray]:
+  """Next-token log-probabilities float32 [T, V] per request, under teacher forcing on the answers.
+  before: optional callable (i, i + 1) called before request i (as `run_stream`'s before_batch)."""
   cfg = model.config
   out = []
-  for r in requests:
+  for i, r in enumerate(requests):
+    if before is not None:
+      before(i, i + 1)
     dec = np.concatenate([np.full((1, 1), cfg.decoder_start_token_id, np.int32), r.target[:, :-1]], axis=1)
     logits = np.asarray(model(r.ids, r.mask, dec, r.target_mask))[0]
     logits = logits - logits.max(-1, keepdims=True)
@@ -80,11 +92,11 @@ def fidelity(logps, reference_logps) -> tuple[float, float]:
 
 def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
              gates=("original", "renormalized"), streams=("runs", "shuffled"), requests: int = 200, seed: int = 0,
-             dtype: str | None = None, progress=None, experts=None) -> list[dict]:
+             dtype: str | None = None, progress=None, experts=None, thresholds=(None,)) -> list[dict]:
   """The evaluation grid; one row per (stream, budget, policy, gate). See the module docstring.
 
   `experts`: resident experts per MoE layer to evaluate (K values); when given, `budgets` (percentages
-  of E) is not used."""
+  of E) is not used. `thresholds`: the selective policy's thresholds, a row each (None: its default)."""
   from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.serving.loader import load
 
@@ -105,23 +117,39 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
       raise ValueError(f"{folder} has no tokenizer; the evaluation needs one")
     reqs = make_requests(full.tokenizer, [(ex.prompt, ex.answer) for ex in examples], src_len=SRC_LEN,
                          tgt_len=NEW_TOKENS)
-    ref = run_stream(full, reqs, max_new_tokens=NEW_TOKENS)
+    wanted = oracle_lib.WantedRecorder(full)  # full's routing per request: the oracle's hindsight
+    ref = run_stream(full, reqs, max_new_tokens=NEW_TOKENS, after_batch=wanted)
     ref_lp = teacher_forced(full, reqs)
-    configs = [("full", 100, e, "original")] if "full" in policies else []
+    families = [ex.family for ex in examples]
+    configs = [("full", 100, e, "original", None)] if "full" in policies else []
     for pct, k in sizes:
       for policy in policies:
         if policy == "full":
           continue
         for gate in (gates if policy in GATED else ("original",)):
-          configs.append((policy, pct, k, gate))
-    for policy, pct, k, gate in configs:
+          for t in (thresholds if policy == "selective" else (None,)):
+            configs.append((policy, pct, k, gate, t))
+    for policy, pct, k, gate, threshold in configs:
+      extra = {}
       if policy == "full":
         model, res, lp, budget = full, ref, ref_lp, None
       else:
-        model = load(folder, experts=k, policy=policy, gate_mode=gate, dtype=dtype, **limits)
+        kw = {} if threshold is None else {"selective_threshold": threshold}
+        model = load(folder, experts=k, policy="pruned" if policy == "oracle" else policy, gate_mode=gate,
+                     dtype=dtype, **kw, **limits)
+        if policy == "selective":
+          from swapmoe_jax.moe.layer import DEFAULT_SELECTIVE_THRESHOLD
+          extra["threshold"] = DEFAULT_SELECTIVE_THRESHOLD if threshold is None else threshold
         budget = int(model.plan.budget_bytes)
-        res = run_stream(model, reqs, max_new_tokens=NEW_TOKENS)
-        lp = teacher_forced(model, reqs)
+        pin = None
+        if policy == "oracle":
+          sets = oracle_lib.family_resident(wanted.per_request, families, model.plan.slots_per_layer)
+          pin = oracle_lib.FamilyPinner(model, families, sets)
+          extra["oracle_resident"] = {f: [s.tolist() for s in layers] for f, layers in sorted(sets.items())}
+        res = run_stream(model, reqs, max_new_tokens=NEW_TOKENS, before_batch=pin)
+        lp = teacher_forced(model, reqs, before=pin)
+        if pin is not None:
+          extra["pins"] = pin.pins
       texts = [_decode_text(full.tokenizer, o) for o in res["outputs"]]
       tf_agree, tf_kl = fidelity(lp, ref_lp)
       s = model.stats.summary() if model.stats is not None else {}
@@ -132,7 +160,8 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
                  agreement=agreement(res["outputs"], ref["outputs"]), tf_agreement=tf_agree, tf_kl=tf_kl,
                  ms_per_token=res["ms_per_token"], redirect_rate=s.get("redirect_rate"),
                  miss_rate=1 - s["hit_rate"] if s.get("hits", 0) + s.get("misses", 0) else None,
-                 experts_swapped=s.get("experts_swapped"))
+                 experts_swapped=s.get("experts_swapped"),
+                 bank_rate=s["from_bank"] / s["tokens_routed"] if s.get("tokens_routed") else None, **extra)
       rows.append(row)
       if progress:
         progress(row)
@@ -143,7 +172,9 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
 def add_comparisons(rows: list[dict]) -> None:
   """Adds to each row its paired exact-match difference with `full` (`vs_full`) and, for masked
   policies other than `pruned`, with `pruned` at the same stream, K and gate (`vs_pruned`): dicts of
-  eval.paired.PairedDifference's fields, or None where the other row is missing."""
+  eval.paired.PairedDifference's fields, or None where the other row is missing. A swapmoe row with an
+  oracle row at the same stream, K and gate also gets `vs_oracle` and `captured` (eval.paired.GainRatio's
+  fields: the fraction of the oracle's gain over pruned that swapmoe captures)."""
   def find(stream, policy, k=None, gate=None):
     for r in rows:
       if (r["stream"], r["policy"]) == (stream, policy) and (k is None or r["slots"] == k) and (
@@ -156,6 +187,11 @@ def add_comparisons(rows: list[dict]) -> None:
     pruned = find(r["stream"], "pruned", r["slots"], r["gate"]) if r["policy"] not in ("full", "pruned") else None
     for key, other in (("vs_full", full if r["policy"] != "full" else None), ("vs_pruned", pruned)):
       r[key] = None if other is None else dataclasses.asdict(paired_difference(r["correct"], other["correct"]))
+    oracle = find(r["stream"], "oracle", r["slots"], r["gate"]) if r["policy"] == "swapmoe" else None
+    if oracle is not None:
+      r["vs_oracle"] = dataclasses.asdict(paired_difference(r["correct"], oracle["correct"]))
+      r["captured"] = None if pruned is None else dataclasses.asdict(
+          gain_ratio(r["correct"], oracle["correct"], pruned["correct"]))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -166,12 +202,16 @@ def markdown(rows: list[dict]) -> str:
   fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
   for r in rows:
     lines.append(
-        f"| {r['stream']} | {r['policy']} | {r['gate']} | {r['slots']}/{r['experts']} ({r['expert_pct']}%) | "
+        f"| {r['stream']} | {r['policy']}{' ' + format(r['threshold'], 'g') if 'threshold' in r else ''} | {r['gate']} | {r['slots']}/{r['experts']} ({r['expert_pct']}%) | "
         f"{100 * r['exact_match']:.1f}% | {100 * r['agreement']:.1f}% | {100 * r['tf_agreement']:.1f}% | "
         f"{r['tf_kl']:.4f} | {r['ms_per_token']:.2f} | {fmt(r['redirect_rate'] and 100 * r['redirect_rate'], '.1f')}"
         f"{'' if r['redirect_rate'] is None else '%'} | "
         f"{fmt(r['miss_rate'] and 100 * r['miss_rate'], '.1f')}{'' if r['miss_rate'] is None else '%'} | "
         f"{fmt(r['experts_swapped'], 'd')} | {pp(r.get('vs_full'))} | {pp(r.get('vs_pruned'))} |")
+  bound = oracle_lib.bound(rows)
+  if bound:
+    lines += ["", "Oracle bound (per-family top-K_l of full's routing, in hindsight); captured = "
+              "(swapmoe − pruned) / (oracle − pruned):", "", oracle_lib.markdown(bound)]
   return "\n".join(lines)
 
 
@@ -221,7 +261,7 @@ def write_report(rows: list[dict], out_dir: str, meta: dict) -> dict:
   with open(paths["md"], "w") as f:
     f.write(markdown(rows) + "\n")
   with open(paths["json"], "w") as f:
-    json.dump(dict(meta, rows=rows), f, indent=1)
+    json.dump(dict(meta, rows=rows, oracle_bound=oracle_lib.bound(rows)), f, indent=1)
   if plot(rows, paths["png"]) is None:
     del paths["png"]
   return paths
@@ -239,6 +279,8 @@ def main(argv=None) -> int:
   size.add_argument("--experts", help="resident experts per MoE layer, e.g. 2,3,4,5,8 (instead of --budgets)")
   p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
   p.add_argument("--gates", default="original,renormalized")
+  p.add_argument("--thresholds", help="the selective policy's thresholds, a row each, e.g. 0.1,0.3,0.6 "
+                                      "(default: its default)")
   p.add_argument("--streams", default="runs,shuffled")
   p.add_argument("--requests", type=int, default=200, help="requests per stream")
   p.add_argument("--seed", type=int, default=0)
@@ -252,9 +294,9 @@ def main(argv=None) -> int:
       raise ValueError(f"--budgets must be percentages in (0, 100], got {a.budgets!r}")
     from swapmoe_jax.serving.loader import POLICIES
     policies = _csv(a.policies)
-    bad = set(policies) - set(POLICIES)
+    bad = set(policies) - set(POLICIES) - set(EVAL_ONLY_POLICIES)
     if bad:
-      raise ValueError(f"unknown policy {sorted(bad)}; supported: {', '.join(POLICIES)}")
+      raise ValueError(f"unknown policy {sorted(bad)}; supported: {', '.join(POLICIES + EVAL_ONLY_POLICIES)}")
     if a.requests < 1:
       raise ValueError("--requests must be >= 1")
     if a.model:
@@ -264,12 +306,13 @@ def main(argv=None) -> int:
       folder = default_checkpoint()
     t0 = time.time()
     show = lambda r: print(  # noqa: E731
-        f"{r['stream']:9s} {r['policy']:8s} {r['gate']:13s} {r['slots']:3d}/{r['experts']} "
+        f"{r['stream']:9s} {r['policy'] + (' ' + format(r['threshold'], 'g') if 'threshold' in r else ''):13s} {r['gate']:13s} {r['slots']:3d}/{r['experts']} "
         f"EM {100 * r['exact_match']:5.1f}%  agree {100 * r['agreement']:5.1f}%  KL {r['tf_kl']:.4f}",
         file=sys.stderr, flush=True)
     experts = None if a.experts is None else _csv(a.experts, int)
     rows = evaluate(folder, budgets=budgets, policies=policies, gates=_csv(a.gates), streams=_csv(a.streams),
-                    requests=a.requests, seed=a.seed, dtype=a.dtype, progress=show, experts=experts)
+                    requests=a.requests, seed=a.seed, dtype=a.dtype, progress=show, experts=experts,
+                    thresholds=(None,) if a.thresholds is None else _csv(a.thresholds, float))
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

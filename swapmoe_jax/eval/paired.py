@@ -4,7 +4,9 @@ Two policies run on the same request stream score each request 0 or 1 (exact mat
 difference is the mean of the per-request differences; its 95 % interval comes from a paired bootstrap
 (requests resampled with replacement, both scores of a request kept together), which needs no normal
 approximation and respects that both configurations saw the same requests. "Better" means the interval
-excludes zero. `mcnemar_p` is the exact two-sided McNemar test on the discordant pairs, for the record.
+excludes zero. `gain_ratio` is the fraction of a ceiling's gain over a baseline that a configuration
+captures, with an interval from the same kind of resampling. `mcnemar_p` is the exact two-sided
+McNemar test on the discordant pairs, for the record.
 """
 
 from __future__ import annotations
@@ -49,6 +51,43 @@ def paired_difference(a, b, *, resamples: int = 10_000, seed: int = 0, level: fl
   low, high = np.quantile(means, [tail, 1 - tail])
   return PairedDifference(float(d.mean()), float(low), float(high), int(d.size),
                           int(np.sum((a > b))), int(np.sum(b > a)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GainRatio:
+  """(mean(a) - mean(base)) / (mean(ceiling) - mean(base)) over n paired requests, with its bootstrap
+  interval [low, high]. ratio is None where the ceiling gains nothing over the base (nothing to
+  capture); low / high are None where the interval is unbounded on that side."""
+
+  ratio: float | None
+  low: float | None
+  high: float | None
+  n: int
+
+
+def gain_ratio(a, ceiling, base, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> GainRatio:
+  """The fraction of `ceiling`'s gain over `base` that `a` captures: per-request scores of three
+  configurations on the same requests, in order. The interval resamples requests (all three scores of a
+  request together); a resample in which the ceiling gains nothing counts as an unbounded ratio with
+  the sign of a's gain, which widens the interval rather than dropping the resample."""
+  a, c, b = (np.asarray(x, np.float64) for x in (a, ceiling, base))
+  if not a.shape == c.shape == b.shape or a.ndim != 1 or a.size == 0:
+    raise ValueError(f"a, ceiling and base must be non-empty 1-D arrays of one length, got shapes "
+                     f"{a.shape}, {c.shape} and {b.shape}")
+  num, den = a - b, c - b
+  if den.mean() <= 0:
+    return GainRatio(None, None, None, int(a.size))
+  rng = np.random.default_rng(seed)
+  ratios = []
+  for i in range(0, resamples, 1000):
+    idx = rng.integers(0, a.size, (min(1000, resamples - i), a.size))
+    n, d = num[idx].mean(axis=1), den[idx].mean(axis=1)
+    ratios.append(np.where(d > 0, n / np.where(d > 0, d, 1.0), np.where(n >= 0, np.inf, -np.inf)))
+  tail = (1 - level) / 2
+  # "nearest": interpolating between two unbounded resamples would give nan
+  low, high = np.quantile(np.concatenate(ratios), [tail, 1 - tail], method="nearest")
+  bounded = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+  return GainRatio(float(num.mean() / den.mean()), bounded(low), bounded(high), int(a.size))
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -69,13 +69,17 @@ def tokens_until_eos(row: np.ndarray, eos_ids) -> int:
 
 
 def run_stream(model, requests: Sequence[Request], *, max_new_tokens: int, batch_size: int = 1,
-               timed_from: int = 1) -> dict:
+               timed_from: int = 1, before_batch: Callable[[int, int], None] | None = None,
+               after_batch: Callable[[int, int], None] | None = None) -> dict:
   """Generates the requests in order, `batch_size` at a time (greedy, as `model` samples).
 
   Args:
     model: a loaded `SwitchModel`.
     requests: from `make_requests`.
     timed_from: the first batch that counts in `ms_per_token` (default 1: the first batch compiles).
+    before_batch, after_batch: optional callables (start, stop) of a batch's requests `[start, stop)`,
+      called before it is generated and after it returned, outside the timed part (e.g. to set the
+      resident experts, or read the routing statistics, between requests).
 
   Returns a dict: `outputs` (int32 [N] per request, the new tokens as `generate` returns them, padded
   after EOS), `tokens` (generated tokens of every request, each up to and including its EOS), and
@@ -86,9 +90,13 @@ def run_stream(model, requests: Sequence[Request], *, max_new_tokens: int, batch
   for n, start in enumerate(range(0, len(requests), batch_size)):
     part = requests[start:start + batch_size]
     ids, mask = _batch(part, batch_size, model.config.pad_token_id)
+    if before_batch is not None:
+      before_batch(start, start + len(part))
     t0 = time.perf_counter()
     out = np.asarray(model.generate(ids, mask, max_new_tokens=max_new_tokens))[:len(part)]
     dt = time.perf_counter() - t0
+    if after_batch is not None:
+      after_batch(start, start + len(part))
     counts = sum(tokens_until_eos(row, eos) for row in out)
     tokens += counts
     if n >= timed_from:

@@ -1,6 +1,7 @@
 """The virtual-expert MoE layer, family-agnostic: the layer, its experts, its router, the expert-parallel
 FFN and activations. Imports jax and flax only: no model family, no runtime."""
 
-from swapmoe_jax.moe.layer import ExpertNorms, ExpertSlots, RoutingMode, SlotIndex, VirtualExpertMoE
+from swapmoe_jax.moe.layer import (ExpertNorms, ExpertSlots, RoutingMode, SelectiveThreshold, SlotIndex,
+                                   VirtualExpertMoE)
 
-__all__ = ["ExpertNorms", "ExpertSlots", "RoutingMode", "SlotIndex", "VirtualExpertMoE"]
+__all__ = ["ExpertNorms", "ExpertSlots", "RoutingMode", "SelectiveThreshold", "SlotIndex", "VirtualExpertMoE"]

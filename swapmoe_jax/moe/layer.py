@@ -7,6 +7,10 @@ The router (always resident) scores all E experts; expert weights come from a fi
 as arguments, so that swapping experts changes values, never shapes, and never recompiles.
 `place_experts` / `put_expert` fill and swap slots eagerly (for a model of one's own; the serving
 engine swaps through `serving.executor.SwapExecutor`, in place, between jitted steps).
+
+Selective routing keeps its threshold in a `SelectiveThreshold` variable (float32 []), a parameter
+like the router's weights: it reaches the jitted step as a traced argument, so changing it (as swaps
+change slots) never recompiles.
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ from swapmoe_jax.moe import parallel
 from swapmoe_jax.moe import router as router_lib
 from swapmoe_jax.moe.activations import expert_hidden
 
-RoutingMode = Literal["masked", "exact"]
+RoutingMode = Literal["masked", "exact", "selective"]
+ROUTINGS = ("masked", "exact", "selective")
 ExpertKind = Literal["mlp", "glu"]
+# A miss is read from the host bank when its router probability is at least this. 0.5 because a
+# top-1 expert with more than half of the probability mass is one the token clearly prefers (every other
+# expert has less), so redirecting it changes the output most; a token split between several
+# experts loses less when redirected. For top-k models, whose probabilities are spread over k or more
+# experts, a lower threshold (e.g. 1/(2k)) reads more misses from the bank.
+DEFAULT_SELECTIVE_THRESHOLD = 0.5
 
 
 class ExpertSlots(nnx.Variable):
@@ -39,6 +50,11 @@ class ExpertNorms(nnx.Variable):
   """float32[E]: ‖E_i‖, constant per expert (computed at conversion), used by importance."""
 
 
+class SelectiveThreshold(nnx.Variable):
+  """float32 []: selective routing's threshold; a variable (not a static attribute) so that the jitted
+  step takes it as an argument and a new value does not recompile."""
+
+
 class VirtualExpertMoE(nnx.Module):
   """Top-1 (Switch) or top-k (Mixtral, Qwen2/3-MoE, OLMoE) MoE over K resident slots ("virtual
   experts", SwapMoE).
@@ -48,9 +64,13 @@ class VirtualExpertMoE(nnx.Module):
     num_slots: K (1 <= K <= E).
     capacity: HF expert capacity per batch row (Switch, top_k == 1), or None: no token is dropped.
     act: activation name (HF ACT2FN).
-    routing: "masked" (serve only resident experts; paper) or "exact" (a missing expert is read from the
-      host bank passed to `__call__`, so outputs equal the fully resident model).
-    gate_mode: "original" or "renormalized" (masked routing only).
+    routing: "masked" (serve only resident experts; paper), "exact" (a missing expert is read from the
+      host bank passed to `__call__`, so outputs equal the fully resident model) or "selective" (a
+      missing expert whose router probability is >= `selective_threshold` is read from the bank, the
+      others redirected as in masked routing; see `router.py`).
+    gate_mode: "original" or "renormalized" (masked and selective routing).
+    selective_threshold: the initial value of the `SelectiveThreshold` variable (selective routing only;
+      assign `layer.selective_threshold[...]` to change it).
     top_k: experts per token; k > 1 needs capacity=None (see `router.route_topk`).
     norm_topk_prob: divide the k gates by their sum (capacity=None only; HF's `norm_topk_prob`).
     expert_kind: "mlp" (y = wo·act(wi·x)) or "glu" (wi holds gate and up rows: y = wo·(act(g)·u)).
@@ -84,11 +104,12 @@ class VirtualExpertMoE(nnx.Module):
       norm_topk_prob: bool = False,
       expert_kind: ExpertKind = "mlp",
       shared_d_ff: int | None = None,
+      selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD,
   ):
     if not 1 <= num_slots <= num_experts:
       raise ValueError(f"num_slots must be in [1, {num_experts}], got {num_slots}")
-    if routing not in ("masked", "exact"):
-      raise ValueError(f"routing must be 'masked' or 'exact', got {routing!r}")
+    if routing not in ROUTINGS:
+      raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if gate_mode not in router_lib.GATE_MODES:
       raise ValueError(f"gate_mode must be one of {router_lib.GATE_MODES}, got {gate_mode!r}")
     if not 1 <= top_k <= num_experts:
@@ -110,6 +131,8 @@ class VirtualExpertMoE(nnx.Module):
     slot_of = jnp.where(jnp.arange(num_experts) < num_slots, jnp.arange(num_experts), -1)
     self.slot_of = SlotIndex(slot_of.astype(jnp.int32))
     self.norms = ExpertNorms(jnp.ones((num_experts,), jnp.float32))
+    self.selective_threshold = (SelectiveThreshold(jnp.asarray(selective_threshold, jnp.float32))
+                                if routing == "selective" else None)
     if shared_d_ff is None:
       self.shared_wi = self.shared_wo = self.shared_gate = None
     else:
@@ -200,13 +223,14 @@ class VirtualExpertMoE(nnx.Module):
     that training can capture its outputs (`nnx.capture(..., method_outputs=...)`) for the
     load-balancing loss."""
     b = None if self.router_b is None else self.router_b[...]
+    threshold = None if self.selective_threshold is None else self.selective_threshold[...]
     if self.capacity is None:
       routing, probs = router_lib.route_topk(
           x, self.router_w[...], b, self.slot_of[...], self.top_k, exact=self.routing == "exact",
-          gate_mode=self.gate_mode, norm_topk_prob=self.norm_topk_prob)
+          gate_mode=self.gate_mode, norm_topk_prob=self.norm_topk_prob, threshold=threshold)
       return (routing if self.top_k > 1 else jax.tree.map(lambda a: a[..., 0], routing)), probs
     return router_lib.route(x, self.router_w[...], b, self.slot_of[...], self.capacity,
-                            exact=self.routing == "exact", gate_mode=self.gate_mode)
+                            exact=self.routing == "exact", gate_mode=self.gate_mode, threshold=threshold)
 
   def __call__(
       self,
@@ -215,9 +239,10 @@ class VirtualExpertMoE(nnx.Module):
       bank: tuple[jax.Array, jax.Array] | None = None,
   ) -> tuple[jax.Array, router_lib.LayerStats, router_lib.Routing]:
     """x: [B, T, D]; token_mask: bool [B, T] (statistics only); bank: (wi [E, F or 2F, D], wo [E, D, F]) in
-    host memory, required for exact routing. Returns y [B, T, D], the layer's statistics and its routing."""
-    if self.routing == "exact" and bank is None:
-      raise ValueError("exact routing needs the host expert bank")
+    host memory, required for exact and selective routing. Returns y [B, T, D], the layer's statistics
+    and its routing."""
+    if self.routing != "masked" and bank is None:
+      raise ValueError(f"{self.routing} routing needs the host expert bank")
     if self.capacity is None:
       y, stats, routing = self._topk(x, token_mask, bank)
     else:
@@ -232,9 +257,10 @@ class VirtualExpertMoE(nnx.Module):
     return experts_lib.expert_ffn, experts_lib.expert_ffn_misses
 
   def _top1(self, x, token_mask, bank):
-    """Switch: top-1 with HF's capacity rule; routing fields [B, T]."""
+    """Switch: top-1 with HF's capacity rule; routing fields [B, T]. A token served from the bank (a
+    miss under exact routing, a probable one under selective routing) takes its expert's capacity as
+    it would if resident; it is computed even when dropped, and zeroed with the dropped ones."""
     slot_of = self.slot_of[...]
-    exact = self.routing == "exact"
     routing, probs = self.route(x)
     stats = router_lib.layer_stats(x, probs, routing, slot_of, self.norms[...], token_mask)
     bsz, t, d = x.shape
@@ -245,7 +271,7 @@ class VirtualExpertMoE(nnx.Module):
     ffn, ffn_misses = self._ffns()
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=routing.keep.reshape(-1) & hit,
             capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
-    if exact:
+    if self.routing != "masked":
       y_miss = ffn_misses(flat_x, routing.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
       y = jnp.where(hit[:, None], y, y_miss)
     scale = (routing.gate * routing.keep).reshape(-1, 1).astype(x.dtype)
@@ -269,8 +295,11 @@ class VirtualExpertMoE(nnx.Module):
     # A token picks an expert at most once, so no slot gets more than N pairs: capacity N drops none.
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=pairs.keep.reshape(-1) & hit,
             capacity=n)
-    if self.routing == "exact":
-      y_miss = ffn_misses(flat_x, pairs.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
+    if self.routing != "masked":
+      # `keep` is all True under exact routing; under selective routing it leaves out the choices that
+      # had no available expert (fewer than k), whose gate is 0.
+      miss = ~hit & pairs.keep.reshape(-1)
+      y_miss = ffn_misses(flat_x, pairs.chosen.reshape(-1), miss, bank[0], bank[1], act)
       y = jnp.where(hit[:, None], y, y_miss)
     # HF: each expert's output times its weight in x.dtype, then summed over the k choices (here in float32).
     y = (y * (pairs.gate * pairs.keep).reshape(-1, 1).astype(x.dtype)).astype(x.dtype)

@@ -16,6 +16,17 @@ OlmoeTopKRouter in transformers 5): softmax in float32 over all E experts, `torc
 probabilities, with `norm_topk_prob` the k weights divided by their sum (in float32), then cast to the
 input dtype (Mixtral always renormalises and keeps float32 weights; the cast only matters below float32).
 Masked routing serves a token with its k best *resident* experts; the same two gate modes apply.
+
+Selective routing (issue 16) sits between the two: a missing expert whose router probability (float32,
+full softmax, before `norm_topk_prob`) is at least `threshold` is served exactly from the host bank,
+one below it is redirected as masked routing redirects it. Both routers implement it as masked routing
+over a per-token set of *available* experts, A(x) = resident ∪ {i: p_i(x) >= threshold}: a wanted
+expert in A(x) is served as wanted (from its slot, or from the bank when it is not resident), one
+outside A(x) gives way to the best resident expert the token does not already use. Threshold 0 makes
+every expert available (exact routing); a threshold above 1 leaves only the resident ones (masked
+routing). Top-k decides each token-choice pair on its own probability. The "renormalized" gate divides
+by the token's total probability over A(x), the experts it may be served by (the resident set under
+masked routing, every expert at threshold 0).
 """
 
 from __future__ import annotations
@@ -54,6 +65,9 @@ class LayerStats:
   served: jax.Array  # int32: tokens computed by each expert (after masking and capacity)
   redirected: jax.Array  # int32 []: tokens served by another expert than wanted (top-k: not any wanted one)
   misses: jax.Array  # int32 []: tokens whose wanted expert was not resident
+  # int32 []: tokens whose (non-resident) expert was computed from the host bank: every miss under exact
+  # routing, the misses at or above the threshold under selective routing, none under masked routing.
+  from_bank: jax.Array
 
 
 def _logits(x, w, b):
@@ -62,6 +76,13 @@ def _logits(x, w, b):
   # [D, E]: full precision costs nothing measurable. On the CPU it changes nothing.
   logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   return logits if b is None else logits + b.astype(jnp.float32)
+
+
+def _available(resident, probs, threshold):
+  """The experts that may serve each token: bool [E] (masked routing: the resident ones) or, with a
+  selective `threshold` (float32 [], traced), bool [B, T, E]: resident, or probable enough to be read
+  from the host bank. probs: float32 [B, T, E]."""
+  return resident if threshold is None else resident | (probs >= threshold)
 
 
 def route(
@@ -73,8 +94,14 @@ def route(
     *,
     exact: bool,
     gate_mode: GateMode = "original",
+    threshold: jax.Array | None = None,
 ) -> tuple[Routing, jax.Array]:
-  """Routes tokens. x: [B, T, D]; w: [D, E]; b: [E] or None; slot_of: int32[E] (slot or -1).
+  """Routes tokens. x: [B, T, D]; w: [D, E]; b: [E] or None; slot_of: int32[E] (slot or -1);
+  threshold: None, or float32 [] for selective routing (see the module docstring; exact=False).
+
+  Capacity counts tokens by the expert that serves them, whatever its memory: a token served from the
+  bank counts for its wanted expert (as under exact routing), a redirected one for the expert it is
+  redirected to (as under masked routing).
 
   Returns the routing and the float32 router probabilities [B, T, E].
   """
@@ -82,18 +109,22 @@ def route(
   probs_in = probs.astype(x.dtype)  # HF casts back to the input dtype before the argmax
   wanted = jnp.argmax(probs_in, axis=-1).astype(jnp.int32)
   resident = slot_of >= 0  # [E]
+  available = _available(resident, probs, threshold)
   if exact:
     chosen = wanted
   else:
-    masked = jnp.where(resident, probs_in.astype(jnp.float32), -1.0)
-    # A resident wanted expert is served as is: deriving both choices from one argmax keeps them equal
+    masked = jnp.where(available, probs_in.astype(jnp.float32), -1.0)
+    wanted_ok = resident[wanted]
+    if threshold is not None:
+      wanted_ok |= jnp.take_along_axis(probs, wanted[..., None], axis=-1)[..., 0] >= threshold
+    # A served wanted expert is served as is: deriving both choices from one argmax keeps them equal
     # even where XLA keeps excess precision in one fusion and not the other (seen in bf16 on a GPU).
-    chosen = jnp.where(resident[wanted], wanted, jnp.argmax(masked, axis=-1).astype(jnp.int32))
+    chosen = jnp.where(wanted_ok, wanted, jnp.argmax(masked, axis=-1).astype(jnp.int32))
   if gate_mode == "original" or exact:
     gate = jnp.take_along_axis(probs_in, chosen[..., None], axis=-1)[..., 0]
   elif gate_mode == "renormalized":
     p = jnp.take_along_axis(probs, chosen[..., None], axis=-1)[..., 0]
-    gate = (p / jnp.sum(jnp.where(resident, probs, 0.0), axis=-1)).astype(x.dtype)
+    gate = (p / jnp.sum(jnp.where(available, probs, 0.0), axis=-1)).astype(x.dtype)
   else:
     raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
   # Capacity: cumulative count per batch row, in position order (HF token_priority).
@@ -114,8 +145,10 @@ def route_topk(
     exact: bool,
     gate_mode: GateMode = "original",
     norm_topk_prob: bool = False,
+    threshold: jax.Array | None = None,
 ) -> tuple[Routing, jax.Array]:
-  """Top-k routing without capacity. x: [B, T, D]; w: [D, E]; b: [E] or None; slot_of: int32[E].
+  """Top-k routing without capacity. x: [B, T, D]; w: [D, E]; b: [E] or None; slot_of: int32[E];
+  threshold: None, or float32 [] for selective routing (see the module docstring; exact=False).
 
   Returns the routing, fields [B, T, k] (`keep` is all True except, in masked routing with fewer
   resident experts than k, for the non-resident choices, whose gate is 0), and the float32 router
@@ -124,7 +157,8 @@ def route_topk(
   Gates: exact routing and gate_mode "original" take the full-softmax probabilities of the chosen
   experts; "renormalized" divides them by the resident experts' total probability. With
   `norm_topk_prob` the k gates are then divided by their sum (over the served choices). All in float32,
-  then cast to x.dtype (HF Qwen2MoeTopKRouter).
+  then cast to x.dtype (HF Qwen2MoeTopKRouter). Selective routing: `keep` is False for the choices
+  outside A(x) (fewer than k available experts), and "renormalized" divides by A(x)'s probability.
   """
   if gate_mode not in GATE_MODES:
     raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
@@ -135,14 +169,17 @@ def route_topk(
   if exact:
     chosen, p, keep = wanted, top_p, jnp.ones(wanted.shape, bool)
   else:
-    masked_p, masked = jax.lax.top_k(jnp.where(resident, probs, -1.0), top_k)
-    # Tokens whose k wanted experts are all resident keep exactly the unmasked choice (see `route`).
-    same = jnp.all(resident[wanted], axis=-1, keepdims=True)
+    available = _available(resident, probs, threshold)
+    masked_p, masked = jax.lax.top_k(jnp.where(available, probs, -1.0), top_k)
+    wanted_ok = resident[wanted] if threshold is None else resident[wanted] | (top_p >= threshold)
+    # Tokens whose k wanted experts are all served keep exactly the unmasked choice (see `route`).
+    same = jnp.all(wanted_ok, axis=-1, keepdims=True)
     chosen = jnp.where(same, wanted, masked.astype(jnp.int32))
-    keep = resident[chosen]  # False only when fewer than k experts are resident
+    # False only when fewer than k experts are available
+    keep = resident[chosen] if threshold is None else jnp.take_along_axis(available, chosen, axis=-1)
     p = jnp.where(keep, jnp.where(same, top_p, masked_p), 0.0)
     if gate_mode == "renormalized":
-      p = p / jnp.sum(jnp.where(resident, probs, 0.0), axis=-1, keepdims=True)
+      p = p / jnp.sum(jnp.where(available, probs, 0.0), axis=-1, keepdims=True)
   if norm_topk_prob:
     p = p / jnp.sum(p, axis=-1, keepdims=True)
   routing = Routing(wanted=wanted, chosen=chosen, slot=slot_of[chosen], gate=p.astype(x.dtype), keep=keep)
@@ -174,6 +211,7 @@ def topk_layer_stats(
       served=jnp.sum(served_1h, axis=(0, 1, 2)),
       redirected=jnp.sum(served & elsewhere).astype(jnp.int32),
       misses=jnp.sum(valid[..., None] & (slot_of[routing.wanted] < 0)).astype(jnp.int32),
+      from_bank=jnp.sum(served & (routing.slot < 0)).astype(jnp.int32),
   )
 
 
@@ -198,4 +236,6 @@ def layer_stats(
       served=jnp.sum(served_1h, axis=(0, 1)),
       redirected=jnp.sum(valid & (routing.chosen != routing.wanted)).astype(jnp.int32),
       misses=jnp.sum(valid & (slot_of[routing.wanted] < 0)).astype(jnp.int32),
+      # Capacity drops included, as in `misses`: exact routing reads them from the bank too.
+      from_bank=jnp.sum(valid & (routing.slot < 0)).astype(jnp.int32),
   )

@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from swapmoe_jax.moe import ExpertNorms, ExpertSlots, SlotIndex
+from swapmoe_jax.moe import ExpertNorms, ExpertSlots, SelectiveThreshold, SlotIndex
 from swapmoe_jax.serving import sampling as sampling_lib
 
 
 def split_model(model):
-  """-> (graphdef, params, slots)."""
-  return nnx.split(model, (nnx.Param, ExpertNorms), (ExpertSlots, SlotIndex))
+  """-> (graphdef, params, slots). Selective routing's threshold goes with the params: an argument of
+  every program, like them, so a new value does not recompile."""
+  return nnx.split(model, (nnx.Param, ExpertNorms, SelectiveThreshold), (ExpertSlots, SlotIndex))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -226,7 +227,8 @@ def zero_stats(num_layers: int, num_experts: int):
   return LayerStats(importance=jnp.zeros((num_layers, num_experts), jnp.float32),
                     wanted=jnp.zeros((num_layers, num_experts), jnp.int32),
                     served=jnp.zeros((num_layers, num_experts), jnp.int32),
-                    redirected=jnp.zeros((num_layers,), jnp.int32), misses=jnp.zeros((num_layers,), jnp.int32))
+                    redirected=jnp.zeros((num_layers,), jnp.int32), misses=jnp.zeros((num_layers,), jnp.int32),
+                    from_bank=jnp.zeros((num_layers,), jnp.int32))
 
 
 def cache_length(max_new_tokens: int) -> int:

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving import decode
 from swapmoe_jax.serving.sampling import Sampling
 
@@ -110,10 +109,49 @@ class ServedModel:
   def slots(self, value):
     self._slots = decode.Flat.of(value)
 
+  def set_selective_threshold(self, threshold: float) -> None:
+    """Sets every MoE layer's threshold (policy "selective": a miss whose router probability is >=
+    `threshold` is read from the host bank, the others redirected). The threshold is a parameter of the
+    compiled programs, not a constant in them: the new value, on the old one's device, recompiles nothing."""
+    from swapmoe_jax.serving.residency import check_selective_threshold
+
+    threshold = check_selective_threshold(self.policy, threshold)
+    leaves = list(self._params.leaves)
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(self._params.tree())[0]]
+    found = False
+    for i, path in enumerate(paths):
+      if jax.tree_util.DictKey("selective_threshold") in path:
+        old = leaves[i]
+        value = np.asarray(threshold, old.dtype)
+        # Committed only where the old leaf was (one-device params are not, mesh ones are): a committed
+        # argument in place of an uncommitted one is another signature of every program, and a compile.
+        # (`jax.device_put` without a device: `jnp.asarray` of a 0-d array compiles a small program.)
+        leaves[i] = jax.device_put(value, old.sharding if old._committed else None)
+        found = True
+    if not found:
+      raise ValueError(f"policy {self.policy!r} has no selective threshold")
+    self._params = decode.Flat(self._params.treedef, leaves)
+
   @property
   def stats(self):
     """Telemetry of this model's calls so far (`print(model.stats)`), or None without a policy."""
     return None if self.residency is None else self.residency.telemetry
+
+  def pin_experts(self, resident) -> None:
+    """Sets the resident experts between requests: `resident` gives, per MoE layer (encoder layers
+    first, as `config.moe_layers`), the K_l distinct expert ids in [0, E) to hold, in any order.
+
+    The experts are copied into the slots as the policy's own swaps are (`Residency.pin`): the slot
+    buffers, index maps, controller state and `stats` stay in agreement, and the copies count as
+    swapped experts. Only values change: no decode program recompiles. A static policy (`pruned`)
+    keeps the pinned set until the next pin; a dynamic one (`swapmoe`, `lru`, `lfu`) keeps its scores
+    and may move away from it at its next observation, within the request that follows.
+    Raises ValueError on a bad `resident` (wrong number of layers, not K_l distinct ids in range).
+    """
+    if self.residency is None:
+      raise ValueError("this model has no residency policy: nothing to pin")
+    max_writes = self.plan.max_swaps_per_step if self.plan is not None else 1
+    self._slots = self.residency.pin(self._slots, resident, self.store, max_writes)
 
   def _after_prefill(self, enc, dec=None):
     if self.residency is not None:

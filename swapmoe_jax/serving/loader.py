@@ -16,6 +16,7 @@ from swapmoe_jax.models.switch.model import SwitchTransformer
 from swapmoe_jax.serving import decode
 from swapmoe_jax.serving.engine import (DEFAULT_STEPS_PER_CALL, CausalLM, ServedModel, SwitchModel,
                                        check_steps_per_call, positive_int)
+from swapmoe_jax.moe.layer import DEFAULT_SELECTIVE_THRESHOLD
 from swapmoe_jax.serving.store import HostExpertStore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -108,10 +109,13 @@ def _family(cfg, dense: dict):
 
 
 def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype=jnp.float32,
-                slots_per_layer=None, resident=None, routing="masked", gate_mode="original", mesh=None):
+                slots_per_layer=None, resident=None, routing="masked", gate_mode="original", mesh=None,
+                selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD):
   """Builds (graphdef, params, slots) with the given resident experts per MoE layer.
 
   resident: per MoE layer, int array [K_l] of the experts placed in slots 0..K_l-1 (default: 0..K_l-1).
+  selective_threshold: every MoE layer's threshold under routing "selective" (a parameter: see
+    `ServedModel.set_selective_threshold`).
   mesh: None (one device), or a mesh with axis "expert" to split every layer's slots over (then `store`
     is a `sharding.ShardedExpertStore` and every K_l a multiple of the mesh size; see `sharding.py`).
   """
@@ -127,6 +131,8 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   pure = nnx.to_pure_dict(params)
   for l, (stack, i) in enumerate(cfg.moe_layers):
     moe_of(values, stack, i)["norms"] = store.norms[l]
+    if routing == "selective":
+      moe_of(values, stack, i)["selective_threshold"] = np.float32(selective_threshold)
   nnx.replace_by_pure_dict(params, _fill(pure, values, put=None if mesh is None else sharding.dense_placer(mesh)))
   slot_pure = nnx.to_pure_dict(slots)
   if resident is None:
@@ -146,7 +152,7 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   return graphdef, params, slots
 
 
-POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu")
+POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu", "selective")
 PLANNERS = ("uniform", "calibrated")
 STAGINGS = ("transfer", "gather", "pageable")
 # Measured on an H200 (benchmarks/RESULTS.md): as fast as "transfer", and host memory levels off.
@@ -154,12 +160,27 @@ DEFAULT_STAGING = "pageable"
 
 
 def needs_pinned(policy: str, staging: str) -> bool:
-  """Whether a one-device store must hold its experts in pinned host memory: exact routing reads misses
-  from pinned banks inside the step, and the "transfer" and "gather" stagings copy out of pinned memory;
-  the other policies with "pageable" stage from numpy (and "full"/"pruned" only fill their slots once)."""
-  from swapmoe_jax.serving.residency import EXACT_POLICIES
+  """Whether a one-device store must hold its experts in pinned host memory: exact and selective routing
+  read misses from pinned banks inside the step, and the "transfer" and "gather" stagings copy out of
+  pinned memory; the other policies with "pageable" stage from numpy (and "full"/"pruned" only fill
+  their slots once)."""
+  return reads_bank(policy) or staging != "pageable"
 
-  return policy in EXACT_POLICIES or staging != "pageable"
+
+def reads_bank(policy: str) -> bool:
+  """Whether the policy's routing reads missing experts from the host banks inside the step (exact
+  policies; selective, for its misses at or above the threshold): its model gets `store.banks()`."""
+  from swapmoe_jax.serving.residency import EXACT_POLICIES, SELECTIVE_POLICIES
+
+  return policy in EXACT_POLICIES + SELECTIVE_POLICIES
+
+
+def routing_of(policy: str) -> str:
+  """The MoE layers' routing mode (`VirtualExpertMoE`) under a policy."""
+  from swapmoe_jax.serving.residency import EXACT_POLICIES, SELECTIVE_POLICIES
+
+  return "exact" if policy in EXACT_POLICIES else "selective" if policy in SELECTIVE_POLICIES else "masked"
+
 
 
 def check_staging(staging: str) -> None:
@@ -172,7 +193,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
-         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING):
+         devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
+         selective_threshold: float | None = None):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -184,11 +206,18 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       every model, where a percentage of a small model's weights can be below the runtime reserve.
     policy: "full" (every expert resident), "swapmoe" (virtual experts, masked gating, importance-driven
       asynchronous swaps), "pruned" (static top-K by expert norm, masked gating), "lru" (exact routing,
-      least-recently-used eviction), "lfu" (exact routing, decayed-frequency eviction). Default: "full"
-      without a budget, "swapmoe" with one.
+      least-recently-used eviction), "lfu" (exact routing, decayed-frequency eviction), "selective"
+      (swaps as "swapmoe"; a missing expert whose router probability is >= `selective_threshold` is read
+      from the host bank inside the step, as exact routing does, the others are redirected, as masked
+      routing does). Default: "full" without a budget, "swapmoe" with one.
     planner: "uniform" (equal K per layer) or "calibrated" (K_l by routing importance measured on
       `calibration_inputs`, a list of int token-id arrays).
-    gate_mode: "original" or "renormalized" gate after masked routing.
+    gate_mode: "original" or "renormalized" gate after masked (or selective) routing.
+    selective_threshold: policy "selective"'s threshold, a router probability >= 0 (default 0.5,
+      `moe.layer.DEFAULT_SELECTIVE_THRESHOLD`: a miss is read from the bank when its expert holds the
+      majority of the token's probability, where redirecting it would change the output most). 0
+      serves every miss exactly (exact routing's outputs), above 1 none (masked routing's). Change it
+      later with `model.set_selective_threshold`, without recompiling.
     dtype: "float32" or "bfloat16" (default: the checkpoint's).
     max_batch_size, max_source_len, max_new_tokens: the largest request the budget must hold (KV caches
       and workspace are accounted for them; larger requests are refused).
@@ -202,8 +231,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       stacked pinned banks (on the compute stream, so it does not overlap the decode). On an H200 with
       jax 0.11.2 every `device_put` out of pinned host memory kept ~2.2 KiB of host memory (RSS) for
       good, the other two ~0 (`benchmarks/rss_staging.py`), and "pageable" decoded as fast as
-      "transfer": "transfer" is not for servers that swap for days. Exact policies (lru, lfu) read
-      misses from pinned banks inside the step, so for them every staging is "gather".
+      "transfer": "transfer" is not for servers that swap for days. Exact policies (lru, lfu) and
+      "selective" read misses from pinned banks inside the step, so for them every staging is "gather".
       With `devices`, "pageable" does not apply: each device stages from its pinned host shard.
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
@@ -224,6 +253,9 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   steps_per_call = check_steps_per_call(steps_per_call)
   if policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
+  from swapmoe_jax.serving.residency import check_selective_threshold
+
+  selective_threshold = check_selective_threshold(policy, selective_threshold)
   check_staging(staging)
   if planner not in PLANNERS:
     raise ValueError(f"unknown planner {planner!r}; supported: {', '.join(PLANNERS)}")
@@ -271,7 +303,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
                   limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
-                  steps_per_call=steps_per_call, staging=staging)
+                  steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -328,30 +360,32 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
-             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING) -> ServedModel:
+             steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
+             selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
-  `build_model`; `staging`: see `load`."""
+  `build_model`; `staging`, `selective_threshold`: see `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
-  from swapmoe_jax.serving.residency import EXACT_POLICIES, Residency
+  from swapmoe_jax.serving.residency import Residency
   from swapmoe_jax.serving.stats import Telemetry
   from swapmoe_jax.serving.swap import make_controller
 
   slots = plan.slots_per_layer
   resident = initial_resident(policy, store, slots, importance)
-  exact = policy in EXACT_POLICIES
+  bank = reads_bank(policy)
   graphdef, params, slot_state = build_model(cfg, dense, store, dtype=dtype, slots_per_layer=slots,
-                                             resident=resident, routing="exact" if exact else "masked",
-                                             gate_mode=gate_mode, mesh=mesh)
+                                             resident=resident, routing=routing_of(policy),
+                                             gate_mode=gate_mode, mesh=mesh, selective_threshold=selective_threshold)
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
                                max_swaps_per_step=plan.max_swaps_per_step)
-  # Exact routing reads misses from stacked host banks, and staging="gather" stages from them; building
-  # them changes how the store stages experts, so it comes before the executor compiles its programs.
+  # Exact and selective routing read misses from stacked host banks, and staging="gather" stages from
+  # them; building them changes how the store stages experts, so it comes before the executor compiles
+  # its programs.
   check_staging(staging)
-  swaps = policy in ("swapmoe", "lru", "lfu") and plan.max_swaps_per_step > 0
-  if exact or staging == "gather":
+  swaps = policy in ("swapmoe", "selective", "lru", "lfu") and plan.max_swaps_per_step > 0
+  if bank or staging == "gather":
     store.banks()
   elif staging == "pageable" and mesh is None and swaps:  # nothing to stage otherwise
     store.to_pageable()
@@ -366,7 +400,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
   served = SwitchModel if cfg.is_encoder_decoder else CausalLM
   return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
-                     policy=policy, banks=store.banks() if exact else None, meta=meta,
+                     policy=policy, banks=store.banks() if bank else None, meta=meta,
                      residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
 
 

@@ -17,14 +17,34 @@ import numpy as np
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.executor import SwapExecutor
 from swapmoe_jax.serving.stats import RoutingStats, StepRecord, Telemetry
-from swapmoe_jax.serving.swap import SwapController
+from swapmoe_jax.serving.swap import ResidencyError, SlotWrite, SwapController
 
 EXACT_POLICIES = ("lru", "lfu")
+# Selective routing: misses above a threshold read from the host bank (as exact policies do), the others
+# redirected (as masked policies do); swaps as "swapmoe".
+SELECTIVE_POLICIES = ("selective",)
 # A closed window's statistics are read this many decode calls after the call that closed it. Reading
 # them waits for that call to finish; two calls later, the host still has a whole call queued on the
 # device while it waits, plans and stages swaps, and dispatches the next one.
 READ_LAG_CALLS = 2  # "full" needs no bank: everything is resident
 MASKED_POLICIES = ("swapmoe", "pruned")
+
+
+def check_selective_threshold(policy: str, threshold) -> float:
+  """The threshold `policy` is served with: the default (`moe.layer.DEFAULT_SELECTIVE_THRESHOLD`) for
+  "selective" when None; a ValueError for a threshold given to another policy (it would be silently
+  ignored), or one that is not a number >= 0."""
+  from swapmoe_jax.moe.layer import DEFAULT_SELECTIVE_THRESHOLD
+
+  if threshold is None:
+    return DEFAULT_SELECTIVE_THRESHOLD
+  if policy not in SELECTIVE_POLICIES:
+    raise ValueError(f"selective_threshold applies to policy 'selective' only, not {policy!r}")
+  if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+    raise ValueError(f"selective_threshold must be a number, got {threshold!r:.40}")
+  if not threshold >= 0:  # NaN too
+    raise ValueError(f"selective_threshold must be >= 0, got {threshold}")
+  return float(threshold)
 
 
 def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
@@ -35,6 +55,7 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   wanted = np.zeros((cfg.num_moe_layers, e), np.int64)
   served = np.zeros((cfg.num_moe_layers, e), np.int64)
   redirected = np.zeros((cfg.num_moe_layers,), np.int64)
+  from_bank = np.zeros((cfg.num_moe_layers,), np.int64)
   for part, lo in ((enc, 0), (dec, num_enc)):
     if part is None:
       continue
@@ -44,7 +65,8 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
     wanted[lo:lo + n] = part.wanted
     served[lo:lo + n] = part.served
     redirected[lo:lo + n] = part.redirected
-  return RoutingStats(imp, wanted, served, redirected)
+    from_bank[lo:lo + n] = part.from_bank
+  return RoutingStats(imp, wanted, served, redirected, from_bank)
 
 
 class Residency:
@@ -69,6 +91,7 @@ class Residency:
     self._steps = 0
     self._swap = dict(experts_swapped=0, bytes_swapped=0, transfer_s=0.0)  # since the last record
     self._may_write = True  # False once the controller has no moves left, until the next observation
+    self._pin_executor = None  # `pin`'s executor where the policy has none (a static policy)
     self.totals = RoutingStats.zeros(cfg.num_moe_layers, cfg.num_experts)  # merged over all calls
     telemetry.set_resident(controller.state.slot_expert)
 
@@ -136,6 +159,79 @@ class Residency:
     self._swap["bytes_swapped"] += len(writes) * self.executor.store.expert_bytes
     self._swap["transfer_s"] += transfer_s
     return slots
+
+  def pin(self, slots, resident, store=None, max_writes: int = 1):
+    """Makes `resident` the resident experts, between requests; returns the new slot state (a `Flat`).
+
+    resident: per MoE layer, the K_l distinct expert ids in [0, E) to hold (in any order).
+    store, max_writes: the host expert store and the writes per commit (the plan's staging slots) of
+      the executor made for a policy that has none (`full`, `pruned`); unused otherwise. Experts
+    already resident keep their slots; each other one replaces an expert not in the new set. The
+    writes go through a `SwapExecutor` in commits of its `max_writes` (the planner's staging slots),
+    each with its layer's index map, as the controller's own swaps do; the controller's state and the
+    telemetry's resident set follow, and the copies count as swapped experts. Only values change, so
+    no decode program recompiles (a static policy, which has no executor, compiles the one-slot
+    write program on its first pin). A dynamic controller keeps its scores and may move away from
+    the pinned set at its next observation. Raises ResidencyError (a ValueError) on a bad `resident`
+    or while the controller has writes in flight.
+    """
+    targets = self._check_pin(resident)
+    if self.controller.pending:
+      raise ResidencyError(f"{len(self.controller.pending)} slot writes are in flight: pin between requests")
+    writes = []
+    for layer, target in enumerate(targets):
+      held = self.controller.state.slot_expert[layer]
+      incoming = sorted(set(target.tolist()) - set(held.tolist()))
+      free = [s for s, e in enumerate(held.tolist()) if e not in target]  # empty slots (-1) included
+      writes += [SlotWrite(layer, s, e, int(held[s])) for s, e in zip(free, incoming)]
+    if not writes:
+      return slots
+    executor = self.executor or self._pin_executor or self._make_pin_executor(store, max_writes)
+    for start in range(0, len(writes), executor.max_writes):
+      part = writes[start:start + executor.max_writes]
+      self.controller.state.apply(part)  # validates the writes before any byte moves
+      slots, transfer_s = executor.apply(slots, part, self.controller.state.index_maps())
+      self._swap["experts_swapped"] += len(part)
+      self._swap["bytes_swapped"] += len(part) * executor.store.expert_bytes
+      self._swap["transfer_s"] += transfer_s
+    self.telemetry.set_resident(self.controller.state.slot_expert)
+    self._may_write = True  # a dynamic controller may now want to move again
+    return slots
+
+  def _check_pin(self, resident) -> list[np.ndarray]:
+    """`resident` as int arrays per layer; ResidencyError unless L layers of K_l distinct ids in [0, E)."""
+    k_l, e = self.controller.state.slots_per_layer, self.cfg.num_experts
+    if isinstance(resident, (str, bytes)) or not hasattr(resident, "__len__") or len(resident) != len(k_l):
+      got = len(resident) if hasattr(resident, "__len__") else type(resident).__name__
+      raise ResidencyError(f"resident must give one set of expert ids per MoE layer ({len(k_l)}), got {got}")
+    out = []
+    for layer, (ids, k) in enumerate(zip(resident, k_l)):
+      a = np.asarray(ids)
+      if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or a.size == 0) or a.ndim != 1:
+        raise ResidencyError(f"layer {layer}: resident experts must be a 1-D array of integer ids, "
+                             f"got {a.dtype} of shape {a.shape}")
+      a = a.astype(np.int64)
+      if a.size != k:
+        raise ResidencyError(f"layer {layer}: {a.size} experts given for {k} slots (give exactly {k})")
+      if a.size and (a.min() < 0 or a.max() >= e):
+        raise ResidencyError(f"layer {layer}: expert ids must be in [0, {e}), got {sorted(a.tolist())}")
+      if len(np.unique(a)) != a.size:
+        raise ResidencyError(f"layer {layer}: expert ids repeat in {a.tolist()}")
+      out.append(a)
+    return out
+
+  def _make_pin_executor(self, store, max_writes: int) -> SwapExecutor:
+    """An executor for a policy that has none, committing `max_writes` experts at a time."""
+    from swapmoe_jax.serving import sharding
+
+    if store is None:
+      raise ResidencyError(f"policy {self.controller.policy!r} has no swap executor: pin needs the expert store")
+    args = (store, self.cfg.moe_layers, self.controller.state.slots_per_layer, max(1, int(max_writes)))
+    if isinstance(store, sharding.ShardedExpertStore):
+      self._pin_executor = sharding.ShardedSwapExecutor(*args, store.mesh)
+    else:
+      self._pin_executor = SwapExecutor(*args)
+    return self._pin_executor
 
 
 def _index_map(slot_expert: np.ndarray, num_experts: int) -> np.ndarray:

@@ -5,7 +5,10 @@ The jitted step returns, per call, numpy arrays after `device_get` (the seam bet
                            sum of ||x|| * G(x)_i * ||E_i||;
   wanted     int32[L,E]    tokens the unmasked router sends to each expert;
   served     int32[L,E]    tokens each expert computed after masking (and capacity drops);
-  redirected int32[L]      tokens served by another expert than the one they wanted.
+  redirected int32[L]      tokens served by another expert than the one they wanted;
+  from_bank  int32[L]      tokens whose non-resident expert was computed from the host bank inside the
+                           step (exact routing's misses, selective routing's misses at or above its
+                           threshold; selective's other misses are the redirected ones).
 A layer that saw no tokens in a call (the encoder during decode steps) has all-zero rows.
 
 Axis letters: L MoE layers, E experts, K slots.
@@ -34,6 +37,7 @@ class RoutingStats:
   wanted: np.ndarray  # int64[L,E]
   served: np.ndarray  # int64[L,E]
   redirected: np.ndarray  # int64[L]
+  from_bank: np.ndarray | None = None  # int64[L]; None: zeros
 
   def __post_init__(self):
     # Copies: the fields are made read-only, and the caller's arrays must stay theirs.
@@ -43,11 +47,15 @@ class RoutingStats:
     wanted = np.array(self.wanted, dtype=np.int64)
     served = np.array(self.served, dtype=np.int64)
     redirected = np.array(self.redirected, dtype=np.int64)
+    from_bank = np.zeros_like(redirected) if self.from_bank is None else np.array(self.from_bank, dtype=np.int64)
     if wanted.shape != imp.shape or served.shape != imp.shape:
       raise ValueError(f"wanted {wanted.shape} and served {served.shape} must match importance {imp.shape}")
     if redirected.shape != imp.shape[:1]:
       raise ValueError(f"redirected must be [L={imp.shape[0]}], got shape {redirected.shape}")
-    for name, arr in (("importance", imp), ("wanted", wanted), ("served", served), ("redirected", redirected)):
+    if from_bank.shape != redirected.shape:
+      raise ValueError(f"from_bank must be [L={imp.shape[0]}], got shape {from_bank.shape}")
+    for name, arr in (("importance", imp), ("wanted", wanted), ("served", served), ("redirected", redirected),
+                      ("from_bank", from_bank)):
       arr.flags.writeable = False
       object.__setattr__(self, name, arr)
 
@@ -82,7 +90,8 @@ class RoutingStats:
     if other.importance.shape != self.importance.shape:
       raise ValueError(f"cannot merge stats of shape {other.importance.shape} into {self.importance.shape}")
     return RoutingStats(self.importance + other.importance, self.wanted + other.wanted,
-                        self.served + other.served, self.redirected + other.redirected)
+                        self.served + other.served, self.redirected + other.redirected,
+                        self.from_bank + other.from_bank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +100,13 @@ class StepRecord:
 
   hits / misses count (layer, expert) pairs the unmasked router wanted in this call, by whether the
   expert was resident in a committed slot: the events that cost a copy under exact routing.
+  redirected / from_bank count tokens (token-choice pairs for top-k), summed over the layers: those
+  served by another expert, and those whose non-resident expert was read from the host bank.
   """
 
   step: int
   redirected: int = 0
+  from_bank: int = 0
   wanted: int = 0
   served: int = 0
   hits: int = 0
@@ -106,11 +118,11 @@ class StepRecord:
 
   @classmethod
   def from_stats(cls, step: int, stats: RoutingStats, **kwargs) -> "StepRecord":
-    return cls(step=step, redirected=int(stats.redirected.sum()), wanted=stats.tokens_routed,
-               served=int(stats.served.sum()), **kwargs)
+    return cls(step=step, redirected=int(stats.redirected.sum()), from_bank=int(stats.from_bank.sum()),
+               wanted=stats.tokens_routed, served=int(stats.served.sum()), **kwargs)
 
 
-_TOTALS = ("redirected", "wanted", "served", "hits", "misses", "experts_swapped", "bytes_swapped",
+_TOTALS = ("redirected", "from_bank", "wanted", "served", "hits", "misses", "experts_swapped", "bytes_swapped",
            "transfer_s", "wait_s")
 
 
@@ -166,6 +178,7 @@ class Telemetry:
         "served": int(t["served"]),
         "redirected": int(t["redirected"]),
         "redirect_rate": self.redirect_rate,
+        "from_bank": int(t["from_bank"]),
         "hits": int(t["hits"]),
         "misses": int(t["misses"]),
         "hit_rate": self.hit_rate,
@@ -189,7 +202,7 @@ class Telemetry:
     rows = [
         ("policy", f"{s['policy'] or '-'}   steps {s['steps']}"),
         ("routing", f"tokens {s['tokens_routed']:,}   redirected {s['redirected']:,} "
-                    f"({100 * s['redirect_rate']:.2f}%)   served {s['served']:,}"),
+                    f"({100 * s['redirect_rate']:.2f}%)   from bank {s['from_bank']:,}   served {s['served']:,}"),
         ("experts", f"hits {s['hits']:,}   misses {s['misses']:,}   hit rate {100 * s['hit_rate']:.1f}%"),
         ("swaps", f"{s['experts_swapped']:,} experts   {format_bytes(s['bytes_swapped'])}   transfer "
                   f"{1e3 * s['transfer_s']:.1f} ms{rate}   compute wait {1e3 * s['wait_s']:.1f} ms"),

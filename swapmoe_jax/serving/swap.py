@@ -14,6 +14,8 @@ resident for hits. Pending writes may be committed in any order, together or one
 Policies:
   swapmoe  SwapMoE (masked routing): decayed Eq. 1 importance; every `update_every` calls the target
            becomes the top-K_l experts per layer, approached a few writes per step.
+  selective  as swapmoe, for selective routing (probable misses read from the host bank, the others
+           redirected); importance is of the unmasked router either way, so the swaps are the same.
   lru      exact routing, mixtral-offloading style: keep the K_l most recently wanted experts.
   lfu      exact routing: keep the K_l experts wanted in the most recent steps, by decayed frequency.
   full / pruned  static: never write (pruned: top-K_l by expert norm, the paper's Pruning baseline).
@@ -34,7 +36,7 @@ from swapmoe_jax.serving.stats import RoutingStats
 # Per observed call of a layer; 1 / (1 - decay) calls is the effective window (20 for swapmoe).
 DEFAULT_DECAY = 0.95
 DEFAULT_LFU_DECAY = 0.9
-POLICIES = ("swapmoe", "lru", "lfu", "full", "pruned")
+POLICIES = ("swapmoe", "selective", "lru", "lfu", "full", "pruned")
 
 
 class ResidencyError(ValueError):
@@ -424,6 +426,14 @@ class ImportanceSwapController(_RankedController):
     return (in_score - out_score) / np.where(total > 0, total, np.inf)
 
 
+class SelectiveSwapController(ImportanceSwapController):
+  """SwapMoE's importance-driven swaps under selective routing (`router.py`): the resident set that
+  serves the most importance also reads the fewest misses from the host bank, so the policy is
+  `ImportanceSwapController`'s; a class of its own names it in telemetry."""
+
+  policy = "selective"
+
+
 class LRUController(_RankedController):
   """Least recently used (mixtral-offloading), for exact routing.
 
@@ -498,9 +508,10 @@ def make_controller(policy: str, num_experts: int, slots_per_layer: Sequence[int
                     max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP,
                     decay: float | None = None) -> SwapController:
   """The controller for a policy name in POLICIES ('full' defaults to every expert resident)."""
-  if policy == "swapmoe":
-    return ImportanceSwapController(num_experts, slots_per_layer, initial_resident, update_every,
-                                    max_swaps_per_step, DEFAULT_DECAY if decay is None else decay)
+  if policy in ("swapmoe", "selective"):
+    cls = ImportanceSwapController if policy == "swapmoe" else SelectiveSwapController
+    return cls(num_experts, slots_per_layer, initial_resident, update_every, max_swaps_per_step,
+               DEFAULT_DECAY if decay is None else decay)
   if policy == "lru":
     return LRUController(num_experts, slots_per_layer, initial_resident, max_swaps_per_step)
   if policy == "lfu":
