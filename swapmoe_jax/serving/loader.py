@@ -194,7 +194,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
          devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
-         selective_threshold: float | None = None):
+         selective_threshold: float | None = None, decay: float | None = None,
+         swap_between_requests: bool = True):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -234,6 +235,10 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       "transfer": "transfer" is not for servers that swap for days. Exact policies (lru, lfu) and
       "selective" read misses from pinned banks inside the step, so for them every staging is "gather".
       With `devices`, "pageable" does not apply: each device stages from its pinned host shard.
+    decay: the controller's score decay per observation (swapmoe/selective: of Eq. 1 importance, default
+      `swap.DEFAULT_DECAY`; lfu: of frequencies, default `swap.DEFAULT_LFU_DECAY`).
+    swap_between_requests: at the end of a request, issue all of the controller's remaining swaps
+      (default) instead of leaving them to the next request's calls, a few per call.
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
       over: a count (the first n of `jax.devices()`), a list of devices, or a `jax.sharding.Mesh` with
@@ -303,7 +308,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
                   tokenizer=_tokenizer(meta), meta=meta,
                   limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
-                  steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold)
+                  steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold,
+                  decay=decay, swap_between_requests=swap_between_requests)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -361,9 +367,10 @@ def initial_resident(policy: str, store: HostExpertStore, slots_per_layer, impor
 def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, policy: str, gate_mode: str,
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
              steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
-             selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD) -> ServedModel:
+             selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, decay: float | None = None,
+             swap_between_requests: bool = True) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
-  `build_model`; `staging`, `selective_threshold`: see `load`."""
+  `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`: see `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
   from swapmoe_jax.serving.residency import Residency
@@ -379,7 +386,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
-                               max_swaps_per_step=plan.max_swaps_per_step)
+                               max_swaps_per_step=plan.max_swaps_per_step, decay=decay)
   # Exact and selective routing read misses from stacked host banks, and staging="gather" stages from
   # them; building them changes how the store stages experts, so it comes before the executor compiles
   # its programs.
@@ -397,7 +404,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
       executor = sharding.ShardedSwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step, mesh)
     maps = [controller.state.index_map(l) for l in range(cfg.num_moe_layers)]
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
-  residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every)
+  residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every,
+                        swap_between_requests=swap_between_requests)
   served = SwitchModel if cfg.is_encoder_decoder else CausalLM
   return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
                      policy=policy, banks=store.banks() if bank else None, meta=meta,

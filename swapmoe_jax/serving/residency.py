@@ -79,12 +79,13 @@ class Residency:
   """
 
   def __init__(self, cfg: SwitchConfig, controller: SwapController, executor: SwapExecutor | None,
-               telemetry: Telemetry, update_every: int = 16):
+               telemetry: Telemetry, update_every: int = 16, swap_between_requests: bool = True):
     self.cfg = cfg
     self.controller = controller
     self.executor = executor
     self.telemetry = telemetry
     self.update_every = max(1, int(update_every))
+    self.swap_between_requests = bool(swap_between_requests)
     self._open = []  # device statistics (enc, dec) of the open window
     self._closed = []  # (call at which it closed, statistics) of windows not yet read
     self._calls = 0  # decode calls so far
@@ -116,11 +117,25 @@ class Residency:
     return self._issue_writes(slots), stats_sum
 
   def flush(self, slots, stats_sum=None):
-    """End of a request: reads everything outstanding (this waits for the device); returns slots."""
+    """End of a request: reads everything outstanding (this waits for the device); returns slots.
+
+    With `swap_between_requests`, the controller's remaining moves are then issued too, in commits of
+    `max_swaps_per_step` (the staging slots), until it has none: between requests no step waits on
+    them, and the next request starts on the set that this one's routing asked for, instead of
+    approaching it a few experts per device call while it runs (a request of a few tokens has few calls).
+    The copies queue on the device ahead of the next request's first call."""
     self._closed.append((self._calls, self._open + ([(None, stats_sum)] if stats_sum is not None else [])))
     self._open = []
     self._steps = 0
-    return self._observe(slots, everything=True)
+    slots = self._observe(slots, everything=True)
+    if not self.swap_between_requests or self.executor is None:
+      return slots
+    for _ in range(self.cfg.num_experts * self.controller.num_layers):  # a bound: a commit moves >= 1
+      before = self._swap["experts_swapped"]
+      slots = self._issue_writes(slots)
+      if self._swap["experts_swapped"] == before:
+        break
+    return slots
 
   def _observe(self, slots, everything: bool = False):
     """Reads the closed windows that are old enough (all of them with `everything`) and lets the
