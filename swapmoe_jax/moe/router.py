@@ -70,6 +70,13 @@ class LayerStats:
   from_bank: jax.Array
 
 
+def stack_stats(stats: list) -> LayerStats | None:
+  """Per-layer LayerStats of a stack's MoE layers -> one LayerStats with a leading layer axis (None if none)."""
+  if not stats:
+    return None
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
 def _logits(x, w, b):
   # HIGHEST: XLA's default precision multiplies float32 in one bfloat16 pass on TPUs (and in TF32 on
   # recent NVIDIA GPUs), which flips near-tied routing decisions; HF routes in float32. The router is

@@ -68,12 +68,6 @@ class Block(nnx.Module):
     return x + self.mlp(h), None
 
 
-def _stack_stats(stats: list) -> router_lib.LayerStats | None:
-  if not stats:
-    return None
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
-
-
 @functools.lru_cache(maxsize=None)
 def _rope(cfg: DecoderConfig) -> tuple[np.ndarray, float]:
   return rope_frequencies(cfg)
@@ -146,7 +140,7 @@ class CausalMoE(nnx.Module):
       x, st = blk.ffn(x, token_mask, self._bank(banks, i))
       if st is not None:
         stats.append(st)
-    return self.final_norm(x), new_kv, _stack_stats(stats)
+    return self.final_norm(x), new_kv, router_lib.stack_stats(stats)
 
   @staticmethod
   def positions(mask: jax.Array) -> jax.Array:

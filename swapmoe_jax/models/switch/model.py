@@ -77,12 +77,6 @@ class Stack(nnx.Module):
     ])
 
 
-def _stack_stats(stats: list) -> router_lib.LayerStats | None:
-  if not stats:
-    return None
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
-
-
 class SwitchTransformer(nnx.Module):
   """Switch Transformer with virtual-expert MoE layers.
 
@@ -150,7 +144,7 @@ class SwitchTransformer(nnx.Module):
       x, st = blk.ffn(x, mask, self._bank(banks, "encoder", i))
       if st is not None:
         stats.append(st)
-    return self.encoder.final_norm(x), _stack_stats(stats)
+    return self.encoder.final_norm(x), router_lib.stack_stats(stats)
 
   # --- decoder ---------------------------------------------------------------------------
   def _decoder_blocks(self, x, self_kv_fn, bias, self_mask, cross_kv, enc_mask, token_mask, banks):
@@ -168,7 +162,7 @@ class SwitchTransformer(nnx.Module):
       x, st = blk.ffn(x, token_mask, self._bank(banks, "decoder", i))
       if st is not None:
         stats.append(st)
-    return self.decoder.final_norm(x), new_kv, _stack_stats(stats)
+    return self.decoder.final_norm(x), new_kv, router_lib.stack_stats(stats)
 
   def cross_kv(self, enc_h: jax.Array) -> list:
     return [blk.cross.project_kv(enc_h) for blk in self.decoder.blocks]
