@@ -1,4 +1,5 @@
-"""Expert FFNs computed from a fixed-shape slot buffer, and exact-routing misses from host memory.
+"""Expert FFNs computed from a fixed-shape slot buffer, exact-routing misses from host memory, and
+fallback-routing misses from int8 copies on the device (`expert_ffn_fallback`).
 
 Two dispatch implementations, chosen by the (static) token count:
 - gather: each token gathers its expert's weights by slot — few tokens (decode steps);
@@ -114,4 +115,53 @@ def expert_ffn_misses(
     return acc + jax.lax.cond(jnp.any(sel), compute, lambda _: jnp.zeros_like(x), None), None
 
   acc, _ = jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(bank_wi.shape[0], dtype=jnp.int32))
+  return acc
+
+
+def _int8_matmul(x, q, scale, spec):
+  """x through int8 weights with per-output-channel scales, the scale applied to the outputs
+  (x @ (q·s).T = (x @ q.T)·s: the weights are never dequantized in memory). spec: "ni,oi->no" for one
+  matrix q int8 [out, in], scale float32 [out]; "ni,noi->no" for one matrix per row, q [N, out, in],
+  scale [N, out]. x: [N, in] -> [N, out] in x.dtype (the int8 values are exact in bfloat16)."""
+  y = jnp.einsum(spec, x, q.astype(x.dtype))
+  return (y.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def expert_ffn_fallback(
+    x: jax.Array,
+    expert: jax.Array,
+    miss: jax.Array,
+    fallback: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    act,
+) -> jax.Array:
+  """Tokens whose expert is not resident, computed with the expert's int8 copy on the device (fallback
+  routing, `quant.py`).
+
+  x: [N, D]; expert: int32[N]; miss: bool[N]; fallback: (wi_q int8 [E, F or 2F, D], wi_scale float32
+  [E, F or 2F], wo_q int8 [E, D, F], wo_scale float32 [E, D]); act as in `expert_ffn`. With top-k
+  routing the N rows are token-choice pairs. Few tokens (decode) read the N wanted experts' rows by
+  dynamic slices (as `_rows`); many tokens (prefill) scan over the E experts, computing only those
+  with a miss. Returns [N, D], zero for tokens that are not misses.
+  """
+  wi_q, wi_s, wo_q, wo_s = fallback
+  n = x.shape[0]
+  if n <= GATHER_MAX_TOKENS:
+    def compute(_):
+      h = act(_int8_matmul(x, _rows(wi_q, expert), _rows(wi_s, expert), "ni,noi->no"))
+      return _int8_matmul(h.astype(x.dtype), _rows(wo_q, expert), _rows(wo_s, expert), "ni,noi->no")
+
+    y = jax.lax.cond(jnp.any(miss), compute, lambda _: jnp.zeros_like(x), None)
+    return jnp.where(miss[:, None], y, 0)
+
+  def body(acc, e):
+    sel = miss & (expert == e)
+
+    def compute(_):
+      one = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+      h = act(_int8_matmul(x, one(wi_q), one(wi_s), "ni,oi->no"))
+      return jnp.where(sel[:, None], _int8_matmul(h.astype(x.dtype), one(wo_q), one(wo_s), "ni,oi->no"), 0)
+
+    return acc + jax.lax.cond(jnp.any(sel), compute, lambda _: jnp.zeros_like(x), None), None
+
+  acc, _ = jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(wi_q.shape[0], dtype=jnp.int32))
   return acc

@@ -11,6 +11,12 @@ engine swaps through `serving.executor.SwapExecutor`, in place, between jitted s
 Selective routing keeps its threshold in a `SelectiveThreshold` variable (float32 []), a parameter
 like the router's weights: it reaches the jitted step as a traced argument, so changing it (as swaps
 change slots) never recompiles.
+
+Fallback routing (HOBBIT, arXiv 2411.01433) keeps an int8 copy of every expert on the device
+(`FallbackExperts` variables: wi_q int8 [E, F or 2F, D], wi_scale float32 [E, F or 2F], wo_q int8
+[E, D, F], wo_scale float32 [E, D]; see `quant.py`): a token whose expert is not resident is computed
+with that copy instead of being redirected. Routing, gates and capacity are exact routing's. The copies
+go with the params (constant, arguments of every program, never captured).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from flax import nnx
 
 from swapmoe_jax.moe import experts as experts_lib
 from swapmoe_jax.moe import parallel
+from swapmoe_jax.moe import quant
 from swapmoe_jax.moe import router as router_lib
 from swapmoe_jax.moe.activations import expert_hidden
 
-RoutingMode = Literal["masked", "exact", "selective"]
-ROUTINGS = ("masked", "exact", "selective")
+RoutingMode = Literal["masked", "exact", "selective", "fallback"]
+ROUTINGS = ("masked", "exact", "selective", "fallback")
+# Routings that read missing experts from the host bank passed to `__call__`.
+BANK_ROUTINGS = ("exact", "selective")
 ExpertKind = Literal["mlp", "glu"]
 # A miss is read from the host bank when its router probability is at least this. 0.5 because a
 # top-1 expert with more than half of the probability mass is one the token clearly prefers (every other
@@ -55,6 +64,11 @@ class SelectiveThreshold(nnx.Variable):
   step takes it as an argument and a new value does not recompile."""
 
 
+class FallbackExperts(nnx.Variable):
+  """Fallback routing's int8 copies of all E experts and their float32 scales, [E, ...]: device memory,
+  written once at load (`set_fallback`), read by the step for tokens whose expert is not resident."""
+
+
 class VirtualExpertMoE(nnx.Module):
   """Top-1 (Switch) or top-k (Mixtral, Qwen2/3-MoE, OLMoE) MoE over K resident slots ("virtual
   experts", SwapMoE).
@@ -67,7 +81,9 @@ class VirtualExpertMoE(nnx.Module):
     routing: "masked" (serve only resident experts; paper), "exact" (a missing expert is read from the
       host bank passed to `__call__`, so outputs equal the fully resident model) or "selective" (a
       missing expert whose router probability is >= `selective_threshold` is read from the bank, the
-      others redirected as in masked routing; see `router.py`).
+      others redirected as in masked routing; see `router.py`) or "fallback" (routed as exact routing; a
+      missing expert is computed from its int8 copy on the device, the `FallbackExperts` variables,
+      which `place_experts` and `set_fallback` fill; no bank).
     gate_mode: "original" or "renormalized" (masked and selective routing).
     selective_threshold: the initial value of the `SelectiveThreshold` variable (selective routing only;
       assign `layer.selective_threshold[...]` to change it).
@@ -128,6 +144,13 @@ class VirtualExpertMoE(nnx.Module):
     rows = 2 * d_ff if expert_kind == "glu" else d_ff
     self.wi = ExpertSlots(init(rngs.params(), (num_slots, rows, d_model), dtype))
     self.wo = ExpertSlots(init(rngs.params(), (num_slots, d_model, d_ff), dtype))
+    if routing == "fallback":  # zeros until `place_experts` / `set_fallback` (the loader fills them)
+      self.wi_q = FallbackExperts(jnp.zeros((num_experts, rows, d_model), jnp.int8))
+      self.wi_scale = FallbackExperts(jnp.zeros((num_experts, rows), jnp.float32))
+      self.wo_q = FallbackExperts(jnp.zeros((num_experts, d_model, d_ff), jnp.int8))
+      self.wo_scale = FallbackExperts(jnp.zeros((num_experts, d_model), jnp.float32))
+    else:
+      self.wi_q = self.wi_scale = self.wo_q = self.wo_scale = None
     slot_of = jnp.where(jnp.arange(num_experts) < num_slots, jnp.arange(num_experts), -1)
     self.slot_of = SlotIndex(slot_of.astype(jnp.int32))
     self.norms = ExpertNorms(jnp.ones((num_experts,), jnp.float32))
@@ -189,6 +212,21 @@ class VirtualExpertMoE(nnx.Module):
     slot_of = np.full((e,), -1, np.int32)
     slot_of[experts] = np.arange(n, dtype=np.int32)
     self.slot_of[...] = jnp.asarray(slot_of)
+    if self.routing == "fallback":
+      self.set_fallback(wi, wo)
+
+  def set_fallback(self, wi, wo) -> None:
+    """Fallback routing: quantizes every expert's weights (wi [E, F or 2F, D], wo [E, D, F], numpy or jax,
+    any float dtype) to the int8 copies (`quant.quantize_int8`), on the host. Eager, values only."""
+    if self.routing != "fallback":
+      raise ValueError(f"set_fallback applies to routing 'fallback', not {self.routing!r}")
+    e = self.num_experts
+    self._check_bank("wi", wi, (e,) + self.wi.shape[1:])
+    self._check_bank("wo", wo, (e,) + self.wo.shape[1:])
+    for (q_var, s_var), w in (((self.wi_q, self.wi_scale), wi), ((self.wo_q, self.wo_scale), wo)):
+      q, scale = quant.quantize_int8(w)
+      q_var[...] = jnp.asarray(q)
+      s_var[...] = jnp.asarray(scale)
 
   def put_expert(self, slot: int, expert: int, wi, wo) -> int:
     """Writes one expert's weights wi [F, D] ([2F, D] for GLU), wo [D, F] into `slot` and points the index map at it;
@@ -226,11 +264,11 @@ class VirtualExpertMoE(nnx.Module):
     threshold = None if self.selective_threshold is None else self.selective_threshold[...]
     if self.capacity is None:
       routing, probs = router_lib.route_topk(
-          x, self.router_w[...], b, self.slot_of[...], self.top_k, exact=self.routing == "exact",
+          x, self.router_w[...], b, self.slot_of[...], self.top_k, exact=self.routing in ("exact", "fallback"),
           gate_mode=self.gate_mode, norm_topk_prob=self.norm_topk_prob, threshold=threshold)
       return (routing if self.top_k > 1 else jax.tree.map(lambda a: a[..., 0], routing)), probs
     return router_lib.route(x, self.router_w[...], b, self.slot_of[...], self.capacity,
-                            exact=self.routing == "exact", gate_mode=self.gate_mode, threshold=threshold)
+                            exact=self.routing in ("exact", "fallback"), gate_mode=self.gate_mode, threshold=threshold)
 
   def __call__(
       self,
@@ -239,9 +277,10 @@ class VirtualExpertMoE(nnx.Module):
       bank: tuple[jax.Array, jax.Array] | None = None,
   ) -> tuple[jax.Array, router_lib.LayerStats, router_lib.Routing]:
     """x: [B, T, D]; token_mask: bool [B, T] (statistics only); bank: (wi [E, F or 2F, D], wo [E, D, F]) in
-    host memory, required for exact and selective routing. Returns y [B, T, D], the layer's statistics
-    and its routing."""
-    if self.routing != "masked" and bank is None:
+    host memory, required for exact and selective routing (fallback routing reads its own int8 copies).
+    Returns y [B, T, D], the layer's statistics and its routing (`stats.from_bank` counts the tokens served
+    from the bank, or from the int8 copies under fallback routing)."""
+    if self.routing in BANK_ROUTINGS and bank is None:
       raise ValueError(f"{self.routing} routing needs the host expert bank")
     if self.capacity is None:
       y, stats, routing = self._topk(x, token_mask, bank)
@@ -251,14 +290,23 @@ class VirtualExpertMoE(nnx.Module):
       y = y + self._shared(x)
     return y, stats, routing
 
-  def _ffns(self):
+  def _ffns(self, bank):
+    """(ffn over the slots, misses(x, expert, miss, act) -> [N, D]: the non-resident experts' outputs)."""
     if self.expert_mesh is not None:
-      return parallel.expert_parallel(self.expert_mesh)
-    return experts_lib.expert_ffn, experts_lib.expert_ffn_misses
+      if self.routing == "fallback":
+        raise NotImplementedError("fallback routing is not split over devices (expert_mesh)")
+      ffn, ffn_misses = parallel.expert_parallel(self.expert_mesh)
+    else:
+      ffn, ffn_misses = experts_lib.expert_ffn, experts_lib.expert_ffn_misses
+    if self.routing == "fallback":
+      copies = (self.wi_q[...], self.wi_scale[...], self.wo_q[...], self.wo_scale[...])
+      return ffn, lambda x, expert, miss, act: experts_lib.expert_ffn_fallback(x, expert, miss, copies, act)
+    return ffn, lambda x, expert, miss, act: ffn_misses(x, expert, miss, bank[0], bank[1], act)
 
   def _top1(self, x, token_mask, bank):
     """Switch: top-1 with HF's capacity rule; routing fields [B, T]. A token served from the bank (a
-    miss under exact routing, a probable one under selective routing) takes its expert's capacity as
+    miss under exact routing, a probable one under selective routing) or from its int8 copy (a miss
+    under fallback routing) takes its expert's capacity as
     it would if resident; it is computed even when dropped, and zeroed with the dropped ones."""
     slot_of = self.slot_of[...]
     routing, probs = self.route(x)
@@ -268,11 +316,11 @@ class VirtualExpertMoE(nnx.Module):
     flat_x = x.reshape(-1, d)
     slot = routing.slot.reshape(-1)
     hit = slot >= 0
-    ffn, ffn_misses = self._ffns()
+    ffn, ffn_misses = self._ffns(bank)
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=routing.keep.reshape(-1) & hit,
             capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
     if self.routing != "masked":
-      y_miss = ffn_misses(flat_x, routing.chosen.reshape(-1), ~hit, bank[0], bank[1], act)
+      y_miss = ffn_misses(flat_x, routing.chosen.reshape(-1), ~hit, act)
       y = jnp.where(hit[:, None], y, y_miss)
     scale = (routing.gate * routing.keep).reshape(-1, 1).astype(x.dtype)
     y = (y * scale).astype(x.dtype).reshape(bsz, t, d)
@@ -291,7 +339,7 @@ class VirtualExpertMoE(nnx.Module):
     flat_x = jnp.repeat(x.reshape(n, d), k, axis=0)  # [N k, D]
     slot = pairs.slot.reshape(-1)
     hit = slot >= 0
-    ffn, ffn_misses = self._ffns()
+    ffn, ffn_misses = self._ffns(bank)
     # A token picks an expert at most once, so no slot gets more than N pairs: capacity N drops none.
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=pairs.keep.reshape(-1) & hit,
             capacity=n)
@@ -299,7 +347,7 @@ class VirtualExpertMoE(nnx.Module):
       # `keep` is all True under exact routing; under selective routing it leaves out the choices that
       # had no available expert (fewer than k), whose gate is 0.
       miss = ~hit & pairs.keep.reshape(-1)
-      y_miss = ffn_misses(flat_x, pairs.chosen.reshape(-1), miss, bank[0], bank[1], act)
+      y_miss = ffn_misses(flat_x, pairs.chosen.reshape(-1), miss, act)
       y = jnp.where(hit[:, None], y, y_miss)
     # HF: each expert's output times its weight in x.dtype, then summed over the k choices (here in float32).
     y = (y * (pairs.gate * pairs.keep).reshape(-1, 1).astype(x.dtype)).astype(x.dtype)

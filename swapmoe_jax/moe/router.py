@@ -67,6 +67,7 @@ class LayerStats:
   misses: jax.Array  # int32 []: tokens whose wanted expert was not resident
   # int32 []: tokens whose (non-resident) expert was computed from the host bank: every miss under exact
   # routing, the misses at or above the threshold under selective routing, none under masked routing.
+  # Under fallback routing (routed as exact routing): every miss, computed from the expert's int8 copy.
   from_bank: jax.Array
 
 

@@ -1,8 +1,8 @@
 """Memory budgets: parse what the user typed, and count the bytes a plan will occupy.
 
 The budget bounds *everything this package puts on the accelerator*: dense weights, the resident expert
-slots, the KV caches, the staging buffers that incoming experts land in, and an estimate of the
-activation workspace. The paper overshot its limits (3.58 GiB used for a 3.5 GiB limit, SWAPMOE.md §2);
+slots, the KV caches, the staging buffers that incoming experts land in, an estimate of the
+activation workspace, and under policy "fallback" the int8 copies of every expert (`fallback_bytes`). The paper overshot its limits (3.58 GiB used for a 3.5 GiB limit, SWAPMOE.md §2);
 here a plan whose `MemoryBreakdown.total` exceeds the budget is never produced.
 
 Axis letters: L MoE layers, E experts, K slots, B batch, S source length, T target length, D d_model,
@@ -89,8 +89,10 @@ class Budget:
     return int(decimal.Decimal(int(full_model_bytes)) * decimal.Decimal(repr(self.percent)) / 100)
 
   def resolve_for(self, config: SwitchConfig, dtype_bytes, *, batch: int, src_len: int, tgt_len: int,
-                  staging_slots: int, devices: int = 1) -> int:
-    """Bytes this budget allows for `config` at this request shape (per device with `devices`)."""
+                  staging_slots: int, devices: int = 1, fallback: bool = False) -> int:
+    """Bytes this budget allows for `config` at this request shape (per device with `devices`). With
+    `fallback` (policy "fallback"), a budget in experts holds K full-precision experts per MoE layer plus
+    the int8 copies of all of them (`fallback_bytes`)."""
     if self.experts is None:
       return self.resolve(full_model_bytes(config, dtype_bytes, devices))
     if self.num_experts is not None and self.num_experts != config.num_experts:
@@ -103,7 +105,8 @@ class Budget:
     if self.experts % devices:
       raise BudgetError(f"{self.experts} resident experts per MoE layer do not split over {devices} devices; "
                         f"give a multiple of {devices}")
-    return budget_for_experts(config, dtype_bytes, self.experts, batch, src_len, tgt_len, staging_slots, devices)
+    return budget_for_experts(config, dtype_bytes, self.experts, batch, src_len, tgt_len, staging_slots, devices,
+                              fallback=fallback)
 
   def __str__(self) -> str:
     if self.experts is not None:
@@ -246,6 +249,16 @@ def expert_bytes_each(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -
   return config.expert_param_count() * dtype_size(dtype_bytes)
 
 
+def fallback_bytes(config: SwitchConfig) -> int:
+  """Device bytes of fallback routing's int8 copies (`moe/quant.py`): every expert of every MoE layer as
+  int8 weights plus one float32 scale per output row (wi's F rows, 2F for a gated expert, and wo's D):
+  L × E × (expert parameters × 1 + scales × 4)."""
+  d = config.d_model
+  rows = config.d_ff if config.is_encoder_decoder else 2 * config.moe_d_ff  # wi's output rows
+  per_expert = config.expert_param_count() + 4 * (rows + d)
+  return config.num_moe_layers * config.num_experts * per_expert
+
+
 def full_model_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, devices: int = 1) -> int:
   """Weight bytes of the whole model: dense + every expert of every MoE layer (per device when the
   experts are split over `devices` and the dense weights replicated)."""
@@ -258,27 +271,31 @@ def full_model_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, de
 
 @dataclasses.dataclass(frozen=True)
 class MemoryBreakdown:
-  """Accelerator bytes of one plan, by kind. `allocator_bytes` is `ALLOCATOR_MARGIN_PERCENT` of the others (what
-  the device allocator adds over the arrays it holds); `total` is the sum of all six."""
+  """Accelerator bytes of one plan, by kind. `fallback_bytes`: the int8 expert copies of policy "fallback"
+  (0 otherwise). `allocator_bytes` is `ALLOCATOR_MARGIN_PERCENT` of the others (what the device allocator
+  adds over the arrays it holds); `total` is the sum of all seven."""
 
   dense_bytes: int
   expert_bytes: int
   kv_cache_bytes: int
   staging_bytes: int
   workspace_bytes: int
+  fallback_bytes: int = 0
   allocator_bytes: int = dataclasses.field(init=False)
   total: int = dataclasses.field(init=False)
 
   def __post_init__(self):
-    arrays = self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.staging_bytes + self.workspace_bytes
+    arrays = (self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.staging_bytes + self.workspace_bytes
+              + self.fallback_bytes)
     object.__setattr__(self, "allocator_bytes", -(-arrays * ALLOCATOR_MARGIN_PERCENT // 100))  # rounded up
     object.__setattr__(self, "total", arrays + self.allocator_bytes)
 
   def __str__(self) -> str:
     return (f"total {format_bytes(self.total)} = dense {format_bytes(self.dense_bytes)} + experts "
             f"{format_bytes(self.expert_bytes)} + kv cache {format_bytes(self.kv_cache_bytes)} + staging "
-            f"{format_bytes(self.staging_bytes)} + workspace {format_bytes(self.workspace_bytes)} + allocator "
-            f"{format_bytes(self.allocator_bytes)}")
+            f"{format_bytes(self.staging_bytes)} + workspace {format_bytes(self.workspace_bytes)} + "
+            + (f"int8 fallback copies {format_bytes(self.fallback_bytes)} + " if self.fallback_bytes else "")
+            + f"allocator {format_bytes(self.allocator_bytes)}")
 
 
 def kv_cache_bytes(config: SwitchConfig, dtype_bytes, batch: int, src_len: int, tgt_len: int) -> int:
@@ -322,7 +339,8 @@ def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int
 
 
 def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, slots_per_layer: Sequence[int],
-                     batch: int, src_len: int, tgt_len: int, staging_slots: int, devices: int = 1) -> MemoryBreakdown:
+                     batch: int, src_len: int, tgt_len: int, staging_slots: int, devices: int = 1,
+                     fallback: bool = False) -> MemoryBreakdown:
   """Accelerator bytes of serving `config` with K_l = slots_per_layer[l] resident experts, on one device.
 
   Args:
@@ -335,6 +353,7 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
     devices: n, the devices each layer's slot axis is split over (`sharding.py`): every K_l must then be
       a multiple of n, and the breakdown is that of each device, which holds K_l / n slots per layer
       and its own copy of everything else (dense weights, caches, staging, workspace are replicated).
+    fallback: policy "fallback": count the int8 copies of every expert (`fallback_bytes`; one device only).
   """
   size = dtype_size(dtype_bytes)
   slots = [int(k) for k in slots_per_layer]
@@ -349,6 +368,8 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
     raise ValueError(f"staging_slots must be >= 0, got {staging_slots}")
   if devices < 1 or any(k % devices for k in slots):
     raise ValueError(f"every K_l must be a multiple of the {devices} devices its slots are split over, got {slots}")
+  if fallback and devices != 1:
+    raise ValueError("policy 'fallback' runs on one device")
   one_expert = expert_bytes_each(config, size)
   return MemoryBreakdown(
       dense_bytes=dense_bytes(config, size),
@@ -356,28 +377,31 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       kv_cache_bytes=kv_cache_bytes(config, size, batch, src_len, tgt_len),
       staging_bytes=staging_slots * one_expert,
       workspace_bytes=workspace_bytes(config, batch, src_len, tgt_len),
+      fallback_bytes=fallback_bytes(config) if fallback else 0,
   )
 
 
 def min_budget_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, batch: int, src_len: int,
-                     tgt_len: int, staging_slots: int, devices: int = 1) -> int:
+                     tgt_len: int, staging_slots: int, devices: int = 1, fallback: bool = False) -> int:
   """The smallest budget that runs at all: dense + one expert per layer + caches + staging + workspace
-  (per device with `devices` > 1: one slot per layer on each device)."""
+  (+ the int8 copies with `fallback`; per device with `devices` > 1: one slot per layer on each device)."""
   return memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging_slots, devices).total
+                          staging_slots, devices, fallback).total
 
 
 def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, experts_per_layer: int, batch: int,
-                       src_len: int, tgt_len: int, staging_slots: int, devices: int = 1) -> int:
+                       src_len: int, tgt_len: int, staging_slots: int, devices: int = 1,
+                       fallback: bool = False) -> int:
   """The budget in bytes whose uniform plan holds exactly `experts_per_layer` experts in every MoE layer
   (1 <= K <= E; K = E is the full model, which needs no staging): for sweeps over K instead of bytes,
   e.g. on a tiny model, whose every percentage of its weights is below the runtime reserve. With
-  `devices`, per device (K a multiple of the device count)."""
+  `devices`, per device (K a multiple of the device count). With `fallback`, K full-precision experts
+  per layer plus the int8 copies of every expert (policy "fallback")."""
   if not 1 <= experts_per_layer <= config.num_experts:
     raise ValueError(f"experts_per_layer must be in [1, {config.num_experts}], got {experts_per_layer}")
   staging = 0 if experts_per_layer == config.num_experts else staging_slots
   return memory_breakdown(config, dtype_bytes, [experts_per_layer] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging, devices).total
+                          staging, devices, fallback).total
 
 
 def device_memory_bytes(device) -> int | None:
@@ -408,14 +432,16 @@ def check_fits_device(total_bytes: int, device) -> None:
 
 
 def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch: int, src_len: int,
-                     tgt_len: int, staging_slots: int, devices: int = 1) -> None:
+                     tgt_len: int, staging_slots: int, devices: int = 1, fallback: bool = False) -> None:
   """Raises BudgetError, stating the minimum, when `budget_bytes` cannot hold one expert per layer
-  (on each of `devices` devices, `budget_bytes` then being per device)."""
+  (on each of `devices` devices, `budget_bytes` then being per device), plus the int8 copies of every
+  expert with `fallback`."""
   parts = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
-                           staging_slots, devices)
+                           staging_slots, devices, fallback)
   if budget_bytes < parts.total:
     where = "" if devices == 1 else f" per device ({devices} devices, one slot per MoE layer on each)"
     raise BudgetError(
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum "
         f"{format_bytes(parts.total)} ({parts.total} bytes){where} for batch {batch}, source {src_len}, "
-        f"target {tgt_len}: {parts} (one expert per MoE layer, {staging_slots} staging slots)")
+        f"target {tgt_len}: {parts} (one expert per MoE layer, {staging_slots} staging slots"
+        + (", the int8 copies of every expert)" if fallback else ")"))

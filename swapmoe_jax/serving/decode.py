@@ -20,14 +20,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from swapmoe_jax.moe import ExpertNorms, ExpertSlots, SelectiveThreshold, SlotIndex
+from swapmoe_jax.moe import ExpertNorms, ExpertSlots, FallbackExperts, SelectiveThreshold, SlotIndex
 from swapmoe_jax.serving import sampling as sampling_lib
 
 
 def split_model(model):
-  """-> (graphdef, params, slots). Selective routing's threshold goes with the params: an argument of
-  every program, like them, so a new value does not recompile."""
-  return nnx.split(model, (nnx.Param, ExpertNorms, SelectiveThreshold), (ExpertSlots, SlotIndex))
+  """-> (graphdef, params, slots). Selective routing's threshold and fallback routing's int8 expert
+  copies go with the params: arguments of every program, like them, so a new value does not recompile
+  and no weight is baked into a program."""
+  return nnx.split(model, (nnx.Param, ExpertNorms, SelectiveThreshold, FallbackExperts), (ExpertSlots, SlotIndex))
 
 
 @jax.tree_util.register_pytree_node_class

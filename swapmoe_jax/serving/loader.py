@@ -116,11 +116,15 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   resident: per MoE layer, int array [K_l] of the experts placed in slots 0..K_l-1 (default: 0..K_l-1).
   selective_threshold: every MoE layer's threshold under routing "selective" (a parameter: see
     `ServedModel.set_selective_threshold`).
+  Routing "fallback": every MoE layer's int8 expert copies are quantized from the store's experts on the
+  host (`fallback_copies`) and placed on the device once, with the params.
   mesh: None (one device), or a mesh with axis "expert" to split every layer's slots over (then `store`
     is a `sharding.ShardedExpertStore` and every K_l a multiple of the mesh size; see `sharding.py`).
   """
   from swapmoe_jax.serving import sharding
 
+  if routing == "fallback" and mesh is not None:
+    raise ValueError("policy 'fallback' runs on one device (no devices=)")
   slots_per_layer = tuple(slots_per_layer or [cfg.num_experts] * cfg.num_moe_layers)
   module, values, moe_of = _family(cfg, dense)
   abstract = nnx.eval_shape(lambda: module(
@@ -133,6 +137,8 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
     moe_of(values, stack, i)["norms"] = store.norms[l]
     if routing == "selective":
       moe_of(values, stack, i)["selective_threshold"] = np.float32(selective_threshold)
+    if routing == "fallback":
+      moe_of(values, stack, i).update(fallback_copies(store, l))
   nnx.replace_by_pure_dict(params, _fill(pure, values, put=None if mesh is None else sharding.dense_placer(mesh)))
   slot_pure = nnx.to_pure_dict(slots)
   if resident is None:
@@ -152,7 +158,19 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   return graphdef, params, slots
 
 
-POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu", "selective")
+def fallback_copies(store: HostExpertStore, layer: int) -> dict:
+  """One MoE layer's int8 expert copies for fallback routing, quantized on the host (`moe/quant.py`):
+  {"wi_q": int8 [E, F or 2F, D], "wi_scale": float32 [E, F or 2F], "wo_q": int8 [E, D, F], "wo_scale":
+  float32 [E, D]}, from the store's experts in the model dtype (either layout; neither changes)."""
+  from swapmoe_jax.moe.quant import quantize_int8
+
+  pairs = [store.expert(layer, e) for e in range(store.num_experts)]
+  wi_q, wi_scale = quantize_int8(np.stack([p[0] for p in pairs]))
+  wo_q, wo_scale = quantize_int8(np.stack([p[1] for p in pairs]))
+  return {"wi_q": wi_q, "wi_scale": wi_scale, "wo_q": wo_q, "wo_scale": wo_scale}
+
+
+POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu", "selective", "fallback")
 PLANNERS = ("uniform", "calibrated")
 STAGINGS = ("transfer", "gather", "pageable")
 # Measured on an H200 (benchmarks/RESULTS.md): as fast as "transfer", and host memory levels off.
@@ -177,8 +195,10 @@ def reads_bank(policy: str) -> bool:
 
 def routing_of(policy: str) -> str:
   """The MoE layers' routing mode (`VirtualExpertMoE`) under a policy."""
-  from swapmoe_jax.serving.residency import EXACT_POLICIES, SELECTIVE_POLICIES
+  from swapmoe_jax.serving.residency import EXACT_POLICIES, FALLBACK_POLICIES, SELECTIVE_POLICIES
 
+  if policy in FALLBACK_POLICIES:
+    return "fallback"
   return "exact" if policy in EXACT_POLICIES else "selective" if policy in SELECTIVE_POLICIES else "masked"
 
 
@@ -205,12 +225,17 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       (at this request shape and cadence). None: no budget (policy "full").
     experts: K, the same as budget="K/E" (give one of the two): a budget that means the same on
       every model, where a percentage of a small model's weights can be below the runtime reserve.
+      Under policy "fallback", K full-precision experts per MoE layer plus the int8 copies of all E
+      (more bytes than "swapmoe" at the same K; `experts_budget(..., policy="fallback")` gives them).
     policy: "full" (every expert resident), "swapmoe" (virtual experts, masked gating, importance-driven
       asynchronous swaps), "pruned" (static top-K by expert norm, masked gating), "lru" (exact routing,
       least-recently-used eviction), "lfu" (exact routing, decayed-frequency eviction), "selective"
       (swaps as "swapmoe"; a missing expert whose router probability is >= `selective_threshold` is read
       from the host bank inside the step, as exact routing does, the others are redirected, as masked
-      routing does). Default: "full" without a budget, "swapmoe" with one.
+      routing does), "fallback" (swaps as "swapmoe"; every expert also has an int8 copy on the device, and
+      a token whose expert is not resident is computed with it instead of being redirected: HOBBIT,
+      arXiv 2411.01433; the copies are counted in the budget, so it holds fewer full-precision experts;
+      one device only). Default: "full" without a budget, "swapmoe" with one.
     planner: "uniform" (equal K per layer) or "calibrated" (K_l by routing importance measured on
       `calibration_inputs`, a list of int token-id arrays).
     gate_mode: "original" or "renormalized" gate after masked (or selective) routing.
@@ -274,6 +299,9 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   cfg = meta.config
   mesh = None if devices is None else sharding.expert_mesh(devices)
   n = 1 if mesh is None else mesh.size
+  fallback = routing_of(policy) == "fallback"
+  if fallback and mesh is not None:
+    raise ValueError("policy 'fallback' runs on one device (no devices=)")
   dbytes = jnp.dtype(jdtype).itemsize
   shape = request_shape(cfg, max_batch_size, max_source_len, max_new_tokens)
   cadence = {}
@@ -285,7 +313,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   if budget is not None:
     staging_slots = cadence.get("max_swaps_per_step", planner_lib.DEFAULT_MAX_SWAPS_PER_STEP)
     budget_bytes = budget_lib.parse_budget(budget).resolve_for(cfg, dbytes, **shape, staging_slots=staging_slots,
-                                                               devices=n)
+                                                               devices=n, fallback=fallback)
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
@@ -297,12 +325,13 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   if policy == "full":
     plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   elif planner == "uniform":
-    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
+    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
   else:
     if not calibration_inputs:
       raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays)")
     importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype, mesh=mesh)
-    plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n, **cadence)
+    plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n,
+                                       fallback=fallback, **cadence)
   # Per-device plans: every device of a mesh holds the same bytes.
   budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
@@ -314,9 +343,12 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
                    max_batch_size: int = 1, max_source_len: int = 512, max_new_tokens: int = 64,
-                   max_swaps_per_step: int | None = None, devices: int | None = None) -> int:
+                   max_swaps_per_step: int | None = None, devices: int | None = None,
+                   policy: str | None = None) -> int:
   """The budget in bytes that `load` (uniform planner, same dtype and request shape) turns into exactly
-  `experts_per_layer` resident experts per MoE layer; K = E is the full model.
+  `experts_per_layer` resident experts per MoE layer; K = E is the full model. Under `policy` "fallback"
+  the bytes also hold the int8 copies of every expert (the budget of `load(..., policy="fallback",
+  experts=K)`); every other policy's K experts cost the same.
 
   For sweeps over K, which mean the same on every model, where a percentage of a tiny model's weights
   is below the runtime reserve (`load(..., experts=K)` does the same in one step). `devices`: a count,
@@ -332,9 +364,12 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
   staging = DEFAULT_MAX_SWAPS_PER_STEP if max_swaps_per_step is None else max_swaps_per_step
   shape = request_shape(meta.config, max_batch_size, max_source_len, max_new_tokens)
+  if policy is not None and policy not in POLICIES:
+    raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
   return budget_lib.budget_for_experts(meta.config, jnp.dtype(DTYPES[dtype_name]).itemsize, experts_per_layer,
                                        shape["batch"], shape["src_len"], shape["tgt_len"], staging,
-                                       1 if devices is None else devices)
+                                       1 if devices is None else devices,
+                                       fallback=policy is not None and routing_of(policy) == "fallback")
 
 
 def request_shape(cfg, max_batch_size: int, max_source_len: int, max_new_tokens: int) -> dict:
@@ -391,7 +426,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # them; building them changes how the store stages experts, so it comes before the executor compiles
   # its programs.
   check_staging(staging)
-  swaps = policy in ("swapmoe", "selective", "lru", "lfu") and plan.max_swaps_per_step > 0
+  swaps = policy in ("swapmoe", "selective", "fallback", "lru", "lfu") and plan.max_swaps_per_step > 0
   if bank or staging == "gather":
     store.banks()
   elif staging == "pageable" and mesh is None and swaps:  # nothing to stage otherwise

@@ -11,6 +11,10 @@ With `devices` = n > 1 (expert parallelism, `sharding.py`) the budget and the br
 each layer's K_l slots are split evenly over the n devices, so every K_l is a multiple of n (the
 planners round down to one), and each device holds K_l / n slots plus its own copy of the rest.
 
+Policy "fallback" (`fallback=True`) also holds an int8 copy of every expert on the device
+(`budget.fallback_bytes`), a fixed cost counted before any slot: at a given budget it holds fewer
+full-precision experts than "swapmoe".
+
 Axis letters: L MoE layers, E experts, K slots.
 """
 
@@ -79,19 +83,20 @@ def _check_devices(config: SwitchConfig, devices: int) -> None:
                      f"devices; use a device count that divides {config.num_experts}")
 
 
-def _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices) -> bool:
+def _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices, fallback=False) -> bool:
   """Whether every expert fits, with no staging (nothing ever swaps)."""
   full = memory_breakdown(config, dtype_bytes, [config.num_experts] * config.num_moe_layers, batch, src_len,
-                          tgt_len, 0, devices)
+                          tgt_len, 0, devices, fallback)
   return full.total <= budget_bytes
 
 
-def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices) -> int:
+def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices,
+                   fallback=False) -> int:
   """How many expert slots (over all layers) fit on each device, after the minimum; raises BudgetError
   below it."""
-  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices)
+  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices, fallback)
   base = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging_slots, devices)
+                          staging_slots, devices, fallback)
   # A plan's total is its arrays plus the allocator margin on them (`MemoryBreakdown`): the arrays may
   # take the largest A with A + ceil(A * margin / 100) <= budget, i.e. A <= budget * 100 // (100 + margin).
   arrays = budget_bytes * 100 // (100 + ALLOCATOR_MARGIN_PERCENT)
@@ -100,9 +105,10 @@ def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, s
 
 
 def _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
-               max_swaps_per_step, method, reason, devices) -> Plan:
+               max_swaps_per_step, method, reason, devices, fallback=False) -> Plan:
   """A Plan with one staging buffer per write in flight."""
-  breakdown = memory_breakdown(config, dtype_bytes, slots, batch, src_len, tgt_len, max_swaps_per_step, devices)
+  breakdown = memory_breakdown(config, dtype_bytes, slots, batch, src_len, tgt_len, max_swaps_per_step, devices,
+                               fallback)
   if budget_bytes is not None and breakdown.total > budget_bytes:  # the invariant, not a user error
     raise AssertionError(f"plan exceeds its budget: {breakdown.total} > {budget_bytes}")
   use = f"uses {format_bytes(breakdown.total)}"
@@ -116,12 +122,12 @@ def _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots
 
 
 def _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, method,
-                  devices) -> Plan:
+                  devices, fallback=False) -> Plan:
   """Every expert resident: no staging, and max_swaps_per_step 0 (nothing ever swaps)."""
   slots = [config.num_experts] * config.num_moe_layers
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every, 0, method,
                     f"all {config.num_experts} experts of each of {len(slots)} MoE layers resident, no swaps",
-                    devices)
+                    devices, fallback)
 
 
 def plan_full(config: SwitchConfig, budget_bytes: int | None, dtype_bytes, batch: int, src_len: int,
@@ -142,9 +148,10 @@ def plan_full(config: SwitchConfig, budget_bytes: int | None, dtype_bytes, batch
 
 def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                  tgt_len: int, update_every: int = DEFAULT_UPDATE_EVERY,
-                 max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1) -> Plan:
+                 max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
+                 fallback: bool = False) -> Plan:
   """The largest equal K <= E that fits; leftover slots go to layers in order (one per device each, so
-  that every K_l stays a multiple of `devices`).
+  that every K_l stays a multiple of `devices`). `fallback`: the int8 copies are counted first.
 
   Raises:
     BudgetError: when the budget is below `min_budget_bytes` (the message states the minimum).
@@ -152,17 +159,17 @@ def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: in
   _check_cadence(update_every, max_swaps_per_step)
   _check_devices(config, devices)
   num_layers, e = config.num_moe_layers, config.num_experts
-  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices):
+  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices, fallback):
     return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "uniform",
-                         devices)
+                         devices, fallback)
   capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step,
-                            devices)
+                            devices, fallback)
   k, leftover = divmod(capacity, num_layers)
   slots = [devices * (k + (1 if layer < leftover else 0)) for layer in range(num_layers)]
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "uniform",
                     f"equal K={devices * k} of {e} experts per MoE layer, +{devices} for the first {leftover} "
-                    "layer(s)", devices)
+                    "layer(s)" + (", int8 copies of all" if fallback else ""), devices, fallback)
 
 
 def layer_coverage(importance: np.ndarray, slots_per_layer) -> np.ndarray:
@@ -186,7 +193,8 @@ def _normalised(importance: np.ndarray) -> np.ndarray:
 
 def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                     tgt_len: int, importance: np.ndarray, update_every: int = DEFAULT_UPDATE_EVERY,
-                    max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1) -> Plan:
+                    max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
+                    fallback: bool = False) -> Plan:
   """K_l from calibration importance: each next slot to the layer whose coverage grows most.
 
   Starts at one slot per layer. The marginal gain of layer l's (k+1)-th slot is its (k+1)-th largest
@@ -199,6 +207,7 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
 
   Args:
     importance: float[L,E], Eq. 1 importance summed over calibration inputs with the unmasked router.
+    fallback: count the int8 copies of every expert first (policy "fallback").
 
   Raises:
     BudgetError: when the budget is below `min_budget_bytes`.
@@ -212,10 +221,11 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
     raise ValueError(f"importance must be [L={num_layers}, E={e}], got shape {imp.shape}")
   if not np.all(np.isfinite(imp)) or np.any(imp < 0):
     raise ValueError("importance must be finite and non-negative")
-  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, n):
+  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, n, fallback):
     return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every,
-                         "calibrated", n)
-  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n)
+                         "calibrated", n, fallback)
+  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n,
+                            fallback)
   ranked = -np.sort(-_normalised(imp), axis=1)
   slots = [n] * num_layers
   heap = [(-ranked[layer, n:2 * n].sum(), n, layer) for layer in range(num_layers) if e > n]
@@ -230,4 +240,4 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "calibrated",
                     f"K per layer {slots} of {e} experts, chosen greedily by calibrated importance; "
-                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n)
+                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n, fallback)

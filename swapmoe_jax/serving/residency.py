@@ -23,6 +23,9 @@ EXACT_POLICIES = ("lru", "lfu")
 # Selective routing: misses above a threshold read from the host bank (as exact policies do), the others
 # redirected (as masked policies do); swaps as "swapmoe".
 SELECTIVE_POLICIES = ("selective",)
+# Fallback routing (HOBBIT): misses computed from int8 copies of every expert kept on the device (no
+# bank, no redirect); swaps as "swapmoe".
+FALLBACK_POLICIES = ("fallback",)
 # A closed window's statistics are read this many decode calls after the call that closed it. Reading
 # them waits for that call to finish; two calls later, the host still has a whole call queued on the
 # device while it waits, plans and stages swaps, and dispatches the next one.

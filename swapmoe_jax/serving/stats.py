@@ -8,7 +8,9 @@ The jitted step returns, per call, numpy arrays after `device_get` (the seam bet
   redirected int32[L]      tokens served by another expert than the one they wanted;
   from_bank  int32[L]      tokens whose non-resident expert was computed from the host bank inside the
                            step (exact routing's misses, selective routing's misses at or above its
-                           threshold; selective's other misses are the redirected ones).
+                           threshold; selective's other misses are the redirected ones). Under policy
+                           "fallback": the tokens computed from the experts' int8 copies on the device
+                           (every miss; nothing is read from the host bank there).
 A layer that saw no tokens in a call (the encoder during decode steps) has all-zero rows.
 
 Axis letters: L MoE layers, E experts, K slots.

@@ -16,6 +16,8 @@ Policies:
            becomes the top-K_l experts per layer, approached a few writes per step.
   selective  as swapmoe, for selective routing (probable misses read from the host bank, the others
            redirected); importance is of the unmasked router either way, so the swaps are the same.
+  fallback as swapmoe, for fallback routing (misses computed from int8 copies on the device): the
+           resident set that serves the most importance also serves the fewest tokens in low precision.
   lru      exact routing, mixtral-offloading style: keep the K_l most recently wanted experts.
   lfu      exact routing: keep the K_l experts wanted in the most recent steps, by decayed frequency.
   full / pruned  static: never write (pruned: top-K_l by expert norm, the paper's Pruning baseline).
@@ -40,7 +42,7 @@ from swapmoe_jax.serving.stats import RoutingStats
 # (README, Accuracy against budget, has the ablation and its command).
 DEFAULT_DECAY = 0.5
 DEFAULT_LFU_DECAY = 0.9
-POLICIES = ("swapmoe", "selective", "lru", "lfu", "full", "pruned")
+POLICIES = ("swapmoe", "selective", "fallback", "lru", "lfu", "full", "pruned")
 
 
 class ResidencyError(ValueError):
@@ -438,6 +440,14 @@ class SelectiveSwapController(ImportanceSwapController):
   policy = "selective"
 
 
+class FallbackSwapController(ImportanceSwapController):
+  """SwapMoE's importance-driven swaps under fallback routing (misses served by int8 copies on the
+  device, `moe/quant.py`): the policy is `ImportanceSwapController`'s; a class of its own names it in
+  telemetry."""
+
+  policy = "fallback"
+
+
 class LRUController(_RankedController):
   """Least recently used (mixtral-offloading), for exact routing.
 
@@ -513,9 +523,10 @@ def make_controller(policy: str, num_experts: int, slots_per_layer: Sequence[int
                     decay: float | None = None) -> SwapController:
   """The controller for a policy name in POLICIES ('full' defaults to every expert resident)."""
   if decay is not None and policy in ("lru", "full", "pruned"):
-    raise ValueError(f"decay applies to policies swapmoe, selective and lfu, not {policy!r}")
-  if policy in ("swapmoe", "selective"):
-    cls = ImportanceSwapController if policy == "swapmoe" else SelectiveSwapController
+    raise ValueError(f"decay applies to policies swapmoe, selective, fallback and lfu, not {policy!r}")
+  if policy in ("swapmoe", "selective", "fallback"):
+    cls = {"swapmoe": ImportanceSwapController, "selective": SelectiveSwapController,
+           "fallback": FallbackSwapController}[policy]
     return cls(num_experts, slots_per_layer, initial_resident, update_every, max_swaps_per_step,
                DEFAULT_DECAY if decay is None else decay)
   if policy == "lru":

@@ -83,7 +83,7 @@ class SwitchTransformer(nnx.Module):
   Args:
     cfg: the model configuration.
     slots_per_layer: K per MoE layer in `cfg.moe_layers` order (default: E everywhere, full residency).
-    routing: "masked", "exact" or "selective" (see `VirtualExpertMoE`).
+    routing: "masked", "exact", "selective" or "fallback" (see `VirtualExpertMoE`).
     gate_mode: "original" or "renormalized".
     dtype: weight and activation dtype (routers are float32).
   """
