@@ -121,7 +121,11 @@ def run_one(args) -> dict:
   built = random_model.build(cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len,
                              new_tokens=args.new_tokens, update_every=args.update_every, max_swaps=args.max_swaps,
                              pool=args.pool or cfg.num_experts, mesh=mesh, steps_per_call=args.steps_per_call,
-                             staging=staging)
+                             staging=staging,
+                             **({} if args.selective_threshold is None else
+                                {"selective_threshold": args.selective_threshold}),
+                             **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
+                             swap_between_requests=not args.no_drain)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
@@ -148,7 +152,10 @@ def run_one(args) -> dict:
       "setup_s": setup_s, "device": dev.device_kind, "platform": dev.platform, "devices": len(devices),
       "peak_per_device": peak_per_device,
       "redirect_rate": tele.get("redirect_rate"), "experts_swapped": tele.get("experts_swapped"),
-      "hit_rate": tele.get("hit_rate"), "misses": tele.get("misses"),
+      "hit_rate": tele.get("hit_rate"), "misses": tele.get("misses"), "from_bank": tele.get("from_bank"),
+      "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold,
+      "hysteresis": args.hysteresis, "swap_between_requests": not args.no_drain,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
       "stage_bandwidth": _stage_bandwidth(model), "stage_bandwidth_8": _stage_bandwidth(model, 8),
   }
@@ -260,6 +267,10 @@ def main(argv=None):
                                              "swapmoe_jax/serving/sharding.py); budgets are then per device")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time, one per GPU")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
+  p.add_argument("--selective-threshold", type=float, default=None,
+                 help="policy selective's threshold (default: the loader's)")
+  p.add_argument("--hysteresis", type=float, default=None, help="swapmoe's hysteresis (default: the loader's)")
+  p.add_argument("--no-drain", action="store_true", help="swap_between_requests=False (swaps only during calls)")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
   if args.run:
@@ -268,7 +279,10 @@ def main(argv=None):
     return 0
   common = ["--src-len", str(args.src_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
             "--update-every", str(args.update_every), "--max-swaps", str(args.max_swaps),
-            "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else [])
+            "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else []) + (
+                [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
+                [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
+                ["--no-drain"] if args.no_drain else [])
   runs = []
   for shape in args.shape:
     for dtype in args.dtype:

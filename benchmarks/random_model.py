@@ -98,7 +98,9 @@ def plan_for(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, 
   if policy == "full":
     return planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape), budget_bytes, full_bytes
   cadence = {k: v for k, v in dict(update_every=update_every, max_swaps_per_step=max_swaps).items() if v is not None}
-  return planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, **cadence), budget_bytes, full_bytes
+  fallback = loader.routing_of(policy) == "fallback"  # the int8 copies are counted before any slot
+  return (planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, fallback=fallback, **cadence), budget_bytes,
+          full_bytes)
 
 
 def build(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, new_tokens: int,

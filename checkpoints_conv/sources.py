@@ -211,7 +211,6 @@ class _SafetensorsFile:
         return raw.view(np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")).reshape(shape).astype(np.float32)
 
       yield Tensor(name, self.path, shape, load)
-    del data
 
 
 # --- torch .bin ----------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ def _gpu_plugin_installed() -> bool:
 if (_gpu_plugin_installed() and "xla_gpu_autotune_level" not in _os.environ.get("XLA_FLAGS", "")
     and not _os.environ.get("SWAPMOE_KEEP_XLA_AUTOTUNE")):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+  # Without the autotuner XLA's Triton GEMMs run with default tiles: on an H200 the prefill's batched
+  # expert matmuls ([K, C, D] x [K, F, D]) ran at ~18 TFLOP/s, 12.7 of a switch-base-64 encode's 16.8 ms.
+  # cuBLAS picks its kernels by its own heuristics, with no autotuning and no scratch copies: encode
+  # 3.0 ms, whole requests 12 % faster (`benchmarks/profile_prefill.py`, RESULTS.md). Set
+  # --xla_gpu_enable_triton_gemm yourself to choose otherwise.
+  if "xla_gpu_enable_triton_gemm" not in _os.environ["XLA_FLAGS"]:
+    _os.environ["XLA_FLAGS"] += " --xla_gpu_enable_triton_gemm=false"
 
 # XLA caps pinned host memory at 64 GB on a GPU by default; exact policies keep every expert there, and
 # a Mixtral-8x7B has 87 GiB of experts. Raised to the host's physical memory unless set (same caveats).

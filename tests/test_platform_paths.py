@@ -40,7 +40,8 @@ def test_gpu_autotune_flag_only_where_a_gpu_plugin_is_installed(tmp_path):
   assert _xla_flags_after_import(tmp_path / "a", None, fake_plugin=False) == ""
   # A GPU plugin, but JAX_PLATFORMS keeps JAX off the GPU: untouched too.
   assert _xla_flags_after_import(tmp_path / "b", "cpu", fake_plugin=True) == ""
-  assert _xla_flags_after_import(tmp_path / "c", "cuda,cpu", fake_plugin=True) == "--xla_gpu_autotune_level=0"
+  assert _xla_flags_after_import(tmp_path / "c", "cuda,cpu", fake_plugin=True) == (
+      "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false")
 
 
 def test_router_logits_use_full_float32_precision():

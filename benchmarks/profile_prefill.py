@@ -1,0 +1,179 @@
+"""Where a Switch prefill's time goes: the encoder alone, the first token, and the MoE FFN's dispatch.
+
+  python benchmarks/profile_prefill.py --shape switch-base-64 --dtype bfloat16 --budgets none 33% \
+      --src-lens 128 512 --trace-dir /tmp/trace
+
+For each budget (one model each, `random_model.build`): the median wall time of `decode.encode`
+(the jitted encoder plus the decoder's cross-attention cache: what a request's first call runs before
+its first decode step) at each input length, and of `generate(max_new_tokens=1)` (time to first
+token, whole call). Then, at the same shapes, the expert FFN of one MoE layer by each dispatch
+implementation of `moe/experts.py` (`--impls`), timed alone, with XLA's temporary bytes for it.
+With `--trace-dir`, a profiler trace of a few encodes of the first budget (a Perfetto JSON, readable
+by `python benchmarks/profile_prefill.py --summarize FILE`: device time per kernel name).
+Results as JSON lines on stdout (prefixed "RESULT ") and in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median_ms(fn, repeats):
+  import jax
+
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
+  """Device time per kernel name in a Perfetto trace written by `jax.profiler.trace(...,
+  create_perfetto_trace=True)`: [(name, total ms, count)], largest first (events on GPU streams only)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {}  # pid -> process name
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      names[e["pid"]] = e["args"].get("name", "")
+  gpu = {pid for pid, n in names.items() if "/device:GPU" in n or "GPU" in n and "Host" not in n}
+  total = collections.defaultdict(float)
+  count = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu:
+      total[e["name"]] += e.get("dur", 0) / 1e3
+      count[e["name"]] += 1
+  rows = sorted(((n, t, count[n]) for n, t in total.items()), key=lambda r: -r[1])
+  return rows[:top] if top else rows
+
+
+def dispatch_rows(cfg, dtype, budgets_k, src_lens, impls, repeats):
+  """The expert FFN of one MoE layer alone, by implementation, at each (K, N)."""
+  import jax
+  import jax.numpy as jnp
+
+  from swapmoe_jax.moe import experts as experts_lib
+  from swapmoe_jax.moe.activations import expert_hidden
+
+  rows = []
+  act = expert_hidden("relu", "mlp")
+  rng = np.random.default_rng(0)
+  for k in budgets_k:
+    wi = jnp.asarray(rng.standard_normal((k, cfg.d_ff, cfg.d_model), np.float32) * 0.03, dtype)
+    wo = jnp.asarray(rng.standard_normal((k, cfg.d_model, cfg.d_ff), np.float32) * 0.02, dtype)
+    for n in src_lens:
+      x = jnp.asarray(rng.standard_normal((n, cfg.d_model), np.float32), dtype)
+      slot = jnp.asarray(rng.integers(0, k, n), jnp.int32)
+      keep = jnp.ones((n,), bool)
+      cap = experts_lib.dispatch_capacity(n, 1, cfg.expert_capacity)
+      for impl in impls:
+        fn = jax.jit(lambda x, slot, wi, wo, keep, impl=impl: experts_lib.expert_ffn(
+            x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True, impl=impl))
+        lowered = fn.lower(x, slot, wi, wo, keep)
+        ma = lowered.compile().memory_analysis()
+        ms = _median_ms(lambda: fn(x, slot, wi, wo, keep), repeats)
+        rows.append({"what": "ffn", "impl": impl, "slots": k, "tokens": n, "capacity": cap, "ms": ms,
+                     "temp_bytes": None if ma is None else ma.temp_size_in_bytes})
+        print(f"ffn {impl:<9} K={k:<3} N={n:<4} C={cap:<4} {ms:8.3f} ms  temp "
+              f"{(ma.temp_size_in_bytes if ma else 0) / 2**20:8.1f} MiB", flush=True)
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--shape", default="switch-base-64")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--budgets", nargs="+", default=["none", "33%"])
+  p.add_argument("--src-lens", type=int, nargs="+", default=[128, 512])
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--pool", type=int, default=4, help="distinct experts per layer (speed of the prefill does not "
+                 "depend on whether experts repeat: they are read from the device's slot buffers)")
+  p.add_argument("--impls", nargs="+", default=["dispatch", "sorted"])
+  p.add_argument("--trace-dir", default=None)
+  p.add_argument("--out", default=None)
+  p.add_argument("--summarize", default=None, help="a Perfetto trace: print device time per kernel and exit")
+  args = p.parse_args(argv)
+  if args.summarize:
+    rows = summarize(args.summarize, top=40)
+    all_ms = sum(t for _, t, _ in summarize(args.summarize, top=0))
+    print(f"device time in kernels: {all_ms:.3f} ms")
+    for name, ms, n in rows:
+      print(f"{ms:9.3f} ms {n:6d}x  {name[:140]}")
+    return
+
+  import jax
+
+  import random_model
+  from shapes import SHAPES
+  from swapmoe_jax.serving import decode, loader
+
+  cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))
+  jdtype = loader.DTYPES[args.dtype]
+  results = []
+
+  def emit(row):
+    row = {"shape": args.shape, "dtype": args.dtype, "device": jax.devices()[0].device_kind} | row
+    results.append(row)
+    print("RESULT " + json.dumps(row), flush=True)
+
+  max_len = max(args.src_lens)
+  ks = []
+  for b_i, budget in enumerate(args.budgets):
+    policy = "full" if budget == "none" else "swapmoe"
+    built = random_model.build(cfg, args.dtype, policy, None if budget == "none" else budget, batch=1,
+                               src_len=max_len, new_tokens=64, pool=args.pool)
+    model = built.model
+    ks.append(max(built.plan.slots_per_layer))
+    rng = np.random.default_rng(1)
+    for n in args.src_lens:
+      ids, mask = random_model.random_prompts(rng, cfg, 1, n)
+      enc = lambda: decode.encode(model._graphdef, model._params, model._slots, ids, mask,  # noqa: E731
+                                  decode.cache_length(64), model._banks)
+      enc_ms = _median_ms(enc, args.repeats)
+      first_ms = _median_ms(lambda: model.generate(ids, max_new_tokens=1), max(3, args.repeats // 4))
+      emit({"what": "prefill", "policy": policy, "budget": budget, "slots": ks[-1], "tokens": n,
+            "encode_ms": enc_ms, "first_token_ms": first_ms})
+      print(f"{policy:<8} {budget:<5} K={ks[-1]:<3} N={n:<4} encode {enc_ms:8.3f} ms   "
+            f"generate(1 token) {first_ms:8.3f} ms", flush=True)
+      if args.trace_dir and b_i == 0 and n == args.src_lens[0]:
+        shutil.rmtree(args.trace_dir, ignore_errors=True)
+        with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+          for _ in range(3):
+            jax.block_until_ready(enc())
+        found = glob.glob(os.path.join(args.trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        if found:
+          dest = os.path.join(args.trace_dir, f"encode_{policy}_{n}.json.gz")
+          shutil.copy(found[0], dest)
+          rows = summarize(dest, top=15)
+          print(f"encode trace ({dest}), device ms per kernel over 3 encodes:")
+          for name, ms, cnt in rows:
+            print(f"  {ms:8.3f} ms {cnt:5d}x {name[:120]}")
+  for row in dispatch_rows(cfg, jdtype, sorted(set(ks)), args.src_lens, args.impls, args.repeats):
+    emit(row)
+  if args.out:
+    with open(args.out, "a") as f:
+      for r in results:
+        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  main()
