@@ -6,8 +6,10 @@
 For each budget (one model each, `random_model.build`): the median wall time of `decode.encode`
 (the jitted encoder plus the decoder's cross-attention cache: what a request's first call runs before
 its first decode step) at each input length, and of `generate(max_new_tokens=1)` (time to first
-token, whole call). Then, at the same shapes, the expert FFN of one MoE layer by each dispatch
-implementation of `moe/experts.py` (`--impls`), timed alone, with XLA's temporary bytes for it.
+token, whole call). Then, at the same shapes, the expert FFN of one MoE layer (`moe/experts.py`'s
+dispatch into a [K, C, D] buffer) timed alone, with XLA's temporary bytes for it. (A sort-by-slot
+dispatch through `lax.ragged_dot_general`, tried in this script on an H200 with Triton GEMMs, took 2.6x
+to 10x as long with 8x to 16x the temporaries, so it is not in the library.)
 With `--trace-dir`, a profiler trace of a few encodes of the first budget (a Perfetto JSON, readable
 by `python benchmarks/profile_prefill.py --summarize FILE`: device time per kernel name).
 Results as JSON lines on stdout (prefixed "RESULT ") and in `--out`.
@@ -66,8 +68,8 @@ def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
   return rows[:top] if top else rows
 
 
-def dispatch_rows(cfg, dtype, budgets_k, src_lens, impls, repeats):
-  """The expert FFN of one MoE layer alone, by implementation, at each (K, N)."""
+def dispatch_rows(cfg, dtype, budgets_k, src_lens, repeats):
+  """The expert FFN of one MoE layer alone at each (K, N)."""
   import jax
   import jax.numpy as jnp
 
@@ -85,16 +87,14 @@ def dispatch_rows(cfg, dtype, budgets_k, src_lens, impls, repeats):
       slot = jnp.asarray(rng.integers(0, k, n), jnp.int32)
       keep = jnp.ones((n,), bool)
       cap = experts_lib.dispatch_capacity(n, 1, cfg.expert_capacity)
-      for impl in impls:
-        fn = jax.jit(lambda x, slot, wi, wo, keep, impl=impl: experts_lib.expert_ffn(
-            x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True, impl=impl))
-        lowered = fn.lower(x, slot, wi, wo, keep)
-        ma = lowered.compile().memory_analysis()
-        ms = _median_ms(lambda: fn(x, slot, wi, wo, keep), repeats)
-        rows.append({"what": "ffn", "impl": impl, "slots": k, "tokens": n, "capacity": cap, "ms": ms,
-                     "temp_bytes": None if ma is None else ma.temp_size_in_bytes})
-        print(f"ffn {impl:<9} K={k:<3} N={n:<4} C={cap:<4} {ms:8.3f} ms  temp "
-              f"{(ma.temp_size_in_bytes if ma else 0) / 2**20:8.1f} MiB", flush=True)
+      fn = jax.jit(lambda x, slot, wi, wo, keep: experts_lib.expert_ffn(
+          x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True))
+      ma = fn.lower(x, slot, wi, wo, keep).compile().memory_analysis()
+      ms = _median_ms(lambda: fn(x, slot, wi, wo, keep), repeats)
+      rows.append({"what": "ffn", "impl": "dispatch", "slots": k, "tokens": n, "capacity": cap, "ms": ms,
+                   "temp_bytes": None if ma is None else ma.temp_size_in_bytes})
+      print(f"ffn dispatch K={k:<3} N={n:<4} C={cap:<4} {ms:8.3f} ms  temp "
+            f"{(ma.temp_size_in_bytes if ma else 0) / 2**20:8.1f} MiB", flush=True)
   return rows
 
 
@@ -107,7 +107,6 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--pool", type=int, default=4, help="distinct experts per layer (speed of the prefill does not "
                  "depend on whether experts repeat: they are read from the device's slot buffers)")
-  p.add_argument("--impls", nargs="+", default=["dispatch", "sorted"])
   p.add_argument("--trace-dir", default=None)
   p.add_argument("--out", default=None)
   p.add_argument("--summarize", default=None, help="a Perfetto trace: print device time per kernel and exit")
@@ -167,7 +166,7 @@ def main(argv=None):
           print(f"encode trace ({dest}), device ms per kernel over 3 encodes:")
           for name, ms, cnt in rows:
             print(f"  {ms:8.3f} ms {cnt:5d}x {name[:120]}")
-  for row in dispatch_rows(cfg, jdtype, sorted(set(ks)), args.src_lens, args.impls, args.repeats):
+  for row in dispatch_rows(cfg, jdtype, sorted(set(ks)), args.src_lens, args.repeats):
     emit(row)
   if args.out:
     with open(args.out, "a") as f:
