@@ -1,9 +1,11 @@
-"""Controller ablation on the built-in model: the swapmoe controller's score decay and when swaps land,
-on the same held-out request stream, with paired 95 % intervals against the shipped default.
+"""Controller ablation on the built-in model: the swapmoe controller's score decay, when swaps land,
+hysteresis, window, swap rate and planner, on the same held-out request stream, with paired 95 %
+intervals against the shipped default.
 
-  python benchmarks/ablate_controller.py --experts 3,5 --requests 200 --out benchmarks/ablation.jsonl
+  python benchmarks/ablate_controller.py --experts 3,5 --requests 300 --variants default,hyst-0.5 \
+      --out benchmarks/ablation.jsonl
 
-Each variant is `load(default_checkpoint(), experts=K, policy="swapmoe", decay=..., swap_between_requests=...)`
+Each variant is `load(default_checkpoint(), experts=K, policy="swapmoe", **its keywords)` (VARIANTS)
 served the "runs" stream (families in runs of 8, as a user's session) one request at a time, greedy;
 exact match against the task's answer, redirect rate and swaps from `model.stats`. CPU is fine: this
 measures accuracy, not speed. Rows are appended to `--out` as JSON lines and printed as a table.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 
@@ -21,13 +24,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (name, decay, swap_between_requests); the first is the shipped default, the reference of the intervals.
+# (key, name, load() keyword arguments); the first is the shipped default, the reference of the intervals.
 VARIANTS = (
-    ("default: decay 0.5, swaps drained at request ends", 0.5, True),
-    ("decay 0.5, swaps only during calls", 0.5, False),
-    ("decay 0.95 (the previous default), drained", 0.95, True),
-    ("decay 0.95, swaps only during calls (the previous default)", 0.95, False),
-    ("decay 0.2, drained", 0.2, True),
+    ("default", "default: decay 0.5, swaps drained at request ends", {}),
+    ("no-drain", "decay 0.5, swaps only during calls", dict(swap_between_requests=False)),
+    ("decay-0.95", "decay 0.95 (the previous default), drained", dict(decay=0.95)),
+    ("previous", "decay 0.95, swaps only during calls (the previous default)",
+     dict(decay=0.95, swap_between_requests=False)),
+    ("decay-0.2", "decay 0.2, drained", dict(decay=0.2)),
+    ("hyst-0.25", "hysteresis 0.25", dict(hysteresis=0.25)),
+    ("hyst-0.5", "hysteresis 0.5", dict(hysteresis=0.5)),
+    ("hyst-1", "hysteresis 1.0", dict(hysteresis=1.0)),
+    ("window-4", "window of 4 steps (update_every=4)", dict(update_every=4)),
+    ("window-64", "window of 64 steps (update_every=64)", dict(update_every=64)),
+    ("swaps-8", "8 swaps per call (max_swaps_per_step=8)", dict(max_swaps_per_step=8)),
+    ("calibrated", "calibrated planner (K_l and initial residents from 64 training prompts)",
+     dict(planner="calibrated")),
 )
 
 
@@ -43,6 +55,8 @@ def main(argv=None) -> int:
   p.add_argument("--experts", default="3,5", help="resident experts per MoE layer, comma-separated")
   p.add_argument("--requests", type=int, default=200)
   p.add_argument("--stream", default="runs", choices=("runs", "shuffled"))
+  p.add_argument("--variants", default=",".join(k for k, _, _ in VARIANTS),
+                 help="comma-separated keys of VARIANTS (the default is always run first, as the reference)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablation.jsonl"))
   a = p.parse_args(argv)
   folder = default_checkpoint()
@@ -50,18 +64,29 @@ def main(argv=None) -> int:
   examples = tasks.request_stream(a.requests, a.stream, seed=0)
   tok = load(folder, **limits).tokenizer
   reqs = make_requests(tok, [(e.prompt, e.answer) for e in examples], src_len=SRC_LEN, tgt_len=NEW_TOKENS)
+  keys = ["default"] + [v for v in a.variants.split(",") if v and v != "default"]
+  known = {key: (name, kw) for key, name, kw in VARIANTS}
+  if any(v not in known for v in keys):
+    p.error(f"unknown variants {[v for v in keys if v not in known]}; choose from {', '.join(known)}")
+  # Calibration prompts come from the training draw (never the held-out requests).
+  calibration = [np.asarray(tok(e.prompt)["input_ids"], np.int32)[None]
+                 for e in tasks.training_examples(64, random.Random(12345))]
   rows = []
   for k in (int(x) for x in a.experts.split(",")):
     reference = None
-    for i, (name, decay, drain) in enumerate(VARIANTS):
+    for i, key in enumerate(keys):
+      name, kw = known[key]
+      if kw.get("planner") == "calibrated":
+        kw = dict(kw, calibration_inputs=calibration)
       t = time.perf_counter()
-      model = load(folder, experts=k, policy="swapmoe", decay=decay, swap_between_requests=drain, **limits)
+      model = load(folder, experts=k, policy="swapmoe", **kw, **limits)
       out = run_stream(model, reqs, max_new_tokens=NEW_TOKENS)["outputs"]
       correct = [int(_decode_text(tok, o) == e.answer) for o, e in zip(out, examples)]
       s = model.stats.summary()
       reference = reference or correct
       diff = None if i == 0 else paired_difference(correct, reference)
-      row = dict(experts=k, variant=name, decay=decay, swap_between_requests=drain, stream=a.stream,
+      row = dict(experts=k, variant=name, key=key, **{n: v for n, v in kw.items() if n != "calibration_inputs"},
+                 stream=a.stream,
                  requests=len(reqs), exact_match=float(np.mean(correct)), redirect_rate=s["redirect_rate"],
                  experts_swapped=s["experts_swapped"], vs_default=None if diff is None else diff.points(),
                  seconds=round(time.perf_counter() - t, 1))

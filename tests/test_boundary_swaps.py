@@ -61,3 +61,14 @@ def test_decay_reaches_the_controller_and_is_refused_where_it_means_nothing():
     load(default_checkpoint(), experts=3, policy="pruned", decay=0.8, **LIMITS)
   with pytest.raises(ValueError, match="decay must be in"):
     load(default_checkpoint(), experts=3, policy="swapmoe", decay=1.5, **LIMITS)
+
+
+def test_hysteresis_reaches_the_controller_and_is_refused_where_it_means_nothing():
+  from swapmoe_jax.serving.swap import DEFAULT_HYSTERESIS
+
+  assert load(default_checkpoint(), experts=3, policy="swapmoe", **LIMITS).residency.controller.hysteresis == (
+      DEFAULT_HYSTERESIS)
+  m = load(default_checkpoint(), experts=3, policy="selective", hysteresis=0.0, **LIMITS)
+  assert m.residency.controller.hysteresis == 0.0
+  with pytest.raises(ValueError, match="hysteresis applies to"):
+    load(default_checkpoint(), experts=3, policy="lfu", hysteresis=0.5, **LIMITS)

@@ -113,6 +113,36 @@ def test_eviction_lowest_importance_first_and_gain_priority():
   assert c.state.resident(0) == [0, 2, 4, 5] and c.state.resident(1) == [0, 1, 2, 7]
 
 
+@pytest.mark.parametrize("hysteresis, challenger, swaps", [
+    (0.0, 5.5, True),  # the paper's top-K: any higher score swaps
+    (0.5, 7.0, False),  # 7 < 1.5 * 5 = 7.5: the resident stays
+    (0.5, 8.0, True),  # 8 > 7.5
+    (1.0, 9.0, False),
+    (1.0, 10.5, True),
+])
+def test_hysteresis_needs_the_incoming_score_above_the_margin(hysteresis, challenger, swaps):
+  c = ImportanceSwapController(4, [2], [[0, 1]], update_every=1, max_swaps_per_step=2, decay=1.0,
+                               hysteresis=hysteresis)
+  c.observe(stats_from([[9, 5, challenger, 0]]))
+  writes = c.next_writes()
+  assert writes == ([SlotWrite(0, 1, 2, 1)] if swaps else [])
+  assert c.targets[0].tolist() == ([0, 2] if swaps else [0, 1])
+
+
+def test_hysteresis_defaults_and_checks():
+  from swapmoe_jax.serving.swap import DEFAULT_HYSTERESIS
+
+  # `load`'s controllers get the serving default; the class alone keeps the paper's rule.
+  assert make_controller("swapmoe", 4, [2]).hysteresis == DEFAULT_HYSTERESIS > 0
+  assert make_controller("selective", 4, [2], hysteresis=0.25).hysteresis == 0.25
+  assert ImportanceSwapController(4, [2], None).hysteresis == 0.0
+  with pytest.raises(ValueError, match="hysteresis applies to"):
+    make_controller("lru", 4, [2], hysteresis=0.5)
+  for bad in (-0.1, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="hysteresis must be"):
+      ImportanceSwapController(4, [2], None, hysteresis=bad)
+
+
 @FAST
 @given(num_experts=st.integers(2, 12), slots=st.lists(st.integers(1, 12), min_size=1, max_size=4),
        max_swaps=st.integers(1, 4), seed=st.integers(0, 2**31))

@@ -215,7 +215,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
          devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
          selective_threshold: float | None = None, decay: float | None = None,
-         swap_between_requests: bool = True):
+         swap_between_requests: bool = True, hysteresis: float | None = None):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -262,6 +262,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       With `devices`, "pageable" does not apply: each device stages from its pinned host shard.
     decay: the controller's score decay per observation (swapmoe/selective: of Eq. 1 importance, default
       `swap.DEFAULT_DECAY`; lfu: of frequencies, default `swap.DEFAULT_LFU_DECAY`).
+    hysteresis: swapmoe/selective/fallback: a resident expert is replaced only by one whose score is above
+      (1 + hysteresis) times its own (default `swap.DEFAULT_HYSTERESIS`; see `ImportanceSwapController`).
     swap_between_requests: at the end of a request, issue all of the controller's remaining swaps
       (default) instead of leaving them to the next request's calls, a few per call.
     progress: show a progress bar while experts are read.
@@ -338,7 +340,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                   tokenizer=_tokenizer(meta), meta=meta,
                   limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
                   steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold,
-                  decay=decay, swap_between_requests=swap_between_requests)
+                  decay=decay, swap_between_requests=swap_between_requests, hysteresis=hysteresis)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -403,9 +405,10 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
              steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
              selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, decay: float | None = None,
-             swap_between_requests: bool = True) -> ServedModel:
+             swap_between_requests: bool = True, hysteresis: float | None = None) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
-  `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`: see `load`."""
+  `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`, `hysteresis`: see
+  `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
   from swapmoe_jax.serving.residency import Residency
@@ -421,7 +424,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
-                               max_swaps_per_step=plan.max_swaps_per_step, decay=decay)
+                               max_swaps_per_step=plan.max_swaps_per_step, decay=decay, hysteresis=hysteresis)
   # Exact and selective routing read misses from stacked host banks, and staging="gather" stages from
   # them; building them changes how the store stages experts, so it comes before the executor compiles
   # its programs.
