@@ -197,6 +197,54 @@ def test_steps_after_every_rows_eos_skip_the_model(pairs):
   assert not np.array_equal(jax.device_get(ran.self_k[0])[:, :, :4], before[:, :, :4]), "the model ran"
 
 
+def test_steps_past_the_requested_tokens_skip_the_model(pairs):
+  """`remaining` (traced): a call's steps from that index on skip the model as finished rows do, so the
+  last call of a request runs only the steps it needs; generate's tokens are unchanged."""
+  from swapmoe_jax.serving import decode
+  from swapmoe_jax.serving.sampling import Sampling
+
+  _, ours = pairs["step1_e4_tied", "gen"]
+  ids, mask, _ = _inputs(seed=2)
+  cfg = ours.config
+  model = swapmoe_jax.SwitchModel(cfg, ours.graphdef, ours.params, ours.slots, dtype=ours.dtype)
+  b = 2
+  cache, _ = decode.encode(model._graphdef, model._params, model._slots, ids[:b], mask[:b].astype(bool), 64, None)
+  zeros = decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts)
+  args = (model._graphdef, model._params, model._slots, np.full((b,), 5, np.int32), np.zeros((b,), bool))
+  rest = (np.int32(0), jax.random.key(0), None, zeros, Sampling(), cfg.pad_token_id, (-1,), 4, True)
+  before = jax.device_get(cache.self_k[0])
+  full_toks, _, full_cache, _, full_stats = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, None)
+  toks, _, after, pos, stats = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, np.int32(2))
+  toks, after_k = np.asarray(toks), jax.device_get(after.self_k[0])
+  # Two steps ran as without a limit; the last two wrote nothing and emitted pad.
+  np.testing.assert_array_equal(toks[:2], np.asarray(full_toks)[:2])
+  assert np.all(toks[2:] == cfg.pad_token_id) and int(pos) == 4
+  np.testing.assert_array_equal(after_k[:, :, :2], jax.device_get(full_cache.self_k[0])[:, :, :2])
+  np.testing.assert_array_equal(after_k[:, :, 2:], before[:, :, 2:])
+  assert int(np.sum(stats.wanted)) * 2 == int(np.sum(full_stats.wanted)), "routing counted 2 of 4 steps"
+  for n in (1, 5, 17, 20):
+    got = model.generate(ids[:b], mask[:b], max_new_tokens=n)
+    model.skip_finished = False
+    np.testing.assert_array_equal(got, model.generate(ids[:b], mask[:b], max_new_tokens=n))
+    model.skip_finished = True
+
+
+def test_a_request_routes_only_its_own_steps():
+  """Through `load` and the telemetry: a request of 3 tokens (no EOS among them) runs 3 decoder steps,
+  not a first step plus a whole call of 16."""
+  from swapmoe_jax.builtin.demo import default_checkpoint
+
+  model = swapmoe_jax.load(default_checkpoint(), experts=4, max_batch_size=1, max_source_len=32,
+                           max_new_tokens=16)
+  ids = model.tokenizer("reverse: cat dog sun moon", return_tensors="np").input_ids
+  before = model.residency.totals.wanted.sum(axis=1)
+  out = model.generate(ids, max_new_tokens=3)
+  assert out.shape == (1, 3) and not np.isin(out, model.config.eos_token_ids).any()
+  routed = model.residency.totals.wanted.sum(axis=1) - before  # per MoE layer: tokens routed
+  decoder = [i for i, (stack, _) in enumerate(model.config.moe_layers) if stack == "decoder"]
+  assert routed[decoder].tolist() == [3] * len(decoder)
+
+
 def test_incremental_decoding_equals_full_forward(pairs):
   _, ours = pairs["step2_e8_untied"]
   ids, mask, _ = _inputs(seed=4)

@@ -147,7 +147,7 @@ def decode_step(graphdef, params, slots, tokens, done, cache, pos, key, banks, s
 
 @functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13, 14), donate_argnums=(5,))
 def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, stats_sum, sampling, pad_id,
-                 eos_ids, num_steps, skip_finished=True):
+                 eos_ids, num_steps, skip_finished=True, remaining=None):
   """`num_steps` decode steps in one device call (a `lax.scan` of `decode_step`'s body).
 
   A switch-base decode step is ~300 small kernels: dispatched one call per token, the host's dispatch
@@ -161,6 +161,10 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
   call it just dispatched), so without this the steps of up to three calls after the last EOS would run
   the whole model for tokens that are dropped; with it a request costs its tokens' steps plus a few
   empty ones. False: every step runs the model (as before).
+  remaining: None, or int32 [] (traced: a new value does not recompile): the steps the request still
+  needs; with `skip_finished`, steps from that index on skip the model too, so a request's last call
+  (of `num_steps`, one program for every length) costs its needed steps only: max_new_tokens=20 in calls
+  of 16 after a one-step first call ran 33 steps of the model, now 20.
   """
   model = _merge(graphdef, params, slots)
   eos = jnp.asarray(eos_ids, jnp.int32)
@@ -178,13 +182,17 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
     tokens, done, cache, pos, acc = carry
     return jnp.full_like(tokens, pad_id), done, cache, pos + 1, acc
 
-  def body(carry, _):
-    carry = jax.lax.cond(jnp.all(carry[1]), skip, step, carry) if skip_finished else step(carry)
+  def body(carry, i):
+    if skip_finished:
+      idle = jnp.all(carry[1]) if remaining is None else jnp.all(carry[1]) | (i >= remaining)
+      carry = jax.lax.cond(idle, skip, step, carry)
+    else:
+      carry = step(carry)
     return carry, carry[0]
 
   with _numerics(graphdef):
-    (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum), None,
-                                                          length=num_steps)
+    (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum),
+                                                          jnp.arange(num_steps, dtype=jnp.int32))
   return out, done, cache, pos, stats_sum
 
 
