@@ -40,6 +40,11 @@ VARIANTS = (
     ("swaps-8", "8 swaps per call (max_swaps_per_step=8)", dict(max_swaps_per_step=8)),
     ("calibrated", "calibrated planner (K_l and initial residents from 64 training prompts)",
      dict(planner="calibrated")),
+    ("full", "full (every expert resident; the ceiling)", dict(policy="full")),
+    ("refit-0", "prefill-informed: every request's encoder refitted to its own routing", dict(prefill_refit=0.0)),
+    ("refit-0.1", "prefill-informed: refitted when >10 % of its encoder tokens were redirected",
+     dict(prefill_refit=0.1)),
+    ("refit-0.2", "prefill-informed: refitted when >20 % were redirected", dict(prefill_refit=0.2)),
 )
 
 
@@ -79,13 +84,18 @@ def main(argv=None) -> int:
       if kw.get("planner") == "calibrated":
         kw = dict(kw, calibration_inputs=calibration)
       t = time.perf_counter()
-      model = load(folder, experts=k, policy="swapmoe", **kw, **limits)
+      if kw.get("policy") == "full":
+        model = load(folder, **limits)
+      else:
+        model = load(folder, experts=k, policy="swapmoe", **kw, **limits)
       out = run_stream(model, reqs, max_new_tokens=NEW_TOKENS)["outputs"]
       correct = [int(_decode_text(tok, o) == e.answer) for o, e in zip(out, examples)]
       s = model.stats.summary()
       reference = reference or correct
       diff = None if i == 0 else paired_difference(correct, reference)
+      refits = model.residency.refits
       row = dict(experts=k, variant=name, key=key, **{n: v for n, v in kw.items() if n != "calibration_inputs"},
+                 refits=refits, refit_matches=model.residency.refit_matches, correct=correct,
                  stream=a.stream,
                  requests=len(reqs), exact_match=float(np.mean(correct)), redirect_rate=s["redirect_rate"],
                  experts_swapped=s["experts_swapped"], vs_default=None if diff is None else diff.points(),

@@ -72,3 +72,47 @@ def test_hysteresis_reaches_the_controller_and_is_refused_where_it_means_nothing
   assert m.residency.controller.hysteresis == 0.0
   with pytest.raises(ValueError, match="hysteresis applies to"):
     load(default_checkpoint(), experts=3, policy="lfu", hysteresis=0.5, **LIMITS)
+
+
+def test_prefill_refit_reencodes_on_the_experts_the_prompt_wanted():
+  """`prefill_refit`: after the encoder, each encoder layer gets the experts this request's routing
+  wanted most, and the encoder runs again on them: the request's tokens are those of a model pinned to
+  the refitted set."""
+  a = load(default_checkpoint(), experts=3, policy="swapmoe", prefill_refit=0.0, swap_between_requests=False,
+           **LIMITS)
+  c = a.residency.controller
+  initial = [c.state.resident(l) for l in range(4)]
+  out = _ask(a, PROMPTS[1])
+  after = [c.state.resident(l) for l in range(4)]
+  enc = [i for i, (stack, _) in enumerate(a.config.moe_layers) if stack == "encoder"]
+  assert a.residency.refits == 1
+  assert any(sorted(after[l]) != sorted(initial[l]) for l in enc)
+  assert all(sorted(after[l]) == sorted(initial[l]) for l in range(4) if l not in enc)  # decoder kept
+  b = load(default_checkpoint(), experts=3, policy="pruned", **LIMITS)
+  b.pin_experts(after)
+  np.testing.assert_array_equal(out, _ask(b, PROMPTS[1]))
+  # More requests, refitted (their decoder layers may follow a past request): nothing recompiles.
+  from swapmoe_jax.serving import decode
+
+  def padded(prompt):  # one request shape, so that only a refit could compile something new
+    enc = a.tokenizer(prompt, padding="max_length", max_length=16, return_tensors="np")
+    return a.generate(enc.input_ids, enc.attention_mask, max_new_tokens=12)
+
+  padded("sort: 5 2 8")  # compiles this shape's programs
+  sizes, refits = (decode.encode._cache_size(), decode.decode_steps._cache_size()), a.residency.refits
+  for prompt in ("max: 3 9 4", "reverse: red blue green", "sum: 1 2 3", "sort: 9 1 5 2"):
+    padded(prompt)
+  assert a.residency.refits > refits
+  assert (decode.encode._cache_size(), decode.decode_steps._cache_size()) == sizes, "a refit recompiled"
+
+
+def test_prefill_refit_waits_for_enough_redirects_and_checks_its_input():
+  plain = load(default_checkpoint(), experts=3, policy="swapmoe", **LIMITS)
+  never = load(default_checkpoint(), experts=3, policy="swapmoe", prefill_refit=0.999, **LIMITS)
+  np.testing.assert_array_equal(_ask(never, PROMPTS[0]), _ask(plain, PROMPTS[0]))
+  assert never.residency.refits == 0
+  for bad, match in ((1.0, "must be in"), (-0.1, "must be in"), ("0.1", "must be a number")):
+    with pytest.raises(ValueError, match=match):
+      load(default_checkpoint(), experts=3, policy="swapmoe", prefill_refit=bad, **LIMITS)
+  with pytest.raises(ValueError, match="prefill_refit applies to"):
+    load(default_checkpoint(), experts=3, policy="lfu", prefill_refit=0.1, **LIMITS)

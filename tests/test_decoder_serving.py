@@ -122,6 +122,12 @@ def test_swapmoe_swaps_through_generate_without_recompiling(family_folder):
   assert (decode.prefill._cache_size(), decode.decode_steps._cache_size()) == sizes, "a swap recompiled"
 
 
+def test_prefill_refit_is_for_encoder_decoder_models(family_folder):
+  _, folder = family_folder("olmoe")
+  with pytest.raises(ValueError, match="encoder-decoder models"):
+    swapmoe_jax.load(folder, experts=2, policy="swapmoe", prefill_refit=0.1, max_source_len=16, max_new_tokens=16)
+
+
 def test_budget_plans_hold_their_bytes(family_folder):
   _, folder = family_folder("mixtral")
   full = swapmoe_jax.load(folder)

@@ -204,3 +204,15 @@ def test_oracle_evaluation_end_to_end():
     assert b["captured"]["ratio"] is None
   md = evaluate.markdown(rows)
   assert "| runs | oracle | original | 3/16" in md and "captured [95% CI]" in md
+
+
+def test_evaluation_passes_prefill_refit_to_the_swapping_rows_only():
+  rows = evaluate.evaluate(default_checkpoint(), experts=(3,), policies=("full", "swapmoe", "pruned"),
+                           gates=("original",), streams=("runs",), requests=8, prefill_refit=0.0)
+  by = {r["policy"]: r for r in rows}
+  assert by["swapmoe"]["prefill_refit"] == 0.0
+  assert "prefill_refit" not in by["pruned"] and "prefill_refit" not in by["full"]
+  plain = evaluate.evaluate(default_checkpoint(), experts=(3,), policies=("swapmoe",), gates=("original",),
+                            streams=("runs",), requests=8)
+  # Refitting every request's encoder moves more experts than the controller alone.
+  assert by["swapmoe"]["experts_swapped"] > plain[0]["experts_swapped"]

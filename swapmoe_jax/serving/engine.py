@@ -320,6 +320,13 @@ class SwitchModel(ServedModel):
     # tokens dropped) write the cache's last position at most (see `_decode`).
     cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
+    if self.residency is not None and self.residency.prefill_refit is not None:
+      # Prefill-informed residency: the encoder ran on residents that its own routing says are wrong
+      # for this request; refit them and run it again (only when it moved experts).
+      self._slots, moved = self.residency.refit_to_prefill(self._slots, enc_stats)
+      if moved:
+        cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
+                                         decode.cache_length(max_new_tokens), self._banks)
     self._after_prefill(enc_stats)
     b = ids.shape[0]
     tokens = self._put(np.full((b,), cfg.decoder_start_token_id, np.int32))

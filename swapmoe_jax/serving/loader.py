@@ -215,7 +215,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
          devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
          selective_threshold: float | None = None, decay: float | None = None,
-         swap_between_requests: bool = True, hysteresis: float | None = None):
+         swap_between_requests: bool = True, hysteresis: float | None = None,
+         prefill_refit: float | None = None):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -264,6 +265,10 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       `swap.DEFAULT_DECAY`; lfu: of frequencies, default `swap.DEFAULT_LFU_DECAY`).
     hysteresis: swapmoe/selective/fallback: a resident expert is replaced only by one whose score is above
       (1 + hysteresis) times its own (default `swap.DEFAULT_HYSTERESIS`; see `ImportanceSwapController`).
+    prefill_refit: encoder-decoder models, swapmoe/selective/fallback: after a request's encoder call, when
+      more than this fraction of its encoder tokens were redirected, make each encoder layer's residents
+      the experts this request's routing wanted most and run the encoder again (prefill-informed
+      residency; `Residency.refit_to_prefill`). None (default): never.
     swap_between_requests: at the end of a request, issue all of the controller's remaining swaps
       (default) instead of leaving them to the next request's calls, a few per call.
     progress: show a progress bar while experts are read.
@@ -340,7 +345,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                   tokenizer=_tokenizer(meta), meta=meta,
                   limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
                   steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold,
-                  decay=decay, swap_between_requests=swap_between_requests, hysteresis=hysteresis)
+                  decay=decay, swap_between_requests=swap_between_requests, hysteresis=hysteresis,
+                  prefill_refit=prefill_refit)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -405,10 +411,11 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
              dtype, tokenizer=None, meta=None, limits=None, importance=None, mesh=None,
              steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
              selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, decay: float | None = None,
-             swap_between_requests: bool = True, hysteresis: float | None = None) -> ServedModel:
+             swap_between_requests: bool = True, hysteresis: float | None = None,
+             prefill_refit: float | None = None) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
-  `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`, `hysteresis`: see
-  `load`."""
+  `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`, `hysteresis`,
+  `prefill_refit`: see `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
   from swapmoe_jax.serving.residency import Residency
@@ -442,8 +449,10 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
       executor = sharding.ShardedSwapExecutor(store, cfg.moe_layers, slots, plan.max_swaps_per_step, mesh)
     maps = [controller.state.index_map(l) for l in range(cfg.num_moe_layers)]
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
+  if prefill_refit is not None and not cfg.is_encoder_decoder:
+    raise ValueError("prefill_refit applies to encoder-decoder models (Switch) only")
   residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every,
-                        swap_between_requests=swap_between_requests)
+                        swap_between_requests=swap_between_requests, prefill_refit=prefill_refit)
   served = SwitchModel if cfg.is_encoder_decoder else CausalLM
   return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
                      policy=policy, banks=store.banks() if bank else None, meta=meta,

@@ -50,6 +50,22 @@ def check_selective_threshold(policy: str, threshold) -> float:
   return float(threshold)
 
 
+def check_prefill_refit(policy: str, value, swaps: bool) -> float | None:
+  """`load(prefill_refit=)`: None, or a fraction in [0, 1) of a request's encoder tokens redirected
+  above which the encoder is refitted (policies that swap: swapmoe, selective, fallback)."""
+  if value is None:
+    return None
+  if policy not in ("swapmoe", "selective", "fallback"):
+    raise ValueError(f"prefill_refit applies to policies swapmoe, selective and fallback, not {policy!r}")
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise ValueError(f"prefill_refit must be a number, got {value!r:.40}")
+  if not 0 <= value < 1:  # NaN too
+    raise ValueError(f"prefill_refit must be in [0, 1), got {value}")
+  if not swaps:
+    raise ValueError("prefill_refit needs swaps (max_swaps_per_step > 0)")
+  return float(value)
+
+
 def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   """Device LayerStats of the encoder and/or decoder MoE layers -> host RoutingStats over all L layers."""
   num_enc = len(cfg.encoder_sparse_layers)
@@ -82,13 +98,20 @@ class Residency:
   """
 
   def __init__(self, cfg: SwitchConfig, controller: SwapController, executor: SwapExecutor | None,
-               telemetry: Telemetry, update_every: int = 16, swap_between_requests: bool = True):
+               telemetry: Telemetry, update_every: int = 16, swap_between_requests: bool = True,
+               prefill_refit: float | None = None):
     self.cfg = cfg
     self.controller = controller
     self.executor = executor
     self.telemetry = telemetry
     self.update_every = max(1, int(update_every))
     self.swap_between_requests = bool(swap_between_requests)
+    self.prefill_refit = check_prefill_refit(controller.policy, prefill_refit, executor is not None)
+    self.refits = 0  # requests whose encoder was refitted and run again
+    self.refit_matches = 0  # refits whose decoder layers followed a past request (`refit_to_prefill`)
+    # Past requests' routing for prefill-informed residency: (encoder signature, decoder importance).
+    self._library: list[tuple[np.ndarray, np.ndarray]] = []
+    self._request = RoutingStats.zeros(cfg.num_moe_layers, cfg.num_experts)  # this request's, so far
     self._open = []  # device statistics (enc, dec) of the open window
     self._closed = []  # (call at which it closed, statistics) of windows not yet read
     self._calls = 0  # decode calls so far
@@ -131,6 +154,8 @@ class Residency:
     self._open = []
     self._steps = 0
     slots = self._observe(slots, everything=True)
+    if self.prefill_refit is not None:
+      self._remember_request()
     if not self.swap_between_requests or self.executor is None:
       return slots
     for _ in range(self.cfg.num_experts * self.controller.num_layers):  # a bound: a commit moves >= 1
@@ -153,6 +178,7 @@ class Residency:
       stats = stats.merge(routing_stats(self.cfg, enc, dec))
     wait_s = time.perf_counter() - t0
     self.totals = self.totals.merge(stats)
+    self._request = self._request.merge(stats)
     hits, misses = self.controller.observe(stats)
     self._may_write = True
     self.telemetry.add(StepRecord.from_stats(self.telemetry.steps, stats, hits=hits, misses=misses,
@@ -177,6 +203,72 @@ class Residency:
     self._swap["bytes_swapped"] += len(writes) * self.executor.store.expert_bytes
     self._swap["transfer_s"] += transfer_s
     return slots
+
+  LIBRARY_SIZE = 64  # past requests remembered for prefill-informed residency
+  MATCH_SIMILARITY = 0.5  # the least cosine similarity of encoder signatures that counts as a match
+
+  def _layers(self, stack: str) -> list[int]:
+    return [i for i, (s, _) in enumerate(self.cfg.moe_layers) if s == stack]
+
+  def _signature(self, stats: RoutingStats) -> np.ndarray:
+    """A request's encoder routing as a unit vector: its tokens' wanted experts per encoder layer."""
+    v = stats.wanted[self._layers("encoder")].astype(np.float64).ravel()
+    n = np.linalg.norm(v)
+    return v / n if n else v
+
+  def _remember_request(self) -> None:
+    """At a request's end: its encoder signature and its decoder layers' importance join the library."""
+    req, self._request = self._request, RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
+    dec = self._layers("decoder")
+    if req.wanted[dec].sum() and req.wanted[self._layers("encoder")].sum():
+      self._library = (self._library + [(self._signature(req), req.importance[dec].copy())])[-self.LIBRARY_SIZE:]
+
+  def _ranked(self, layer: int, score: np.ndarray, resident: np.ndarray) -> np.ndarray:
+    """The K_l experts of highest score, a resident's counting (1 + hysteresis) times, ties to residents."""
+    boost = 1.0 + getattr(self.controller, "hysteresis", 0.0)
+    score = score * np.where(resident, boost, 1.0)
+    order = np.lexsort((np.arange(self.cfg.num_experts), ~resident, -score))
+    return order[:self.controller.state.slots_per_layer[layer]]
+
+  def refit_to_prefill(self, slots, enc_stats):
+    """Prefill-informed residency (encoder-decoder models): after a request's encoder call, when more
+    than `prefill_refit` of its encoder tokens were redirected, refits the resident sets to this request
+    before it decodes, so that the caller runs the encoder again on them. Waits for the encoder call
+    (it reads its statistics).
+
+    Encoder layers: the K_l experts this request's own (unmasked) routing gave the most importance (Eq.
+    1). Decoder layers, which have not run yet: the experts that mattered most to the decoder of the past
+    request whose encoder routing is most similar (cosine of the wanted-expert counts, at least
+    `MATCH_SIMILARITY`, among the last `LIBRARY_SIZE` requests; MoE-Infinity's request-level activation
+    matching), else they keep theirs. Residents count (1 + the controller's hysteresis) times, ties go
+    to them. The copies go through `pin` (the controller's state and telemetry follow; its scores learn
+    from the second encoder call as usual). Returns (slots, whether anything moved); nothing moves
+    while the controller has writes in flight.
+    """
+    if self.prefill_refit is None or self.controller.pending:
+      return slots, False
+    stats = routing_stats(self.cfg, enc_stats, None)
+    enc, dec = self._layers("encoder"), self._layers("decoder")
+    wanted = int(stats.wanted[enc].sum())
+    if not wanted or stats.redirected[enc].sum() <= self.prefill_refit * wanted:
+      return slots, False
+    resident = self.controller.state.resident_mask()
+    targets = [np.asarray(self.controller.state.resident(l), np.int64) for l in range(self.controller.num_layers)]
+    for l in enc:
+      targets[l] = self._ranked(l, stats.importance[l], resident[l])
+    if self._library and dec:
+      sig = self._signature(stats)
+      sims = np.array([sig @ past for past, _ in self._library])
+      best = int(np.argmax(sims))
+      if sims[best] >= self.MATCH_SIMILARITY:
+        self.refit_matches += 1
+        for row, l in enumerate(dec):
+          targets[l] = self._ranked(l, self._library[best][1][row], resident[l])
+    before = self._swap["experts_swapped"]
+    slots = self.pin(slots, targets)
+    moved = self._swap["experts_swapped"] > before
+    self.refits += int(moved)
+    return slots, moved
 
   def pin(self, slots, resident, store=None, max_writes: int = 1):
     """Makes `resident` the resident experts, between requests; returns the new slot state (a `Flat`).
