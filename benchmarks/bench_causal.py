@@ -351,7 +351,8 @@ def _timed_generates(model, cfg, rng, args) -> dict:
   return timing.per_request(plain, streams, n, chunk, args.batch, first_alone=True)
 
 
-_COUNTERS = ("tokens_routed", "redirected", "hits", "misses", "experts_swapped", "bytes_swapped")
+_COUNTERS = ("tokens_routed", "redirected", "hits", "misses", "experts_swapped", "bytes_swapped", "from_bank",
+             "missed_experts", "bytes_from_host")
 
 
 def run_ours(args, cfg, common: dict) -> dict:

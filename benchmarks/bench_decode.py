@@ -125,6 +125,7 @@ def run_one(args) -> dict:
                              **({} if args.selective_threshold is None else
                                 {"selective_threshold": args.selective_threshold}),
                              **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
+                             **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
                              swap_between_requests=not args.no_drain)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   jax.block_until_ready(model._slots.leaves)
@@ -153,8 +154,14 @@ def run_one(args) -> dict:
       "peak_per_device": peak_per_device,
       "redirect_rate": tele.get("redirect_rate"), "experts_swapped": tele.get("experts_swapped"),
       "hit_rate": tele.get("hit_rate"), "misses": tele.get("misses"), "from_bank": tele.get("from_bank"),
+      # Expert weights read from host memory (exact/selective), over every request this process ran
+      # (2 warm-ups and 2 per repeat): the transfer floor of issue 18 is bytes / requests / pinned bandwidth.
+      "missed_experts": tele.get("missed_experts"), "bytes_from_host": tele.get("bytes_from_host"),
+      "requests_run": 2 + 2 * args.repeats,
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold,
       "hysteresis": args.hysteresis, "swap_between_requests": not args.no_drain,
+      "prefill_refit": args.prefill_refit,
+      "refits": model.residency.refits if model.residency is not None else None,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
       "stage_bandwidth": _stage_bandwidth(model), "stage_bandwidth_8": _stage_bandwidth(model, 8),
@@ -271,6 +278,7 @@ def main(argv=None):
                  help="policy selective's threshold (default: the loader's)")
   p.add_argument("--hysteresis", type=float, default=None, help="swapmoe's hysteresis (default: the loader's)")
   p.add_argument("--no-drain", action="store_true", help="swap_between_requests=False (swaps only during calls)")
+  p.add_argument("--prefill-refit", type=float, default=None, help="load's prefill_refit (swapmoe and kin)")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
   if args.run:
@@ -282,7 +290,8 @@ def main(argv=None):
             "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else []) + (
                 [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
-                ["--no-drain"] if args.no_drain else [])
+                ["--no-drain"] if args.no_drain else []) + (
+                [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)])
   runs = []
   for shape in args.shape:
     for dtype in args.dtype:

@@ -414,3 +414,25 @@ def test_calibrated_planner_through_load(folder):
   assert model.plan.breakdown.total <= model.plan.budget_bytes
   ids, mask = _ids(9)
   assert model.generate(ids, mask, max_new_tokens=5).shape[0] == 2
+
+
+def test_telemetry_counts_the_experts_read_from_host_memory():
+  """`missed_experts`: distinct non-resident experts per layer call; in bytes only where misses are read
+  from host memory (exact and selective routing), none under masked routing, int8 copies under fallback."""
+  from swapmoe_jax.builtin.demo import default_checkpoint
+
+  limits = dict(max_batch_size=1, max_source_len=32, max_new_tokens=16)
+  summaries = {}
+  for policy in ("lfu", "swapmoe", "fallback"):
+    model = swapmoe_jax.load(default_checkpoint(), experts=2, policy=policy, **limits)
+    ids = model.tokenizer("sort: 7 3 9 1 4", return_tensors="np").input_ids
+    model.generate(ids, max_new_tokens=8)
+    summaries[policy] = (model.stats.summary(), model.store.expert_bytes)
+  s, expert_bytes = summaries["lfu"]
+  # At most one read per token served from host, at least one per layer call that had a miss.
+  assert 0 < s["missed_experts"] <= s["from_bank"]
+  assert s["bytes_from_host"] == s["missed_experts"] * expert_bytes
+  s, _ = summaries["swapmoe"]
+  assert s["missed_experts"] == s["from_bank"] == s["bytes_from_host"] == 0 and s["redirected"] > 0
+  s, _ = summaries["fallback"]
+  assert s["missed_experts"] > 0 and s["bytes_from_host"] == 0

@@ -64,7 +64,7 @@ def _ref_top1(x, router_w, wi, wo, resident, threshold, gate_mode, capacity):
   e = p.shape[-1]
   y = np.zeros_like(x)
   chosen = np.zeros(x.shape[:2], int)
-  counts = dict(redirected=0, from_bank=0, misses=0, served=np.zeros(e, int))
+  counts = dict(redirected=0, from_bank=0, misses=0, served=np.zeros(e, int), missed=set())
   for b in range(x.shape[0]):
     taken = np.zeros(e, int)
     for t in range(x.shape[1]):
@@ -79,6 +79,8 @@ def _ref_top1(x, router_w, wi, wo, resident, threshold, gate_mode, capacity):
       counts["misses"] += int(not resident[wanted])
       counts["redirected"] += int(c != wanted)
       counts["from_bank"] += int(not resident[c])
+      if not resident[c]:
+        counts["missed"].add(c)  # an expert read from the bank (once per call, whatever its tokens)
       gate = pt[c] / (pt[available].sum() if gate_mode == "renormalized" else 1.0)
       taken[c] += 1
       if taken[c] <= capacity:
@@ -117,6 +119,7 @@ def test_top1_mixes_bank_reads_and_redirects_like_the_reference(gate_mode, b, t)
   assert _rel(y, y_ref) < 1e-5
   for name in ("redirected", "from_bank", "misses"):
     assert int(getattr(stats, name)) == counts[name], name
+  assert int(stats.missed_experts) == len(counts["missed"]) > 0
   assert counts["misses"] == counts["redirected"] + counts["from_bank"]
   np.testing.assert_array_equal(np.asarray(stats.served), counts["served"])
   np.testing.assert_array_equal(np.asarray(stats.wanted), np.bincount(wanted.ravel(), minlength=8))
@@ -152,7 +155,7 @@ def _ref_topk(x, router_w, wi, wo, resident, threshold, k, gate_mode, norm):
   x = np.asarray(x, np.float64)
   p = _softmax(x @ router_w)
   y = np.zeros_like(x)
-  served, counts = {}, dict(redirected=0, from_bank=0, misses=0)
+  served, counts = {}, dict(redirected=0, from_bank=0, misses=0, missed=set())
   for b in range(x.shape[0]):
     for t in range(x.shape[1]):
       pt = p[b, t]
@@ -172,6 +175,7 @@ def _ref_topk(x, router_w, wi, wo, resident, threshold, k, gate_mode, norm):
       counts["misses"] += int((~resident[wanted]).sum())
       counts["redirected"] += sum(e not in wanted for e in chosen)
       counts["from_bank"] += sum(not resident[e] for e in chosen)
+      counts["missed"] |= {int(e) for e in chosen if not resident[e]}
   return y, served, counts
 
 
@@ -212,6 +216,7 @@ def test_topk_decides_each_pair_like_the_reference(gate_mode, norm, b, t):
     np.testing.assert_allclose([got[e] for e in pairs], list(pairs.values()), rtol=1e-5)
   for name in ("redirected", "from_bank", "misses"):
     assert int(getattr(stats, name)) == counts[name], name
+  assert int(stats.missed_experts) == len(counts["missed"]) > 0
 
 
 def test_topk_with_fewer_available_experts_than_k_drops_the_rest():

@@ -69,6 +69,10 @@ class LayerStats:
   # routing, the misses at or above the threshold under selective routing, none under masked routing.
   # Under fallback routing (routed as exact routing): every miss, computed from the expert's int8 copy.
   from_bank: jax.Array
+  # int32 []: distinct non-resident experts that served tokens in this call: the expert weights it needs
+  # from host memory under exact and selective routing (the least the step must read; its bytes are this
+  # times an expert's), the int8 copies it uses under fallback routing.
+  missed_experts: jax.Array
 
 
 def stack_stats(stats: list) -> LayerStats | None:
@@ -76,6 +80,12 @@ def stack_stats(stats: list) -> LayerStats | None:
   if not stats:
     return None
   return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+def _distinct(experts: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
+  """int32 []: how many distinct values `experts` takes where `mask` is True."""
+  flags = jnp.zeros((num_experts,), bool).at[jnp.where(mask, experts, num_experts).reshape(-1)].set(True, mode="drop")
+  return jnp.sum(flags).astype(jnp.int32)
 
 
 def _logits(x, w, b):
@@ -220,6 +230,7 @@ def topk_layer_stats(
       redirected=jnp.sum(served & elsewhere).astype(jnp.int32),
       misses=jnp.sum(valid[..., None] & (slot_of[routing.wanted] < 0)).astype(jnp.int32),
       from_bank=jnp.sum(served & (routing.slot < 0)).astype(jnp.int32),
+      missed_experts=_distinct(routing.chosen, served & (routing.slot < 0), num_experts),
   )
 
 
@@ -246,4 +257,5 @@ def layer_stats(
       misses=jnp.sum(valid & (slot_of[routing.wanted] < 0)).astype(jnp.int32),
       # Capacity drops included, as in `misses`: exact routing reads them from the bank too.
       from_bank=jnp.sum(valid & (routing.slot < 0)).astype(jnp.int32),
+      missed_experts=_distinct(routing.chosen, valid & (routing.slot < 0), num_experts),
   )

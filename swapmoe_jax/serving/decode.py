@@ -237,7 +237,8 @@ def zero_stats(num_layers: int, num_experts: int):
                     wanted=jnp.zeros((num_layers, num_experts), jnp.int32),
                     served=jnp.zeros((num_layers, num_experts), jnp.int32),
                     redirected=jnp.zeros((num_layers,), jnp.int32), misses=jnp.zeros((num_layers,), jnp.int32),
-                    from_bank=jnp.zeros((num_layers,), jnp.int32))
+                    from_bank=jnp.zeros((num_layers,), jnp.int32),
+                    missed_experts=jnp.zeros((num_layers,), jnp.int32))
 
 
 def cache_length(max_new_tokens: int) -> int:

@@ -451,7 +451,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
     slot_state = executor.warm_up(slot_state, resident, maps).tree()
   if prefill_refit is not None and not cfg.is_encoder_decoder:
     raise ValueError("prefill_refit applies to encoder-decoder models (Switch) only")
-  residency = Residency(cfg, controller, executor, Telemetry(policy), update_every=plan.update_every,
+  telemetry = Telemetry(policy, host_expert_bytes=store.expert_bytes if bank else 0)
+  residency = Residency(cfg, controller, executor, telemetry, update_every=plan.update_every,
                         swap_between_requests=swap_between_requests, prefill_refit=prefill_refit)
   served = SwitchModel if cfg.is_encoder_decoder else CausalLM
   return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,

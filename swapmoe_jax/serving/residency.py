@@ -75,6 +75,7 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   served = np.zeros((cfg.num_moe_layers, e), np.int64)
   redirected = np.zeros((cfg.num_moe_layers,), np.int64)
   from_bank = np.zeros((cfg.num_moe_layers,), np.int64)
+  missed = np.zeros((cfg.num_moe_layers,), np.int64)
   for part, lo in ((enc, 0), (dec, num_enc)):
     if part is None:
       continue
@@ -85,7 +86,8 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
     served[lo:lo + n] = part.served
     redirected[lo:lo + n] = part.redirected
     from_bank[lo:lo + n] = part.from_bank
-  return RoutingStats(imp, wanted, served, redirected, from_bank)
+    missed[lo:lo + n] = part.missed_experts
+  return RoutingStats(imp, wanted, served, redirected, from_bank, missed)
 
 
 class Residency:

@@ -11,6 +11,10 @@ The jitted step returns, per call, numpy arrays after `device_get` (the seam bet
                            threshold; selective's other misses are the redirected ones). Under policy
                            "fallback": the tokens computed from the experts' int8 copies on the device
                            (every miss; nothing is read from the host bank there).
+  missed_experts int32[L]  distinct non-resident experts that served tokens, per layer call, summed over
+                           calls: under exact and selective routing the expert weights the steps needed
+                           from host memory (times an expert's bytes: `Telemetry`'s bytes_from_host);
+                           under "fallback", the int8 copies used.
 A layer that saw no tokens in a call (the encoder during decode steps) has all-zero rows.
 
 Axis letters: L MoE layers, E experts, K slots.
@@ -40,6 +44,7 @@ class RoutingStats:
   served: np.ndarray  # int64[L,E]
   redirected: np.ndarray  # int64[L]
   from_bank: np.ndarray | None = None  # int64[L]; None: zeros
+  missed_experts: np.ndarray | None = None  # int64[L]; None: zeros
 
   def __post_init__(self):
     # Copies: the fields are made read-only, and the caller's arrays must stay theirs.
@@ -50,14 +55,18 @@ class RoutingStats:
     served = np.array(self.served, dtype=np.int64)
     redirected = np.array(self.redirected, dtype=np.int64)
     from_bank = np.zeros_like(redirected) if self.from_bank is None else np.array(self.from_bank, dtype=np.int64)
+    missed = (np.zeros_like(redirected) if self.missed_experts is None
+              else np.array(self.missed_experts, dtype=np.int64))
     if wanted.shape != imp.shape or served.shape != imp.shape:
       raise ValueError(f"wanted {wanted.shape} and served {served.shape} must match importance {imp.shape}")
     if redirected.shape != imp.shape[:1]:
       raise ValueError(f"redirected must be [L={imp.shape[0]}], got shape {redirected.shape}")
     if from_bank.shape != redirected.shape:
       raise ValueError(f"from_bank must be [L={imp.shape[0]}], got shape {from_bank.shape}")
+    if missed.shape != redirected.shape:
+      raise ValueError(f"missed_experts must be [L={imp.shape[0]}], got shape {missed.shape}")
     for name, arr in (("importance", imp), ("wanted", wanted), ("served", served), ("redirected", redirected),
-                      ("from_bank", from_bank)):
+                      ("from_bank", from_bank), ("missed_experts", missed)):
       arr.flags.writeable = False
       object.__setattr__(self, name, arr)
 
@@ -93,7 +102,7 @@ class RoutingStats:
       raise ValueError(f"cannot merge stats of shape {other.importance.shape} into {self.importance.shape}")
     return RoutingStats(self.importance + other.importance, self.wanted + other.wanted,
                         self.served + other.served, self.redirected + other.redirected,
-                        self.from_bank + other.from_bank)
+                        self.from_bank + other.from_bank, self.missed_experts + other.missed_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +118,7 @@ class StepRecord:
   step: int
   redirected: int = 0
   from_bank: int = 0
+  missed_experts: int = 0
   wanted: int = 0
   served: int = 0
   hits: int = 0
@@ -121,10 +131,11 @@ class StepRecord:
   @classmethod
   def from_stats(cls, step: int, stats: RoutingStats, **kwargs) -> "StepRecord":
     return cls(step=step, redirected=int(stats.redirected.sum()), from_bank=int(stats.from_bank.sum()),
+               missed_experts=int(stats.missed_experts.sum()),
                wanted=stats.tokens_routed, served=int(stats.served.sum()), **kwargs)
 
 
-_TOTALS = ("redirected", "from_bank", "wanted", "served", "hits", "misses", "experts_swapped", "bytes_swapped",
+_TOTALS = ("redirected", "from_bank", "missed_experts", "wanted", "served", "hits", "misses", "experts_swapped", "bytes_swapped",
            "transfer_s", "wait_s")
 
 
@@ -137,10 +148,14 @@ class Telemetry:
       either way.
     max_records: how many: a server runs for millions of steps, and every record kept for ever grew
       the process by ~1.5 MiB per 10,000 decode steps (benchmarks/soak.py found it).
+    host_expert_bytes: an expert's bytes where misses are read from host memory (exact and selective
+      routing), else 0: `summary()["bytes_from_host"]` = missed experts x this.
   """
 
-  def __init__(self, policy: str = "", keep_records: bool = True, max_records: int = 1024):
+  def __init__(self, policy: str = "", keep_records: bool = True, max_records: int = 1024,
+               host_expert_bytes: int = 0):
     self.policy = policy
+    self.host_expert_bytes = int(host_expert_bytes)  # bytes of an expert read from host on a miss (0: none)
     self.keep_records = keep_records
     self.records: collections.deque[StepRecord] = collections.deque(maxlen=max_records)
     self.steps = 0
@@ -181,6 +196,8 @@ class Telemetry:
         "redirected": int(t["redirected"]),
         "redirect_rate": self.redirect_rate,
         "from_bank": int(t["from_bank"]),
+        "missed_experts": int(t["missed_experts"]),
+        "bytes_from_host": int(t["missed_experts"]) * self.host_expert_bytes,
         "hits": int(t["hits"]),
         "misses": int(t["misses"]),
         "hit_rate": self.hit_rate,
@@ -205,7 +222,9 @@ class Telemetry:
         ("policy", f"{s['policy'] or '-'}   steps {s['steps']}"),
         ("routing", f"tokens {s['tokens_routed']:,}   redirected {s['redirected']:,} "
                     f"({100 * s['redirect_rate']:.2f}%)   from bank {s['from_bank']:,}   served {s['served']:,}"),
-        ("experts", f"hits {s['hits']:,}   misses {s['misses']:,}   hit rate {100 * s['hit_rate']:.1f}%"),
+        ("experts", f"hits {s['hits']:,}   misses {s['misses']:,}   hit rate {100 * s['hit_rate']:.1f}%"
+                    + (f"   read from host {s['missed_experts']:,} ({format_bytes(s['bytes_from_host'])})"
+                       if self.host_expert_bytes else "")),
         ("swaps", f"{s['experts_swapped']:,} experts   {format_bytes(s['bytes_swapped'])}   transfer "
                   f"{1e3 * s['transfer_s']:.1f} ms{rate}   compute wait {1e3 * s['wait_s']:.1f} ms"),
     ]
