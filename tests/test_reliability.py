@@ -30,7 +30,6 @@ from checkpoints_conv import ConversionError, convert
 from swapmoe_jax import checkpoint as ckpt
 from swapmoe_jax import generate
 from swapmoe_jax.serving import budget as budget_lib
-from swapmoe_jax.serving import decode
 from swapmoe_jax.serving import planner as planner_lib
 from swapmoe_jax.serving.budget import BudgetError, parse_budget
 from swapmoe_jax.serving.engine import InputError

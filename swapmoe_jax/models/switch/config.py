@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("SwitchTransformersForConditionalGeneration",)
