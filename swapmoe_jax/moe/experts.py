@@ -79,6 +79,29 @@ def _to_device(x: jax.Array) -> jax.Array:
   return jax.device_put(x, jax.memory.Space.Device)
 
 
+def _serve_misses(x, expert, miss, num_experts: int, rows_ffn, one_ffn):
+  """The tokens whose expert is not resident, each through its expert, the rest 0 ([N, D]).
+
+  Few tokens (decode): `rows_ffn(x, expert)` computes every row with its own expert, only when some row
+  misses (a `lax.cond`). Many tokens (prefill): a scan over the E experts, `one_ffn(x, e)` (every row
+  through expert e) only for the experts with a miss. The weights come from wherever the two functions
+  read them: the host bank (`expert_ffn_misses`) or the int8 copies (`expert_ffn_fallback`)."""
+  if x.shape[0] <= GATHER_MAX_TOKENS:
+    y = jax.lax.cond(jnp.any(miss), lambda _: rows_ffn(x, expert), lambda _: jnp.zeros_like(x), None)
+    return jnp.where(miss[:, None], y, 0)
+
+  def body(acc, e):
+    sel = miss & (expert == e)
+
+    def compute(_):
+      return jnp.where(sel[:, None], one_ffn(x, e), 0).astype(x.dtype)
+
+    return acc + jax.lax.cond(jnp.any(sel), compute, lambda _: jnp.zeros_like(x), None), None
+
+  acc, _ = jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(num_experts, dtype=jnp.int32))
+  return acc
+
+
 def expert_ffn_misses(
     x: jax.Array,
     expert: jax.Array,
@@ -93,29 +116,19 @@ def expert_ffn_misses(
   e.g. `pinned_host`); act as in `expert_ffn`. With top-k routing the N rows are token-choice pairs. Only missing experts are copied: per token for few tokens, per expert otherwise.
   Returns [N, D], zero for tokens that are not misses.
   """
-  n, d = x.shape
-  if n <= GATHER_MAX_TOKENS:
-    def fetch(_):
-      wi = jnp.stack([_to_device(jax.lax.dynamic_index_in_dim(bank_wi, expert[i], keepdims=False)) for i in range(n)])
-      wo = jnp.stack([_to_device(jax.lax.dynamic_index_in_dim(bank_wo, expert[i], keepdims=False)) for i in range(n)])
-      h = act(jnp.einsum("nd,nfd->nf", x, wi))
-      return jnp.einsum("nf,ndf->nd", h, wo)
+  def rows_ffn(x, expert):
+    n = x.shape[0]
+    wi = jnp.stack([_to_device(jax.lax.dynamic_index_in_dim(bank_wi, expert[i], keepdims=False)) for i in range(n)])
+    wo = jnp.stack([_to_device(jax.lax.dynamic_index_in_dim(bank_wo, expert[i], keepdims=False)) for i in range(n)])
+    h = act(jnp.einsum("nd,nfd->nf", x, wi))
+    return jnp.einsum("nf,ndf->nd", h, wo)
 
-    y = jax.lax.cond(jnp.any(miss), fetch, lambda _: jnp.zeros_like(x), None)
-    return jnp.where(miss[:, None], y, 0)
+  def one_ffn(x, e):
+    wi = _to_device(jax.lax.dynamic_index_in_dim(bank_wi, e, keepdims=False))
+    wo = _to_device(jax.lax.dynamic_index_in_dim(bank_wo, e, keepdims=False))
+    return act(x @ wi.T) @ wo.T
 
-  def body(acc, e):
-    sel = miss & (expert == e)
-
-    def compute(_):
-      wi = _to_device(jax.lax.dynamic_index_in_dim(bank_wi, e, keepdims=False))
-      wo = _to_device(jax.lax.dynamic_index_in_dim(bank_wo, e, keepdims=False))
-      return jnp.where(sel[:, None], act(x @ wi.T) @ wo.T, 0).astype(x.dtype)
-
-    return acc + jax.lax.cond(jnp.any(sel), compute, lambda _: jnp.zeros_like(x), None), None
-
-  acc, _ = jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(bank_wi.shape[0], dtype=jnp.int32))
-  return acc
+  return _serve_misses(x, expert, miss, bank_wi.shape[0], rows_ffn, one_ffn)
 
 
 def _int8_matmul(x, q, scale, spec):
@@ -144,24 +157,14 @@ def expert_ffn_fallback(
   with a miss. Returns [N, D], zero for tokens that are not misses.
   """
   wi_q, wi_s, wo_q, wo_s = fallback
-  n = x.shape[0]
-  if n <= GATHER_MAX_TOKENS:
-    def compute(_):
-      h = act(_int8_matmul(x, _rows(wi_q, expert), _rows(wi_s, expert), "ni,noi->no"))
-      return _int8_matmul(h.astype(x.dtype), _rows(wo_q, expert), _rows(wo_s, expert), "ni,noi->no")
 
-    y = jax.lax.cond(jnp.any(miss), compute, lambda _: jnp.zeros_like(x), None)
-    return jnp.where(miss[:, None], y, 0)
+  def rows_ffn(x, expert):
+    h = act(_int8_matmul(x, _rows(wi_q, expert), _rows(wi_s, expert), "ni,noi->no"))
+    return _int8_matmul(h.astype(x.dtype), _rows(wo_q, expert), _rows(wo_s, expert), "ni,noi->no")
 
-  def body(acc, e):
-    sel = miss & (expert == e)
+  def one_ffn(x, e):
+    one = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+    h = act(_int8_matmul(x, one(wi_q), one(wi_s), "ni,oi->no"))
+    return _int8_matmul(h.astype(x.dtype), one(wo_q), one(wo_s), "ni,oi->no")
 
-    def compute(_):
-      one = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
-      h = act(_int8_matmul(x, one(wi_q), one(wi_s), "ni,oi->no"))
-      return jnp.where(sel[:, None], _int8_matmul(h.astype(x.dtype), one(wo_q), one(wo_s), "ni,oi->no"), 0)
-
-    return acc + jax.lax.cond(jnp.any(sel), compute, lambda _: jnp.zeros_like(x), None), None
-
-  acc, _ = jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(wi_q.shape[0], dtype=jnp.int32))
-  return acc
+  return _serve_misses(x, expert, miss, wi_q.shape[0], rows_ffn, one_ffn)
