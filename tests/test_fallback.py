@@ -395,3 +395,89 @@ def test_cli_policy_fallback(builtin, capsys):
   result = json.loads(out)
   assert result["stats"]["policy"] == "fallback" and result["stats"]["redirect_rate"] == 0
   assert result["stats"]["slots_per_layer"] == [3] * 4
+
+
+# --- int4 copies ---------------------------------------------------------------------------------------
+
+
+def _twin_quantize_int4(w):
+  """Symmetric per-output-row int4 in float64: scale = max|w| / 7, q = round(w / scale) in [-7, 7]."""
+  w = np.asarray(w, np.float64)
+  scale = np.abs(w).max(-1) / 7
+  safe = np.where(scale > 0, scale, 1)[..., None]
+  return np.clip(np.rint(w / safe), -7, 7).astype(np.int64), scale
+
+
+def test_int4_packs_two_values_per_byte_and_unpacks_them_on_the_device():
+  rng = np.random.default_rng(4)
+  w = rng.standard_normal((2, 3, 10)).astype(np.float32)
+  w[0, 1] = 0
+  q, scale = quant.quantize(w, 4)
+  q_ref, scale_ref = _twin_quantize_int4(w)
+  assert q.dtype == np.int8 and q.shape == (2, 3, 5) and quant.is_packed(q, 10)
+  np.testing.assert_allclose(scale, scale_ref, rtol=1e-6)
+  # Bytes by hand: column 2j in the low nibble, 2j+1 in the high one (two's complement nibbles).
+  nib = (q_ref % 16).astype(np.uint8)
+  np.testing.assert_array_equal(q.view(np.uint8), nib[..., 0::2] | (nib[..., 1::2] << 4))
+  np.testing.assert_array_equal(np.asarray(quant.unpack_int4(jnp.asarray(q))), q_ref)
+  assert np.all(np.abs(quant.dequantize(q, scale, 4) - w) <= scale[..., None] / 2 * (1 + 1e-5))
+  every = np.arange(-8, 8, dtype=np.int8)  # every nibble round-trips
+  np.testing.assert_array_equal(np.asarray(quant.unpack_int4(quant.pack_int4(every))), every)
+  with pytest.raises(ValueError, match="even"):
+    quant.quantize(np.ones((2, 3)), 4)
+  with pytest.raises(ValueError, match="bits must be"):
+    quant.quantize(w, 2)
+
+
+@pytest.mark.parametrize("b, t", [(1, 6), (2, 12)])  # the gather and the grouped (scan) paths
+def test_top1_serves_misses_from_int4_copies_like_the_reference(b, t):
+  resident = [6, 1, 3]
+  layer, (wi, wo) = _switch_layer(0, resident)
+  layer.set_fallback(wi, wo, bits=4)
+  assert layer.wi_q.shape == (8, F, D // 2) and layer.wo_q.shape == (8, D, F // 2)
+  res = np.isin(np.arange(8), resident)
+  x = np.random.default_rng(1).standard_normal((b, t, D)).astype(np.float32)
+  y, stats, _ = _run(layer, x)
+  # The reference: misses through the int4-dequantized weights, in float64.
+  p = _softmax(np.asarray(x, np.float64) @ np.asarray(layer.router_w[...], np.float64))
+  (qi, si), (qo, so) = _twin_quantize_int4(wi), _twin_quantize_int4(wo)
+  wi_low, wo_low = qi * si[..., None], qo * so[..., None]
+  y_ref = np.zeros(x.shape)
+  for bb in range(b):
+    taken = np.zeros(8, int)
+    for tt in range(t):
+      c = int(p[bb, tt].argmax())
+      taken[c] += 1
+      if taken[c] <= 3:
+        a, o = (wi[c], wo[c]) if res[c] else (wi_low[c], wo_low[c])
+        y_ref[bb, tt] = p[bb, tt, c] * (o @ np.maximum(a @ x[bb, tt], 0))
+  assert int(stats.from_bank) > 0
+  assert _rel(y, y_ref) < 1e-5
+  y8 = _run(_switch_layer(0, resident)[0], x)[0]  # int8 copies: another, closer output
+  assert _rel(y, y8) > 1e-4
+
+
+def test_int4_copies_hold_half_the_bytes_and_serve_the_builtin(builtin):
+  cfg = ckpt.read_metadata(builtin).config
+  rows, d, f = cfg.d_ff, cfg.d_model, cfg.d_ff
+  want = cfg.num_moe_layers * cfg.num_experts * ((rows * d + d * f) // 2 + 4 * (rows + d))
+  assert budget_lib.fallback_bytes(cfg, 4) == want
+  model = swapmoe_jax.load(builtin, experts=3, policy="fallback", fallback_bits=4, **SHAPE)
+  from swapmoe_jax.serving.decode import unflat
+
+  leaves = [v for path, v in jax.tree_util.tree_leaves_with_path(unflat(model._params))  # noqa: SLF001
+            if any(getattr(p, "key", None) in ("wi_q", "wi_scale", "wo_q", "wo_scale") for p in path)]
+  assert sum(v.nbytes for v in leaves) == model.plan.breakdown.fallback_bytes == want
+  assert "int4 fallback copies" in str(model.plan.breakdown)
+  assert model.plan.budget_bytes == loader.experts_budget(builtin, 3, policy="fallback", fallback_bits=4, **SHAPE)
+  assert (loader.experts_budget(builtin, 3, **SHAPE) < model.plan.budget_bytes
+          < loader.experts_budget(builtin, 3, policy="fallback", **SHAPE))
+  full = swapmoe_jax.load(builtin, **SHAPE)
+  (ids, mask), = _task_batches(full, 2, seed=11)
+  np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=10), full.generate(ids, mask, max_new_tokens=10))
+  assert model.stats.summary()["from_bank"] > 0
+  for bad in (2, 16, True):
+    with pytest.raises(ValueError, match="fallback_bits must be 4 or 8"):
+      swapmoe_jax.load(builtin, experts=3, policy="fallback", fallback_bits=bad, **SHAPE)
+  with pytest.raises(ValueError, match="applies to policy 'fallback'"):
+    swapmoe_jax.load(builtin, experts=3, policy="swapmoe", fallback_bits=4, **SHAPE)

@@ -216,3 +216,15 @@ def test_evaluation_passes_prefill_refit_to_the_swapping_rows_only():
                             streams=("runs",), requests=8)
   # Refitting every request's encoder moves more experts than the controller alone.
   assert by["swapmoe"]["experts_swapped"] > plain[0]["experts_swapped"]
+
+
+def test_evaluation_passes_fallback_bits_to_the_fallback_rows():
+  from swapmoe_jax.serving.loader import experts_budget
+
+  rows = evaluate.evaluate(default_checkpoint(), experts=(3,), policies=("fallback", "swapmoe"), gates=("original",),
+                           streams=("runs",), requests=4, fallback_bits=4)
+  by = {r["policy"]: r for r in rows}
+  assert by["fallback"]["fallback_bits"] == 4 and "fallback_bits" not in by["swapmoe"]
+  shape = dict(max_batch_size=1, max_source_len=evaluate.SRC_LEN, max_new_tokens=evaluate.NEW_TOKENS)
+  assert by["fallback"]["budget_bytes"] == experts_budget(default_checkpoint(), 3, policy="fallback", fallback_bits=4,
+                                                          **shape)

@@ -93,12 +93,13 @@ def fidelity(logps, reference_logps) -> tuple[float, float]:
 def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
              gates=("original", "renormalized"), streams=("runs", "shuffled"), requests: int = 200, seed: int = 0,
              dtype: str | None = None, progress=None, experts=None, thresholds=(None,),
-             prefill_refit: float | None = None) -> list[dict]:
+             prefill_refit: float | None = None, fallback_bits: int | None = None) -> list[dict]:
   """The evaluation grid; one row per (stream, budget, policy, gate). See the module docstring.
 
   `experts`: resident experts per MoE layer to evaluate (K values); when given, `budgets` (percentages
   of E) is not used. `thresholds`: the selective policy's thresholds, a row each (None: its default).
-  `prefill_refit`: `load`'s prefill-informed residency for the swapmoe, selective and fallback rows."""
+  `prefill_refit`: `load`'s prefill-informed residency for the swapmoe, selective and fallback rows.
+  `fallback_bits`: the fallback rows' copies (`load`'s fallback_bits; default 8)."""
   from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.serving.loader import load
 
@@ -139,6 +140,8 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
         kw = {} if threshold is None else {"selective_threshold": threshold}
         if prefill_refit is not None and policy in ("swapmoe", "selective", "fallback"):
           kw["prefill_refit"] = extra["prefill_refit"] = prefill_refit
+        if fallback_bits is not None and policy == "fallback":
+          kw["fallback_bits"] = extra["fallback_bits"] = fallback_bits
         model = load(folder, experts=k, policy="pruned" if policy == "oracle" else policy, gate_mode=gate,
                      dtype=dtype, **kw, **limits)
         if policy == "selective":
@@ -286,6 +289,7 @@ def main(argv=None) -> int:
   p.add_argument("--thresholds", help="the selective policy's thresholds, a row each, e.g. 0.1,0.3,0.6 "
                                       "(default: its default)")
   p.add_argument("--streams", default="runs,shuffled")
+  p.add_argument("--fallback-bits", type=int, choices=(4, 8), help="the fallback rows' copies (default 8)")
   p.add_argument("--prefill-refit", type=float, metavar="F",
                  help="prefill-informed residency for swapmoe/selective/fallback rows (load's prefill_refit)")
   p.add_argument("--requests", type=int, default=200, help="requests per stream")
@@ -319,7 +323,7 @@ def main(argv=None) -> int:
     rows = evaluate(folder, budgets=budgets, policies=policies, gates=_csv(a.gates), streams=_csv(a.streams),
                     requests=a.requests, seed=a.seed, dtype=a.dtype, progress=show, experts=experts,
                     thresholds=(None,) if a.thresholds is None else _csv(a.thresholds, float),
-                    prefill_refit=a.prefill_refit)
+                    prefill_refit=a.prefill_refit, fallback_bits=a.fallback_bits)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

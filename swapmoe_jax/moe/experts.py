@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from swapmoe_jax.moe import quant
+
 GATHER_MAX_TOKENS = 16
 
 
@@ -135,7 +137,10 @@ def _int8_matmul(x, q, scale, spec):
   """x through int8 weights with per-output-channel scales, the scale applied to the outputs
   (x @ (q·s).T = (x @ q.T)·s: the weights are never dequantized in memory). spec: "ni,oi->no" for one
   matrix q int8 [out, in], scale float32 [out]; "ni,noi->no" for one matrix per row, q [N, out, in],
-  scale [N, out]. x: [N, in] -> [N, out] in x.dtype (the int8 values are exact in bfloat16)."""
+  scale [N, out]. x: [N, in] -> [N, out] in x.dtype (the int8 values are exact in bfloat16). Packed
+  int4 pairs (q [..., in / 2], `quant.py`) are unpacked to their int8 values first, inside the step."""
+  if quant.is_packed(q, x.shape[-1]):
+    q = quant.unpack_int4(q)
   y = jnp.einsum(spec, x, q.astype(x.dtype))
   return (y.astype(jnp.float32) * scale).astype(x.dtype)
 

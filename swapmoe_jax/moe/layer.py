@@ -14,8 +14,9 @@ change slots) never recompiles.
 
 Fallback routing (HOBBIT, arXiv 2411.01433) keeps an int8 copy of every expert on the device
 (`FallbackExperts` variables: wi_q int8 [E, F or 2F, D], wi_scale float32 [E, F or 2F], wo_q int8
-[E, D, F], wo_scale float32 [E, D]; see `quant.py`): a token whose expert is not resident is computed
-with that copy instead of being redirected. Routing, gates and capacity are exact routing's. The copies
+[E, D, F], wo_scale float32 [E, D]; or int4 pairs packed in int8, wi_q [E, F or 2F, D / 2] and wo_q
+[E, D, F / 2]: see `quant.py`): a token whose expert is not resident is computed with that copy instead
+of being redirected. Routing, gates and capacity are exact routing's. The copies
 go with the params (constant, arguments of every program, never captured).
 """
 
@@ -215,17 +216,20 @@ class VirtualExpertMoE(nnx.Module):
     if self.routing == "fallback":
       self.set_fallback(wi, wo)
 
-  def set_fallback(self, wi, wo) -> None:
+  def set_fallback(self, wi, wo, bits: int = 8) -> None:
     """Fallback routing: quantizes every expert's weights (wi [E, F or 2F, D], wo [E, D, F], numpy or jax,
-    any float dtype) to the int8 copies (`quant.quantize_int8`), on the host. Eager, values only."""
+    any float dtype) to the int8 copies, or with `bits=4` to packed int4 pairs (`quant.quantize`: the
+    variables' minor axis halves, which is how the step tells them apart), on the host. Eager; with
+    `bits=4` the copies' shapes change, so a jitted step that takes them compiles once for the new
+    shapes."""
     if self.routing != "fallback":
       raise ValueError(f"set_fallback applies to routing 'fallback', not {self.routing!r}")
     e = self.num_experts
     self._check_bank("wi", wi, (e,) + self.wi.shape[1:])
     self._check_bank("wo", wo, (e,) + self.wo.shape[1:])
     for (q_var, s_var), w in (((self.wi_q, self.wi_scale), wi), ((self.wo_q, self.wo_scale), wo)):
-      q, scale = quant.quantize_int8(w)
-      q_var[...] = jnp.asarray(q)
+      q, scale = quant.quantize(w, bits)
+      q_var.set_value(jnp.asarray(q))
       s_var[...] = jnp.asarray(scale)
 
   def put_expert(self, slot: int, expert: int, wi, wo) -> int:

@@ -249,13 +249,27 @@ def expert_bytes_each(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -
   return config.expert_param_count() * dtype_size(dtype_bytes)
 
 
-def fallback_bytes(config: SwitchConfig) -> int:
-  """Device bytes of fallback routing's int8 copies (`moe/quant.py`): every expert of every MoE layer as
-  int8 weights plus one float32 scale per output row (wi's F rows, 2F for a gated expert, and wo's D):
-  L × E × (expert parameters × 1 + scales × 4)."""
+def fallback_bits(fallback) -> int:
+  """The `fallback` argument of the functions below -> bits of the copies: False/None/0 -> 0 (none),
+  True -> 8, 8 or 4 -> themselves (policy "fallback", `load(fallback_bits=)`)."""
+  if fallback is None or fallback is False or fallback == 0:
+    return 0
+  if fallback is True:
+    return 8
+  if fallback in (4, 8) and not isinstance(fallback, bool):
+    return int(fallback)
+  raise ValueError(f"fallback must be False, True, 4 or 8 (bits of the copies), got {fallback!r}")
+
+
+def fallback_bytes(config: SwitchConfig, bits: int = 8) -> int:
+  """Device bytes of fallback routing's copies (`moe/quant.py`): every expert of every MoE layer as int8
+  (or packed int4) weights plus one float32 scale per output row (wi's F rows, 2F for a gated expert,
+  and wo's D): L × E × (expert parameters × bits / 8 + scales × 4)."""
+  if bits not in (4, 8):
+    raise ValueError(f"bits must be 4 or 8, got {bits!r}")
   d = config.d_model
   rows = config.d_ff if config.is_encoder_decoder else 2 * config.moe_d_ff  # wi's output rows
-  per_expert = config.expert_param_count() + 4 * (rows + d)
+  per_expert = config.expert_param_count() * bits // 8 + 4 * (rows + d)
   return config.num_moe_layers * config.num_experts * per_expert
 
 
@@ -281,6 +295,7 @@ class MemoryBreakdown:
   staging_bytes: int
   workspace_bytes: int
   fallback_bytes: int = 0
+  fallback_bits: int = 8  # of the copies, when there are any
   allocator_bytes: int = dataclasses.field(init=False)
   total: int = dataclasses.field(init=False)
 
@@ -294,7 +309,8 @@ class MemoryBreakdown:
     return (f"total {format_bytes(self.total)} = dense {format_bytes(self.dense_bytes)} + experts "
             f"{format_bytes(self.expert_bytes)} + kv cache {format_bytes(self.kv_cache_bytes)} + staging "
             f"{format_bytes(self.staging_bytes)} + workspace {format_bytes(self.workspace_bytes)} + "
-            + (f"int8 fallback copies {format_bytes(self.fallback_bytes)} + " if self.fallback_bytes else "")
+            + (f"int{self.fallback_bits} fallback copies {format_bytes(self.fallback_bytes)} + "
+               if self.fallback_bytes else "")
             + f"allocator {format_bytes(self.allocator_bytes)}")
 
 
@@ -353,7 +369,8 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
     devices: n, the devices each layer's slot axis is split over (`sharding.py`): every K_l must then be
       a multiple of n, and the breakdown is that of each device, which holds K_l / n slots per layer
       and its own copy of everything else (dense weights, caches, staging, workspace are replicated).
-    fallback: policy "fallback": count the int8 copies of every expert (`fallback_bytes`; one device only).
+    fallback: policy "fallback": count the int8 copies of every expert (`fallback_bytes`; one device
+      only); 4 or 8: copies of that many bits (`fallback_bits`).
   """
   size = dtype_size(dtype_bytes)
   slots = [int(k) for k in slots_per_layer]
@@ -368,7 +385,8 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
     raise ValueError(f"staging_slots must be >= 0, got {staging_slots}")
   if devices < 1 or any(k % devices for k in slots):
     raise ValueError(f"every K_l must be a multiple of the {devices} devices its slots are split over, got {slots}")
-  if fallback and devices != 1:
+  bits = fallback_bits(fallback)
+  if bits and devices != 1:
     raise ValueError("policy 'fallback' runs on one device")
   one_expert = expert_bytes_each(config, size)
   return MemoryBreakdown(
@@ -377,7 +395,8 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       kv_cache_bytes=kv_cache_bytes(config, size, batch, src_len, tgt_len),
       staging_bytes=staging_slots * one_expert,
       workspace_bytes=workspace_bytes(config, batch, src_len, tgt_len),
-      fallback_bytes=fallback_bytes(config) if fallback else 0,
+      fallback_bytes=fallback_bytes(config, bits) if bits else 0,
+      fallback_bits=bits or 8,
   )
 
 
@@ -444,4 +463,4 @@ def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum "
         f"{format_bytes(parts.total)} ({parts.total} bytes){where} for batch {batch}, source {src_len}, "
         f"target {tgt_len}: {parts} (one expert per MoE layer, {staging_slots} staging slots"
-        + (", the int8 copies of every expert)" if fallback else ")"))
+        + (f", the int{fallback_bits(fallback)} copies of every expert)" if fallback_bits(fallback) else ")"))

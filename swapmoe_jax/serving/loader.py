@@ -110,14 +110,15 @@ def _family(cfg, dense: dict):
 
 def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype=jnp.float32,
                 slots_per_layer=None, resident=None, routing="masked", gate_mode="original", mesh=None,
-                selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD):
+                selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, fallback_bits: int = 8):
   """Builds (graphdef, params, slots) with the given resident experts per MoE layer.
 
   resident: per MoE layer, int array [K_l] of the experts placed in slots 0..K_l-1 (default: 0..K_l-1).
   selective_threshold: every MoE layer's threshold under routing "selective" (a parameter: see
     `ServedModel.set_selective_threshold`).
-  Routing "fallback": every MoE layer's int8 expert copies are quantized from the store's experts on the
-  host (`fallback_copies`) and placed on the device once, with the params.
+  Routing "fallback": every MoE layer's int8 (or, with `fallback_bits=4`, packed int4) expert copies are
+  quantized from the store's experts on the host (`fallback_copies`) and placed on the device once, with
+  the params.
   mesh: None (one device), or a mesh with axis "expert" to split every layer's slots over (then `store`
     is a `sharding.ShardedExpertStore` and every K_l a multiple of the mesh size; see `sharding.py`).
   """
@@ -129,6 +130,14 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   module, values, moe_of = _family(cfg, dense)
   abstract = nnx.eval_shape(lambda: module(
       cfg, slots_per_layer=slots_per_layer, routing=routing, gate_mode=gate_mode, dtype=dtype))
+  if routing == "fallback" and fallback_bits == 4:  # packed int4 copies: half the minor axis
+    from swapmoe_jax.moe.layer import VirtualExpertMoE
+
+    for _, layer in nnx.iter_modules(abstract):
+      if isinstance(layer, VirtualExpertMoE):
+        for var in (layer.wi_q, layer.wo_q):
+          shape = var.get_value().shape
+          var.set_value(jax.ShapeDtypeStruct(shape[:-1] + (shape[-1] // 2,), jnp.int8))
   if mesh is not None:
     sharding.mark_expert_parallel(abstract, mesh)
   graphdef, params, slots = decode.split_model(abstract)
@@ -138,7 +147,7 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
     if routing == "selective":
       moe_of(values, stack, i)["selective_threshold"] = np.float32(selective_threshold)
     if routing == "fallback":
-      moe_of(values, stack, i).update(fallback_copies(store, l))
+      moe_of(values, stack, i).update(fallback_copies(store, l, fallback_bits))
   nnx.replace_by_pure_dict(params, _fill(pure, values, put=None if mesh is None else sharding.dense_placer(mesh)))
   slot_pure = nnx.to_pure_dict(slots)
   if resident is None:
@@ -158,15 +167,16 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   return graphdef, params, slots
 
 
-def fallback_copies(store: HostExpertStore, layer: int) -> dict:
-  """One MoE layer's int8 expert copies for fallback routing, quantized on the host (`moe/quant.py`):
+def fallback_copies(store: HostExpertStore, layer: int, bits: int = 8) -> dict:
+  """One MoE layer's expert copies for fallback routing, quantized on the host (`moe/quant.py`):
   {"wi_q": int8 [E, F or 2F, D], "wi_scale": float32 [E, F or 2F], "wo_q": int8 [E, D, F], "wo_scale":
-  float32 [E, D]}, from the store's experts in the model dtype (either layout; neither changes)."""
-  from swapmoe_jax.moe.quant import quantize_int8
+  float32 [E, D]} (bits 4: packed pairs, wi_q [E, F or 2F, D / 2], wo_q [E, D, F / 2]), from the store's
+  experts in the model dtype (either layout; neither changes)."""
+  from swapmoe_jax.moe.quant import quantize
 
   pairs = [store.expert(layer, e) for e in range(store.num_experts)]
-  wi_q, wi_scale = quantize_int8(np.stack([p[0] for p in pairs]))
-  wo_q, wo_scale = quantize_int8(np.stack([p[1] for p in pairs]))
+  wi_q, wi_scale = quantize(np.stack([p[0] for p in pairs]), bits)
+  wo_q, wo_scale = quantize(np.stack([p[1] for p in pairs]), bits)
   return {"wi_q": wi_q, "wi_scale": wi_scale, "wo_q": wo_q, "wo_scale": wo_scale}
 
 
@@ -216,7 +226,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
          selective_threshold: float | None = None, decay: float | None = None,
          swap_between_requests: bool = True, hysteresis: float | None = None,
-         prefill_refit: float | None = None):
+         prefill_refit: float | None = None, fallback_bits: int | None = None):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -265,6 +275,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       `swap.DEFAULT_DECAY`; lfu: of frequencies, default `swap.DEFAULT_LFU_DECAY`).
     hysteresis: swapmoe/selective/fallback: a resident expert is replaced only by one whose score is above
       (1 + hysteresis) times its own (default `swap.DEFAULT_HYSTERESIS`; see `ImportanceSwapController`).
+    fallback_bits: policy "fallback": 8 (default, int8 copies) or 4 (packed int4 copies, half the bytes).
     prefill_refit: encoder-decoder models, swapmoe/selective/fallback: after a request's encoder call, when
       more than this fraction of its encoder tokens were redirected, make each encoder layer's residents
       the experts this request's routing wanted most and run the encoder again (prefill-informed
@@ -306,7 +317,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   cfg = meta.config
   mesh = None if devices is None else sharding.expert_mesh(devices)
   n = 1 if mesh is None else mesh.size
-  fallback = routing_of(policy) == "fallback"
+  fallback = check_fallback_bits(policy, fallback_bits)  # 0, or the copies' bits
   if fallback and mesh is not None:
     raise ValueError("policy 'fallback' runs on one device (no devices=)")
   dbytes = jnp.dtype(jdtype).itemsize
@@ -346,13 +357,13 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                   limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
                   steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold,
                   decay=decay, swap_between_requests=swap_between_requests, hysteresis=hysteresis,
-                  prefill_refit=prefill_refit)
+                  prefill_refit=prefill_refit, fallback_bits=fallback or 8)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
                    max_batch_size: int = 1, max_source_len: int = 512, max_new_tokens: int = 64,
                    max_swaps_per_step: int | None = None, devices: int | None = None,
-                   policy: str | None = None) -> int:
+                   policy: str | None = None, fallback_bits: int | None = None) -> int:
   """The budget in bytes that `load` (uniform planner, same dtype and request shape) turns into exactly
   `experts_per_layer` resident experts per MoE layer; K = E is the full model. Under `policy` "fallback"
   the bytes also hold the int8 copies of every expert (the budget of `load(..., policy="fallback",
@@ -377,7 +388,21 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
   return budget_lib.budget_for_experts(meta.config, jnp.dtype(DTYPES[dtype_name]).itemsize, experts_per_layer,
                                        shape["batch"], shape["src_len"], shape["tgt_len"], staging,
                                        1 if devices is None else devices,
-                                       fallback=policy is not None and routing_of(policy) == "fallback")
+                                       fallback=0 if policy is None else check_fallback_bits(policy, fallback_bits))
+
+
+def check_fallback_bits(policy: str, bits) -> int:
+  """`load(fallback_bits=)` -> the copies' bits under policy "fallback" (default 8), 0 for other policies
+  (which refuse a value)."""
+  if routing_of(policy) != "fallback":
+    if bits is not None:
+      raise ValueError(f"fallback_bits applies to policy 'fallback', not {policy!r}")
+    return 0
+  if bits is None:
+    return 8
+  if isinstance(bits, (bool, np.bool_)) or bits not in (4, 8):
+    raise ValueError(f"fallback_bits must be 4 or 8, got {bits!r}")
+  return int(bits)
 
 
 def request_shape(cfg, max_batch_size: int, max_source_len: int, max_new_tokens: int) -> dict:
@@ -412,10 +437,10 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
              steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
              selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, decay: float | None = None,
              swap_between_requests: bool = True, hysteresis: float | None = None,
-             prefill_refit: float | None = None) -> ServedModel:
+             prefill_refit: float | None = None, fallback_bits: int = 8) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`, `hysteresis`,
-  `prefill_refit`: see `load`."""
+  `prefill_refit`, `fallback_bits`: see `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
   from swapmoe_jax.serving.residency import Residency
@@ -427,7 +452,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   bank = reads_bank(policy)
   graphdef, params, slot_state = build_model(cfg, dense, store, dtype=dtype, slots_per_layer=slots,
                                              resident=resident, routing=routing_of(policy),
-                                             gate_mode=gate_mode, mesh=mesh, selective_threshold=selective_threshold)
+                                             gate_mode=gate_mode, mesh=mesh, selective_threshold=selective_threshold,
+                                             fallback_bits=fallback_bits)
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,

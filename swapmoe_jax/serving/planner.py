@@ -26,7 +26,8 @@ import heapq
 import numpy as np
 
 from swapmoe_jax.serving.budget import (
-    ALLOCATOR_MARGIN_PERCENT, BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, format_bytes, memory_breakdown)
+    ALLOCATOR_MARGIN_PERCENT, BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, fallback_bits,
+    format_bytes, memory_breakdown)
 from swapmoe_jax.models.switch.config import SwitchConfig
 
 # The paper's `frequency`, counted in device calls (one prefill or one decode step). A decode step
@@ -169,7 +170,8 @@ def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: in
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "uniform",
                     f"equal K={devices * k} of {e} experts per MoE layer, +{devices} for the first {leftover} "
-                    "layer(s)" + (", int8 copies of all" if fallback else ""), devices, fallback)
+                    "layer(s)" + (f", int{fallback_bits(fallback)} copies of all" if fallback else ""), devices,
+                    fallback)
 
 
 def layer_coverage(importance: np.ndarray, slots_per_layer) -> np.ndarray:
