@@ -17,7 +17,8 @@ import numpy as np
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.executor import SwapExecutor
 from swapmoe_jax.serving.stats import RoutingStats, StepRecord, Telemetry
-from swapmoe_jax.serving.swap import ResidencyError, SlotWrite, SwapController
+from swapmoe_jax.serving.swap import (
+    IMPORTANCE_POLICIES, ResidencyError, SlotWrite, SwapController, rank_by_score)
 
 EXACT_POLICIES = ("lru", "lfu")
 # Selective routing: misses above a threshold read from the host bank (as exact policies do), the others
@@ -55,7 +56,7 @@ def check_prefill_refit(policy: str, value, swaps: bool) -> float | None:
   above which the encoder is refitted (policies that swap: swapmoe, selective, fallback)."""
   if value is None:
     return None
-  if policy not in ("swapmoe", "selective", "fallback"):
+  if policy not in IMPORTANCE_POLICIES:
     raise ValueError(f"prefill_refit applies to policies swapmoe, selective and fallback, not {policy!r}")
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
     raise ValueError(f"prefill_refit must be a number, got {value!r:.40}")
@@ -180,7 +181,8 @@ class Residency:
       stats = stats.merge(routing_stats(self.cfg, enc, dec))
     wait_s = time.perf_counter() - t0
     self.totals = self.totals.merge(stats)
-    self._request = self._request.merge(stats)
+    if self.prefill_refit is not None:  # `refit_to_prefill`'s library needs each request's statistics
+      self._request = self._request.merge(stats)
     hits, misses = self.controller.observe(stats)
     self._may_write = True
     self.telemetry.add(StepRecord.from_stats(self.telemetry.steps, stats, hits=hits, misses=misses,
@@ -226,10 +228,8 @@ class Residency:
       self._library = (self._library + [(self._signature(req), req.importance[dec].copy())])[-self.LIBRARY_SIZE:]
 
   def _ranked(self, layer: int, score: np.ndarray, resident: np.ndarray) -> np.ndarray:
-    """The K_l experts of highest score, a resident's counting (1 + hysteresis) times, ties to residents."""
-    boost = 1.0 + getattr(self.controller, "hysteresis", 0.0)
-    score = score * np.where(resident, boost, 1.0)
-    order = np.lexsort((np.arange(self.cfg.num_experts), ~resident, -score))
+    """The K_l experts of highest score (`swap.rank_by_score`, with the controller's hysteresis)."""
+    order = rank_by_score(score, resident, self.controller.hysteresis)
     return order[:self.controller.state.slots_per_layer[layer]]
 
   def refit_to_prefill(self, slots, enc_stats):

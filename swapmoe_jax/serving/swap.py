@@ -51,6 +51,18 @@ DEFAULT_DECAY = 0.5
 DEFAULT_HYSTERESIS = 0.5
 DEFAULT_LFU_DECAY = 0.9
 POLICIES = ("swapmoe", "selective", "fallback", "lru", "lfu", "full", "pruned")
+# The policies whose controller ranks experts by decayed Eq. 1 importance (`ImportanceSwapController`).
+IMPORTANCE_POLICIES = ("swapmoe", "selective", "fallback")
+
+
+def rank_by_score(scores: np.ndarray, resident: np.ndarray, hysteresis: float = 0.0) -> np.ndarray:
+  """Expert ids by falling score along the last axis ([..., E]), a resident expert's score counting
+  (1 + hysteresis) times; ties prefer residents (no churn on equal scores), then lower ids. The top-K of
+  a layer are the first K."""
+  if hysteresis:
+    scores = scores * np.where(resident, 1.0 + hysteresis, 1.0)
+  ids = np.broadcast_to(np.arange(scores.shape[-1]), scores.shape)
+  return np.lexsort((ids, ~resident, -scores), axis=-1)  # last key is primary
 
 
 class ResidencyError(ValueError):
@@ -347,8 +359,7 @@ class _RankedController(SwapController):
     for w in self._pending:  # evicted experts are leaving: no tie preference for them
       if w.evicted >= 0:
         planned[w.layer, w.evicted] = False
-    scores = self.scores * np.where(planned, 1.0 + self.hysteresis, 1.0) if self.hysteresis else self.scores
-    order = np.lexsort((ids, ~planned, -scores), axis=-1)  # last key is primary
+    order = rank_by_score(self.scores, planned, self.hysteresis)
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, ids, axis=-1)
     self.target_mask = rank < self._slots
@@ -543,9 +554,9 @@ def make_controller(policy: str, num_experts: int, slots_per_layer: Sequence[int
   """The controller for a policy name in POLICIES ('full' defaults to every expert resident)."""
   if decay is not None and policy in ("lru", "full", "pruned"):
     raise ValueError(f"decay applies to policies swapmoe, selective, fallback and lfu, not {policy!r}")
-  if hysteresis is not None and policy not in ("swapmoe", "selective", "fallback"):
+  if hysteresis is not None and policy not in IMPORTANCE_POLICIES:
     raise ValueError(f"hysteresis applies to policies swapmoe, selective and fallback, not {policy!r}")
-  if policy in ("swapmoe", "selective", "fallback"):
+  if policy in IMPORTANCE_POLICIES:
     cls = {"swapmoe": ImportanceSwapController, "selective": SelectiveSwapController,
            "fallback": FallbackSwapController}[policy]
     return cls(num_experts, slots_per_layer, initial_resident, update_every, max_swaps_per_step,
