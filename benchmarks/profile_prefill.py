@@ -68,6 +68,78 @@ def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
   return rows[:top] if top else rows
 
 
+def phase_rows(model, ids, mask, new_tokens, repeats, trace_dir=None, tag=""):
+  """Where a request's time to first token goes, one device call at a time (each synchronised), and
+  what a streamed request's first token waits for (`generate`, stamped as `timing.py` does).
+
+  Rows: `what="phase"` with the median ms of each piece — `encode` (`decode.encode`), `step_1` (the
+  one-step first call), `steps_16_run` (a 16-step call whose steps all run the model), `steps_16_skip`
+  (the same program with `remaining=0`: every step takes the `lax.cond`'s skip branch),
+  `steps_16_noskip` (`skip_finished=False`: no `lax.cond` in the scan), `dispatch_16` (the host's time
+  for a 16-step call to return, its device work queued behind a synchronised point), and `ttft`
+  (a streamed `generate`: from the call to the first token reaching the callback). With `trace_dir`,
+  a profiler trace of one streamed request (host threads and GPU streams)."""
+  import jax
+
+  from swapmoe_jax.serving import decode
+  from swapmoe_jax.serving.sampling import Sampling
+
+  cfg = model.config
+  b = ids.shape[0]
+  max_len = decode.cache_length(new_tokens)
+  sampling = Sampling()
+
+  def fresh():
+    cache, _ = decode.encode(model._graphdef, model._params, model._slots, ids, mask, max_len, model._banks)
+    tokens = model._put(np.full((b,), cfg.decoder_start_token_id, np.int32))
+    done = model._put(np.zeros((b,), bool))
+    key = model._put(jax.random.key(0))
+    pos = model._put(np.zeros((), np.int32))
+    return jax.block_until_ready((cache, tokens, done, key, pos))
+
+  def call(state, n, remaining, skip=True):
+    cache, tokens, done, key, pos = state
+    return decode.decode_steps(model._graphdef, model._params, model._slots, tokens, done, cache, pos, key,
+                               model._banks, model._zero_stats(), sampling, cfg.pad_token_id, cfg.eos_token_ids,
+                               n, skip, np.int32(remaining))
+
+  def timed(n, remaining, skip=True, sync=True):
+    out = []
+    for _ in range(repeats + 1):
+      state = fresh()
+      t0 = time.perf_counter()
+      r = call(state, n, remaining, skip)
+      if sync:
+        jax.block_until_ready(r)
+      out.append(time.perf_counter() - t0)
+      jax.block_until_ready(r)
+    return 1e3 * float(np.median(out[1:]))
+
+  ms = {"encode": _median_ms(lambda: decode.encode(model._graphdef, model._params, model._slots, ids, mask,
+                                                    max_len, model._banks), repeats),
+        "step_1": timed(1, 1), "steps_16_run": timed(16, 16), "steps_16_skip": timed(16, 0),
+        "steps_16_noskip": timed(16, 16, skip=False), "dispatch_16": timed(16, 16, sync=False)}
+
+  def streamed():
+    stamps = []
+    t0 = time.perf_counter()
+    model.generate(ids, mask, max_new_tokens=new_tokens, stream=lambda step, tok: stamps.append(time.perf_counter()))
+    return stamps[0] - t0, stamps[-1] - t0
+
+  streamed()
+  runs = [streamed() for _ in range(max(3, repeats // 4))]
+  ms["ttft"] = 1e3 * float(np.median([r[0] for r in runs]))
+  ms["request_streamed"] = 1e3 * float(np.median([r[1] for r in runs]))
+  if trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      streamed()
+    found = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if found:
+      shutil.copy(max(found, key=os.path.getmtime), os.path.join(trace_dir, f"request_{tag}.json.gz"))
+  print("phases (ms): " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
+  return {"what": "phase", "new_tokens": new_tokens} | {f"{k}_ms": v for k, v in ms.items()}
+
+
 def dispatch_rows(cfg, dtype, budgets_k, src_lens, repeats):
   """The expert FFN of one MoE layer alone at each (K, N)."""
   import jax
@@ -108,6 +180,8 @@ def main(argv=None):
   p.add_argument("--pool", type=int, default=4, help="distinct experts per layer (speed of the prefill does not "
                  "depend on whether experts repeat: they are read from the device's slot buffers)")
   p.add_argument("--trace-dir", default=None)
+  p.add_argument("--phases", action="store_true", help="time a request's first-token path call by call "
+                 "(`phase_rows`) at the first input length, for each budget")
   p.add_argument("--out", default=None)
   p.add_argument("--summarize", default=None, help="a Perfetto trace: print device time per kernel and exit")
   args = p.parse_args(argv)
@@ -153,6 +227,9 @@ def main(argv=None):
             "encode_ms": enc_ms, "first_token_ms": first_ms})
       print(f"{policy:<8} {budget:<5} K={ks[-1]:<3} N={n:<4} encode {enc_ms:8.3f} ms   "
             f"generate(1 token) {first_ms:8.3f} ms", flush=True)
+      if args.phases and n == args.src_lens[0]:
+        emit({"policy": policy, "budget": budget, "slots": ks[-1], "tokens": n}
+             | phase_rows(model, ids, mask, 64, args.repeats, args.trace_dir, f"{policy}_{budget}".replace("%", "")))
       if args.trace_dir and b_i == 0 and n == args.src_lens[0]:
         shutil.rmtree(args.trace_dir, ignore_errors=True)
         with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
