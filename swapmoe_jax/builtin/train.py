@@ -239,16 +239,16 @@ def checkpoint_trees(cfg: SwitchConfig, model: SwitchTransformer) -> tuple[dict,
     blocks = {}
     for i, blk in src["blocks"].items():
       b = {"attn_norm": np_(blk["attn_norm"]["weight"]), "ffn_norm": np_(blk["ffn_norm"]["weight"]),
-           "attn": {k: np_(v) for k, v in blk["attn"].items()}}
+           "attn": {k: np_(v).T for k, v in blk["attn"].items()}}  # [out, in] -> the checkpoint's [in, out]
       if "cross" in blk:
         b["cross_norm"] = np_(blk["cross_norm"]["weight"])
-        b["cross"] = {k: np_(v) for k, v in blk["cross"].items()}
+        b["cross"] = {k: np_(v).T for k, v in blk["cross"].items()}
       if "moe" in blk:
         b["router"] = {"w": np_(blk["moe"]["router_w"])}
         # Slots are [out, in] (torch Linear's orientation); the checkpoint keeps [in, out].
         experts[(stack, int(i))] = {k: np.swapaxes(np_(blk["moe"][k]), 1, 2) for k in ("wi", "wo")}
       else:
-        b["mlp"] = {k: np_(v) for k, v in blk["mlp"].items()}
+        b["mlp"] = {k: np_(v).T for k, v in blk["mlp"].items()}
       blocks[str(i)] = b
     dense[stack] = {"rel_bias": np_(src["rel_bias"]), "final_norm": np_(src["final_norm"]["weight"]),
                     "blocks": blocks}

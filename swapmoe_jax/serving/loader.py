@@ -26,9 +26,14 @@ def _norm(w):
   return {"weight": w}
 
 
+def _torch_major(mats: dict) -> dict:
+  """The checkpoint's [in, out] matrices in the model's [out, in] orientation (`layers.linear`)."""
+  return {k: np.asarray(v).T for k, v in mats.items()}
+
+
 def nnx_tree_from_dense(cfg: SwitchConfig, dense: dict) -> dict:
   """Checkpoint dense tree (see `checkpoint.py`) -> the pure dict of `SwitchTransformer`'s params
-  (experts excluded: those are slots)."""
+  (experts excluded: those are slots). Attention and dense FFN matrices are transposed to [out, in]."""
   out = {}
   if cfg.tie_word_embeddings:
     out["shared"] = dense["shared"]
@@ -38,16 +43,16 @@ def nnx_tree_from_dense(cfg: SwitchConfig, dense: dict) -> dict:
     src = dense[stack]
     blocks = {}
     for key, blk in src["blocks"].items():
-      b = {"attn_norm": _norm(blk["attn_norm"]), "attn": dict(blk["attn"]), "ffn_norm": _norm(blk["ffn_norm"])}
+      b = {"attn_norm": _norm(blk["attn_norm"]), "attn": _torch_major(blk["attn"]), "ffn_norm": _norm(blk["ffn_norm"])}
       if "cross" in blk:
         b["cross_norm"] = _norm(blk["cross_norm"])
-        b["cross"] = dict(blk["cross"])
+        b["cross"] = _torch_major(blk["cross"])
       if "router" in blk:
         b["moe"] = {"router_w": np.asarray(blk["router"]["w"], np.float32)}
         if "b" in blk["router"]:
           b["moe"]["router_b"] = np.asarray(blk["router"]["b"], np.float32)
       else:
-        b["mlp"] = dict(blk["mlp"])
+        b["mlp"] = _torch_major(blk["mlp"])
       blocks[int(key)] = b
     out[stack] = {"rel_bias": src["rel_bias"], "final_norm": _norm(src["final_norm"]), "blocks": blocks}
     if not cfg.tie_word_embeddings:

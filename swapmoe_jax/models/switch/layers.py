@@ -93,16 +93,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mask: jax.
   return out.reshape(out.shape[0], out.shape[1], -1)
 
 
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] times a weight in torch Linear's orientation, w [out, in]: [..., out].
+
+  The input axis is the weight's minor one, so a decode step's one-token products (which XLA turns
+  into reductions) read contiguous rows instead of strided columns."""
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class Attention(nnx.Module):
-  """Multi-head attention projections; q, k, v: [D, H*C], o: [H*C, D] (torch weights transposed)."""
+  """Multi-head attention projections in torch's [out, in] orientation: q, k, v: [H*C, D], o: [D, H*C]
+  (the checkpoint's [in, out] matrices transposed at load, `loader.nnx_tree_from_dense`)."""
 
   def __init__(self, cfg: SwitchConfig, dtype, rngs: nnx.Rngs):
     init = nnx.initializers.normal(cfg.d_model**-0.5)
     d, inner = cfg.d_model, cfg.inner_dim
-    self.q = nnx.Param(init(rngs.params(), (d, inner), dtype))
-    self.k = nnx.Param(init(rngs.params(), (d, inner), dtype))
-    self.v = nnx.Param(init(rngs.params(), (d, inner), dtype))
-    self.o = nnx.Param(init(rngs.params(), (inner, d), dtype))
+    self.q = nnx.Param(init(rngs.params(), (inner, d), dtype))
+    self.k = nnx.Param(init(rngs.params(), (inner, d), dtype))
+    self.v = nnx.Param(init(rngs.params(), (inner, d), dtype))
+    self.o = nnx.Param(init(rngs.params(), (d, inner), dtype))
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.d_kv
 
@@ -112,22 +121,22 @@ class Attention(nnx.Module):
     return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
   def project_q(self, x: jax.Array) -> jax.Array:
-    return self._heads(x @ self.q[...])
+    return self._heads(linear(x, self.q[...]))
 
   def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self._heads(x @ self.k[...]), self._heads(x @ self.v[...])
+    return self._heads(linear(x, self.k[...])), self._heads(linear(x, self.v[...]))
 
   def output(self, attn: jax.Array) -> jax.Array:
-    return attn @ self.o[...]
+    return linear(attn, self.o[...])
 
 
 class DenseFFN(nnx.Module):
-  """HF DenseActDense: wi [D, F], act, wo [F, D]."""
+  """HF DenseActDense in torch's orientation: wi [F, D], act, wo [D, F]."""
 
   def __init__(self, cfg: SwitchConfig, dtype, rngs: nnx.Rngs):
-    self.wi = nnx.Param(nnx.initializers.normal(cfg.d_model**-0.5)(rngs.params(), (cfg.d_model, cfg.d_ff), dtype))
-    self.wo = nnx.Param(nnx.initializers.normal(cfg.d_ff**-0.5)(rngs.params(), (cfg.d_ff, cfg.d_model), dtype))
+    self.wi = nnx.Param(nnx.initializers.normal(cfg.d_model**-0.5)(rngs.params(), (cfg.d_ff, cfg.d_model), dtype))
+    self.wo = nnx.Param(nnx.initializers.normal(cfg.d_ff**-0.5)(rngs.params(), (cfg.d_model, cfg.d_ff), dtype))
     self.act_name = cfg.dense_act_fn
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return activation(self.act_name)(x @ self.wi[...]) @ self.wo[...]
+    return linear(activation(self.act_name)(linear(x, self.wi[...])), self.wo[...])
