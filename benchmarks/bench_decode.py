@@ -126,7 +126,7 @@ def run_one(args) -> dict:
                                 {"selective_threshold": args.selective_threshold}),
                              **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
                              **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
-                             swap_between_requests=not args.no_drain)
+                             swap_between_requests=not args.no_drain, fallback_bits=args.fallback_bits)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   jax.block_until_ready(model._slots.leaves)
   setup_s = time.perf_counter() - t0
@@ -161,6 +161,7 @@ def run_one(args) -> dict:
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold,
       "hysteresis": args.hysteresis, "swap_between_requests": not args.no_drain,
       "prefill_refit": args.prefill_refit,
+      "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
@@ -279,6 +280,7 @@ def main(argv=None):
   p.add_argument("--hysteresis", type=float, default=None, help="swapmoe's hysteresis (default: the loader's)")
   p.add_argument("--no-drain", action="store_true", help="swap_between_requests=False (swaps only during calls)")
   p.add_argument("--prefill-refit", type=float, default=None, help="load's prefill_refit (swapmoe and kin)")
+  p.add_argument("--fallback-bits", type=int, default=8, choices=[4, 8], help="policy fallback's copies")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
   if args.run:
@@ -291,7 +293,8 @@ def main(argv=None):
                 [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
                 ["--no-drain"] if args.no_drain else []) + (
-                [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)])
+                [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + [
+                "--fallback-bits", str(args.fallback_bits)]
   runs = []
   for shape in args.shape:
     for dtype in args.dtype:

@@ -121,9 +121,9 @@ def main(argv=None):
   for chunk in (8, 16):  # several steps per call (what generate does): one dispatch per `chunk` steps
     def steps():
       nonlocal tokens, done, cache, pos, acc
-      toks, done, cache, pos, acc = decode.decode_steps(model._graphdef, model._params, model._slots, tokens, done,
-                                                        cache, pos, key, model._banks, acc, Sampling(), 0, (-1,), chunk)
-      tokens = toks[-1]
+      _, tokens, done, cache, pos, acc = decode.decode_steps(model._graphdef, model._params, model._slots, tokens,
+                                                             done, cache, pos, key, model._banks, acc, Sampling(), 0,
+                                                             (-1,), chunk)
 
     time_calls(f"decode_steps x{chunk}", steps, max(1, (args.new_tokens - 2) // chunk), chunk)
   ex = model.residency.executor if model.residency is not None else None

@@ -82,9 +82,11 @@ class Built:
 
 
 def plan_for(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, new_tokens: int,
-             update_every: int | None = None, max_swaps: int | None = None, devices: int = 1):
+             update_every: int | None = None, max_swaps: int | None = None, devices: int = 1,
+             fallback_bits: int = 8):
   """(plan, budget bytes or None, full-model bytes per device) for `policy` under `budget` ("33%",
-  "4GiB", bytes, or "none"/None for no budget) at this request shape."""
+  "4GiB", bytes, or "none"/None for no budget) at this request shape (`fallback_bits`: the copies of
+  policy "fallback")."""
   import jax.numpy as jnp
 
   from swapmoe_jax.serving import budget as budget_lib
@@ -98,14 +100,15 @@ def plan_for(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, 
   if policy == "full":
     return planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape), budget_bytes, full_bytes
   cadence = {k: v for k, v in dict(update_every=update_every, max_swaps_per_step=max_swaps).items() if v is not None}
-  fallback = loader.routing_of(policy) == "fallback"  # the int8 copies are counted before any slot
+  # the copies of policy "fallback" are counted before any slot
+  fallback = fallback_bits if loader.routing_of(policy) == "fallback" else False
   return (planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, fallback=fallback, **cadence), budget_bytes,
           full_bytes)
 
 
 def build(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, new_tokens: int,
           update_every: int | None = None, max_swaps: int | None = None, pool: int = 4, init: str = "hf",
-          mesh=None, parts=None, **assemble_kw) -> Built:
+          mesh=None, parts=None, fallback_bits: int = 8, **assemble_kw) -> Built:
   """A random-weight model of `cfg` for `policy` under `budget`, through the planner and
   `loader.assemble` (as `load` builds one). `parts`: (dense, experts, norms) to reuse instead of
   drawing new ones; `mesh`: expert parallelism over its devices; `assemble_kw`: e.g. staging,
@@ -123,7 +126,9 @@ def build(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, new
   devices = 1 if mesh is None else len(sharding.mesh_devices(mesh))
   plan, budget_bytes, full_bytes = plan_for(cfg, dtype, policy, budget, batch=batch, src_len=src_len,
                                             new_tokens=new_tokens, update_every=update_every, max_swaps=max_swaps,
-                                            devices=devices)
+                                            devices=devices, fallback_bits=fallback_bits)
+  if loader.routing_of(policy) == "fallback":
+    assemble_kw["fallback_bits"] = fallback_bits
   model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype, mesh=mesh,
                           **assemble_kw)
   return Built(model, plan, store, dense, budget_bytes, full_bytes)

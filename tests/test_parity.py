@@ -190,10 +190,10 @@ def test_steps_after_every_rows_eos_skip_the_model(pairs):
   args = (model._graphdef, model._params, model._slots, np.full((b,), 5, np.int32), np.ones((b,), bool))
   rest = (np.int32(0), jax.random.key(0), None, zeros, Sampling(), cfg.pad_token_id, cfg.eos_token_ids, 4)
   before = jax.device_get(cache.self_k[0])
-  toks, _, after, pos, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, True)
+  toks, _, _, after, pos, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, True)
   np.testing.assert_array_equal(jax.device_get(after.self_k[0]), before)
   assert np.all(np.asarray(toks) == cfg.pad_token_id) and int(pos) == 4
-  _, _, ran, _, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, False)
+  _, _, _, ran, _, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, False)
   assert not np.array_equal(jax.device_get(ran.self_k[0])[:, :, :4], before[:, :, :4]), "the model ran"
 
 
@@ -213,8 +213,8 @@ def test_steps_past_the_requested_tokens_skip_the_model(pairs):
   args = (model._graphdef, model._params, model._slots, np.full((b,), 5, np.int32), np.zeros((b,), bool))
   rest = (np.int32(0), jax.random.key(0), None, zeros, Sampling(), cfg.pad_token_id, (-1,), 4, True)
   before = jax.device_get(cache.self_k[0])
-  full_toks, _, full_cache, _, full_stats = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, None)
-  toks, _, after, pos, stats = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, np.int32(2))
+  full_toks, _, _, full_cache, _, full_stats = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, None)
+  toks, _, _, after, pos, stats = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, np.int32(2))
   toks, after_k = np.asarray(toks), jax.device_get(after.self_k[0])
   # Two steps ran as without a limit; the last two wrote nothing and emitted pad.
   np.testing.assert_array_equal(toks[:2], np.asarray(full_toks)[:2])

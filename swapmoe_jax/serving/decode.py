@@ -153,8 +153,9 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
   A switch-base decode step is ~300 small kernels: dispatched one call per token, the host's dispatch
   time (~1 ms) is as long as the step itself. One call per `num_steps` tokens removes it from all
   but one step in `num_steps`, and gives swaps staged between calls a whole call to land behind.
-  Same arguments and results as `decode_step`, except the tokens: int32[num_steps, B], in order, and
-  that rows already done are left out of the routing statistics.
+  Same arguments as `decode_step`. Returns (tokens int32[num_steps, B] in order, the last step's tokens
+  int32[B] — the next call's input, returned so that the host does not slice it with two more device
+  calls — done, cache, pos, stats_sum); rows already done are left out of the routing statistics.
 
   skip_finished (static): once every row has emitted EOS, the remaining steps skip the model (a
   `lax.cond`) and only emit pad. The host learns of EOS a couple of calls late (it never waits on the
@@ -191,9 +192,9 @@ def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, 
     return carry, carry[0]
 
   with _numerics(graphdef):
-    (_, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum),
-                                                          jnp.arange(num_steps, dtype=jnp.int32))
-  return out, done, cache, pos, stats_sum
+    (last, done, cache, pos, stats_sum), out = jax.lax.scan(body, (tokens, done, cache, pos, stats_sum),
+                                                             jnp.arange(num_steps, dtype=jnp.int32))
+  return out, last, done, cache, pos, stats_sum
 
 
 # --- decoder-only families -------------------------------------------------------------------------

@@ -241,12 +241,11 @@ class ServedModel:
     dispatched = 0  # steps of the calls so far; a call's steps past `steps` skip the model
     calls = [] if finished else [1] * first + [chunk] * -(-(steps - first) // chunk)
     for n in calls:
-      toks, done, cache, pos, stats_sum = decode.decode_steps(
+      toks, tokens, done, cache, pos, stats_sum = decode.decode_steps(
           self._graphdef, self._params, self._slots, tokens, done, cache, pos, key, self._banks,
           stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
           cfg.eos_token_ids, n, self.skip_finished, np.int32(steps - dispatched))
       dispatched += n
-      tokens = toks[-1]
       if self.residency is not None:
         self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=n)
       out.append((toks, done))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from swapmoe_jax.models.switch.config import SwitchConfig
@@ -67,6 +68,31 @@ def check_prefill_refit(policy: str, value, swaps: bool) -> float | None:
   return float(value)
 
 
+@jax.jit
+def _packed(parts):
+  """Every leaf of device LayerStats (parts may be None) in one float32 vector, int32 leaves bitcast
+  (exact), so that the host reads them in one transfer instead of one per leaf (~0.17 ms of host time
+  each on a GPU, 14 a window: on the path between two decode calls)."""
+  flat = [(x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+           else jax.lax.bitcast_convert_type(x.astype(jnp.int32), jnp.float32)).ravel() for x in jax.tree.leaves(parts)]
+  return jnp.concatenate(flat)
+
+
+def _to_host(parts):
+  """Device LayerStats (a tuple of them, None allowed) -> the same tree of numpy arrays, in one read."""
+  leaves, treedef = jax.tree.flatten(parts)
+  if not leaves or not all(isinstance(x, jax.Array) for x in leaves):
+    return jax.device_get(parts)
+  flat = np.asarray(_packed(parts))
+  out, at = [], 0
+  for x in leaves:
+    n = int(np.prod(x.shape))
+    chunk = flat[at:at + n]
+    at += n
+    out.append((chunk if jnp.issubdtype(x.dtype, jnp.floating) else chunk.view(np.int32)).reshape(x.shape))
+  return jax.tree.unflatten(treedef, out)
+
+
 def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   """Device LayerStats of the encoder and/or decoder MoE layers -> host RoutingStats over all L layers."""
   num_enc = len(cfg.encoder_sparse_layers)
@@ -77,10 +103,9 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   redirected = np.zeros((cfg.num_moe_layers,), np.int64)
   from_bank = np.zeros((cfg.num_moe_layers,), np.int64)
   missed = np.zeros((cfg.num_moe_layers,), np.int64)
-  for part, lo in ((enc, 0), (dec, num_enc)):
+  for part, lo in zip(_to_host((enc, dec)), (0, num_enc)):
     if part is None:
       continue
-    part = jax.device_get(part)
     n = part.importance.shape[0]
     imp[lo:lo + n] = part.importance
     wanted[lo:lo + n] = part.wanted
