@@ -345,3 +345,36 @@ def test_float32_models_multiply_at_highest_precision(dtype, all_highest):
   assert len(dots) > 20
   assert (len(highest) == len(dots)) == all_highest
   assert len(highest) >= m.config.num_moe_layers  # the routers, at least
+
+
+def test_first_token_streams_before_the_next_call_is_dispatched(pairs, monkeypatch):
+  """`generate(stream=...)`: the one-step first call's token reaches `stream` before the next device call
+  is dispatched (on a GPU a call's kernels launch on the calling thread, so waiting for that dispatch
+  held the first token back by a whole call); later tokens stay two calls behind. Tokens are those of
+  a run without streaming."""
+  from swapmoe_jax.serving import decode
+
+  _, ours = pairs["step1_e4_tied", "gen"]
+  ids, mask, _ = _inputs(seed=2)
+  plain = ours.generate(ids, mask, max_new_tokens=40, steps_per_call=8)
+  events = []
+  real = decode.decode_steps
+
+  def traced(*args):
+    events.append(("call", args[13]))  # num_steps
+    return real(*args)
+
+  monkeypatch.setattr(decode, "decode_steps", traced)
+  streamed = []
+  got = ours.generate(ids, mask, max_new_tokens=40, steps_per_call=8,
+                      stream=lambda step, tok: (events.append(("token", step)), streamed.append(tok)))
+  np.testing.assert_array_equal(got, plain)
+  np.testing.assert_array_equal(np.stack(streamed, axis=1), plain)
+  calls = [i for i, e in enumerate(events) if e[0] == "call"]
+  assert [events[i][1] for i in calls] == [1] + [8] * 5  # 1 + 5 x 8 steps >= 40 tokens
+  assert events.index(("token", 0)) < calls[1]  # the first token before the second call
+  assert events.index(("token", 1)) > calls[3]  # the second call's tokens two calls late
+  plain_events = []
+  monkeypatch.setattr(decode, "decode_steps", lambda *a: (plain_events.append(a[13]), real(*a))[1])
+  ours.generate(ids, mask, max_new_tokens=40, steps_per_call=8)  # nobody streams: no early wait, same calls
+  assert plain_events == [1] + [8] * 5

@@ -436,3 +436,38 @@ def test_telemetry_counts_the_experts_read_from_host_memory():
   assert s["missed_experts"] == s["from_bank"] == s["bytes_from_host"] == 0 and s["redirected"] > 0
   s, _ = summaries["fallback"]
   assert s["missed_experts"] > 0 and s["bytes_from_host"] == 0
+
+
+def test_routing_statistics_are_read_exactly_in_one_transfer():
+  """`residency.routing_stats` packs device LayerStats into one float32 vector (int32 counts bitcast):
+  counts above float32's exact range (2^24) and negative values survive, and the result equals a
+  leaf-by-leaf read."""
+  import jax.numpy as jnp
+
+  from swapmoe_jax.models.switch.config import SwitchConfig
+  from swapmoe_jax.moe.router import LayerStats
+  from swapmoe_jax.serving import residency
+
+  cfg = SwitchConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=4, num_layers=2, num_decoder_layers=2,
+                     num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1)
+  assert cfg.num_moe_layers == 4
+  rng = np.random.default_rng(0)
+
+  def stats(n):
+    return LayerStats(importance=jnp.asarray(rng.random((n, 4)), jnp.float32),
+                      wanted=jnp.asarray(rng.integers(2**24, 2**31 - 1, (n, 4)), jnp.int32),
+                      served=jnp.asarray(rng.integers(0, 9, (n, 4)), jnp.int32),
+                      redirected=jnp.asarray([-3, 2**30][:n], jnp.int32), misses=jnp.zeros((n,), jnp.int32),
+                      from_bank=jnp.asarray(rng.integers(0, 2**31 - 1, n), jnp.int32),
+                      missed_experts=jnp.asarray(rng.integers(0, 5, n), jnp.int32))
+
+  enc, dec = stats(2), stats(2)
+  got = residency.routing_stats(cfg, enc, dec)
+  host = [jax.device_get(enc), jax.device_get(dec)]
+  np.testing.assert_array_equal(got.importance, np.concatenate([h.importance for h in host]))
+  for name in ("wanted", "served", "redirected", "from_bank"):
+    np.testing.assert_array_equal(getattr(got, name), np.concatenate([getattr(h, name) for h in host]))
+  np.testing.assert_array_equal(got.missed_experts, np.concatenate([h.missed_experts for h in host]))
+  only_dec = residency.routing_stats(cfg, None, dec)
+  np.testing.assert_array_equal(only_dec.wanted[2:], host[1].wanted)
+  assert not only_dec.wanted[:2].any()
