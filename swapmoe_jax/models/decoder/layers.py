@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from swapmoe_jax.models.decoder.config import DecoderConfig
+from swapmoe_jax.models.linear import linear
 from swapmoe_jax.moe.activations import activation
 
 _NEG = -1e30  # added to masked attention scores; finite so fully masked rows (left padding) stay NaN-free
@@ -151,16 +152,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
 
 
 class Attention(nnx.Module):
-  """Projections of grouped-query attention: q [D, H*C], k, v [D, G*C], o [H*C, D] (torch weights
-  transposed); optional q/k/v biases (`attention_bias`), o bias (`output_bias`) and q/k norms."""
+  """Projections of grouped-query attention in torch's [out, in] orientation (`models/linear.py`):
+  q [H*C, D], k, v [G*C, D], o [D, H*C]; optional q/k/v biases (`attention_bias`), o bias (`output_bias`) and q/k norms."""
 
   def __init__(self, cfg: DecoderConfig, dtype, rngs: nnx.Rngs):
     d, hc, gc = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     init = nnx.initializers.normal(d**-0.5)
-    self.q = nnx.Param(init(rngs.params(), (d, hc), dtype))
-    self.k = nnx.Param(init(rngs.params(), (d, gc), dtype))
-    self.v = nnx.Param(init(rngs.params(), (d, gc), dtype))
-    self.o = nnx.Param(nnx.initializers.normal(hc**-0.5)(rngs.params(), (hc, d), dtype))
+    self.q = nnx.Param(init(rngs.params(), (hc, d), dtype))
+    self.k = nnx.Param(init(rngs.params(), (gc, d), dtype))
+    self.v = nnx.Param(init(rngs.params(), (gc, d), dtype))
+    self.o = nnx.Param(nnx.initializers.normal(hc**-0.5)(rngs.params(), (d, hc), dtype))
     if cfg.attention_bias:
       self.q_b = nnx.Param(jnp.zeros((hc,), dtype))
       self.k_b = nnx.Param(jnp.zeros((gc,), dtype))
@@ -182,7 +183,7 @@ class Attention(nnx.Module):
   def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x: [B, T, D] -> q [B, T, H, C], k, v [B, T, G, C], before RoPE (the order of the HF attention
     forwards: projection (+ bias), "full" norm, clamp, head split, "head" norm)."""
-    q, k, v = x @ self.q[...], x @ self.k[...], x @ self.v[...]
+    q, k, v = linear(x, self.q[...]), linear(x, self.k[...]), linear(x, self.v[...])
     if self.bias:
       q, k, v = q + self.q_b[...], k + self.k_b[...], v + self.v_b[...]
     if self.qk_norm == "full":
@@ -199,18 +200,19 @@ class Attention(nnx.Module):
 
   def output(self, attn: jax.Array) -> jax.Array:
     """attn: [B, T, H*C] -> [B, T, D]."""
-    y = attn @ self.o[...]
+    y = linear(attn, self.o[...])
     return y + self.o_b[...] if self.out_bias else y
 
 
 class GatedMLP(nnx.Module):
-  """The dense SwiGLU MLP (HF `Qwen2MoeMLP`): wi [D, 2F] = [gate | up], wo [F, D]; y = (act(g) * u) @ wo."""
+  """The dense SwiGLU MLP (HF `Qwen2MoeMLP`) in torch's orientation: wi [2F, D] = [gate; up], wo [D, F];
+  y = (act(g) * u) wo^T."""
 
   def __init__(self, d_model: int, d_ff: int, act: str, dtype, rngs: nnx.Rngs):
-    self.wi = nnx.Param(nnx.initializers.normal(d_model**-0.5)(rngs.params(), (d_model, 2 * d_ff), dtype))
-    self.wo = nnx.Param(nnx.initializers.normal(d_ff**-0.5)(rngs.params(), (d_ff, d_model), dtype))
+    self.wi = nnx.Param(nnx.initializers.normal(d_model**-0.5)(rngs.params(), (2 * d_ff, d_model), dtype))
+    self.wo = nnx.Param(nnx.initializers.normal(d_ff**-0.5)(rngs.params(), (d_model, d_ff), dtype))
     self.act_name = act
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    g, u = jnp.split(x @ self.wi[...], 2, axis=-1)
-    return (activation(self.act_name)(g) * u) @ self.wo[...]
+    g, u = jnp.split(linear(x, self.wi[...]), 2, axis=-1)
+    return linear(activation(self.act_name)(g) * u, self.wo[...])

@@ -238,7 +238,8 @@ def params_from_dense(cfg: DecoderConfig, dense: dict) -> dict:
   dense: {"embed": [V, D], "lm_head": [D, V] (untied only), "final_norm": [D], "blocks": {"i": {"attn_norm",
   "attn": {"q", "k", "v", "o", optional "q_b", "k_b", "v_b", "o_b", "q_norm", "k_norm"}, "ffn_norm",
   "router": {"w": [D, E]} + optional "shared": {"wi": [D, 2Fs], "wo": [Fs, D], "gate": [D, 1]}, or
-  "mlp": {"wi": [D, 2F], "wo": [F, D]}}}}. The shared expert is transposed to the layer's [out, in].
+  "mlp": {"wi": [D, 2F], "wo": [F, D]}}}}. The matrices of attention, dense MLPs and the shared expert
+  are transposed to the layers' [out, in] (`models/linear.py`).
   """
   out = {"embed": dense["embed"], "final_norm": _norm(dense["final_norm"])}
   if not cfg.tie_word_embeddings:
@@ -246,7 +247,7 @@ def params_from_dense(cfg: DecoderConfig, dense: dict) -> dict:
   blocks = {}
   for key, blk in dense["blocks"].items():
     i = int(key)
-    attn = {name: blk["attn"][name] for name in ("q", "k", "v", "o")}
+    attn = {name: np.asarray(blk["attn"][name]).T for name in ("q", "k", "v", "o")}
     if cfg.attention_bias:
       attn |= {name: blk["attn"][name] for name in ("q_b", "k_b", "v_b")}
     if cfg.output_bias:
@@ -261,7 +262,7 @@ def params_from_dense(cfg: DecoderConfig, dense: dict) -> dict:
         b["moe"] |= {"shared_wi": np.asarray(shared["wi"]).T, "shared_wo": np.asarray(shared["wo"]).T,
                      "shared_gate": shared["gate"]}
     else:
-      b["mlp"] = {"wi": blk["mlp"]["wi"], "wo": blk["mlp"]["wo"]}
+      b["mlp"] = {"wi": np.asarray(blk["mlp"]["wi"]).T, "wo": np.asarray(blk["mlp"]["wo"]).T}
     blocks[i] = b
   missing = set(range(cfg.num_layers)) - set(blocks)
   if missing:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from swapmoe_jax.models.linear import linear
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.moe.activations import activation
 
@@ -91,14 +92,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mask: jax.
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bhqk,bhkc->bqhc", probs, v)
   return out.reshape(out.shape[0], out.shape[1], -1)
-
-
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., in] times a weight in torch Linear's orientation, w [out, in]: [..., out].
-
-  The input axis is the weight's minor one, so a decode step's one-token products (which XLA turns
-  into reductions) read contiguous rows instead of strided columns."""
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 class Attention(nnx.Module):
