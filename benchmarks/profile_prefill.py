@@ -204,7 +204,8 @@ def main(argv=None):
   results = []
 
   def emit(row):
-    row = {"shape": args.shape, "dtype": args.dtype, "device": jax.devices()[0].device_kind} | row
+    row = {"shape": args.shape, "dtype": args.dtype, "device": jax.devices()[0].device_kind} | row | {
+        "commit": os.environ.get("SWAPMOE_COMMIT"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     results.append(row)
     print("RESULT " + json.dumps(row), flush=True)
 
