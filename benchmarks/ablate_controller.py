@@ -45,6 +45,8 @@ VARIANTS = (
     ("refit-0.1", "prefill-informed: refitted when >10 % of its encoder tokens were redirected",
      dict(prefill_refit=0.1)),
     ("refit-0.2", "prefill-informed: refitted when >20 % were redirected", dict(prefill_refit=0.2)),
+    ("term-counts", "importance term: tokens routed (instead of Eq. 1)", dict(importance_term="counts")),
+    ("term-routed", "importance term: Eq. 1 without the expert's norm", dict(importance_term="routed")),
 )
 
 

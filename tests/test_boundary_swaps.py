@@ -116,3 +116,18 @@ def test_prefill_refit_waits_for_enough_redirects_and_checks_its_input():
       load(default_checkpoint(), experts=3, policy="swapmoe", prefill_refit=bad, **LIMITS)
   with pytest.raises(ValueError, match="prefill_refit applies to"):
     load(default_checkpoint(), experts=3, policy="lfu", prefill_refit=0.1, **LIMITS)
+
+
+def test_load_passes_the_importance_term_and_the_expert_norms():
+  """`load(importance_term=)` reaches the controller; "routed" divides by the store's expert norms, so a
+  request's scores under it are Eq. 1's over those norms."""
+  eq1 = load(default_checkpoint(), experts=4)
+  routed = load(default_checkpoint(), experts=4, importance_term="routed")
+  assert eq1.residency.controller.term == "eq1" and routed.residency.controller.term == "routed"
+  np.testing.assert_allclose(routed.residency.controller._norms, routed.store.norms)
+  for model in (eq1, routed):
+    _ask(model, "sort: 7 3 9 1 4")
+  np.testing.assert_allclose(routed.residency.controller.scores,
+                             eq1.residency.controller.scores / np.asarray(eq1.store.norms, np.float64), rtol=1e-5)
+  with pytest.raises(ValueError, match="importance_term applies to"):
+    load(default_checkpoint(), experts=4, policy="lru", importance_term="counts")

@@ -129,6 +129,29 @@ def test_hysteresis_needs_the_incoming_score_above_the_margin(hysteresis, challe
   assert c.targets[0].tolist() == ([0, 2] if swaps else [0, 1])
 
 
+@pytest.mark.parametrize("term, targets", [
+    ("eq1", [0, 2]),  # Eq. 1: expert 2's two heavy tokens (10) beat expert 1's five light ones (5)
+    ("counts", [0, 1]),  # tokens: 5 beat 2
+    ("routed", [0, 1]),  # Eq. 1 / the expert's norm: 5 / 1 beat 10 / 4
+])
+def test_importance_terms_rank_by_what_they_sum(term, targets):
+  c = ImportanceSwapController(4, [2], [[0, 3]], update_every=1, max_swaps_per_step=2, decay=1.0,
+                               term=term, expert_norms=np.array([[1.0, 1.0, 4.0, 1.0]]))
+  c.observe(stats_from([[20, 5, 10, 0]], wanted=[[9, 5, 2, 0]]))
+  assert sorted(c.targets[0].tolist()) == targets
+
+
+def test_importance_term_checks():
+  assert make_controller("swapmoe", 4, [2]).term == "eq1"
+  assert make_controller("fallback", 4, [2], importance_term="counts").term == "counts"
+  with pytest.raises(ValueError, match="importance_term applies to"):
+    make_controller("lfu", 4, [2], importance_term="counts")
+  with pytest.raises(ValueError, match="importance_term must be one of eq1, counts, routed"):
+    make_controller("swapmoe", 4, [2], importance_term="gates")
+  with pytest.raises(ValueError, match="needs the experts' norms"):
+    make_controller("swapmoe", 4, [2], importance_term="routed")
+
+
 def test_hysteresis_defaults_and_checks():
   from swapmoe_jax.serving.swap import DEFAULT_HYSTERESIS
 

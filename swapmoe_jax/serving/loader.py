@@ -231,7 +231,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          devices=None, steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
          selective_threshold: float | None = None, decay: float | None = None,
          swap_between_requests: bool = True, hysteresis: float | None = None,
-         prefill_refit: float | None = None, fallback_bits: int | None = None):
+         prefill_refit: float | None = None, fallback_bits: int | None = None,
+         importance_term: str | None = None):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -280,6 +281,9 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       `swap.DEFAULT_DECAY`; lfu: of frequencies, default `swap.DEFAULT_LFU_DECAY`).
     hysteresis: swapmoe/selective/fallback: a resident expert is replaced only by one whose score is above
       (1 + hysteresis) times its own (default `swap.DEFAULT_HYSTERESIS`; see `ImportanceSwapController`).
+    importance_term: swapmoe/selective/fallback: what a call adds to an expert's score — "eq1" (default,
+      the paper's Eq. 1), "counts" (tokens routed to it) or "routed" (Eq. 1 without the expert's norm);
+      see `swap.ImportanceSwapController`.
     fallback_bits: policy "fallback": 8 (default, int8 copies) or 4 (packed int4 copies, half the bytes).
     prefill_refit: encoder-decoder models, swapmoe/selective/fallback: after a request's encoder call, when
       more than this fraction of its encoder tokens were redirected, make each encoder layer's residents
@@ -362,6 +366,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                   limits=shape if budget_bytes is not None else None, importance=importance, mesh=mesh,
                   steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold,
                   decay=decay, swap_between_requests=swap_between_requests, hysteresis=hysteresis,
+                  importance_term=importance_term,
                   prefill_refit=prefill_refit, fallback_bits=fallback or 8)
 
 
@@ -442,10 +447,11 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
              steps_per_call: int = DEFAULT_STEPS_PER_CALL, staging: str = DEFAULT_STAGING,
              selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, decay: float | None = None,
              swap_between_requests: bool = True, hysteresis: float | None = None,
-             prefill_refit: float | None = None, fallback_bits: int = 8) -> ServedModel:
+             prefill_refit: float | None = None, fallback_bits: int = 8,
+             importance_term: str | None = None) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`, `hysteresis`,
-  `prefill_refit`, `fallback_bits`: see `load`."""
+  `prefill_refit`, `fallback_bits`, `importance_term`: see `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
   from swapmoe_jax.serving.residency import Residency
@@ -462,7 +468,9 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
-                               max_swaps_per_step=plan.max_swaps_per_step, decay=decay, hysteresis=hysteresis)
+                               max_swaps_per_step=plan.max_swaps_per_step, decay=decay, hysteresis=hysteresis,
+                               importance_term=importance_term,
+                               expert_norms=store.norms if importance_term == "routed" else None)
   # Exact and selective routing read misses from stacked host banks, and staging="gather" stages from
   # them; building them changes how the store stages experts, so it comes before the executor compiles
   # its programs.

@@ -53,6 +53,9 @@ DEFAULT_LFU_DECAY = 0.9
 POLICIES = ("swapmoe", "selective", "fallback", "lru", "lfu", "full", "pruned")
 # The policies whose controller ranks experts by decayed Eq. 1 importance (`ImportanceSwapController`).
 IMPORTANCE_POLICIES = ("swapmoe", "selective", "fallback")
+# What a call adds to an importance policy's scores (`ImportanceSwapController`'s `term`): the paper's
+# Eq. 1, token counts, or Eq. 1 without the expert's norm.
+IMPORTANCE_TERMS = ("eq1", "counts", "routed")
 
 
 def rank_by_score(scores: np.ndarray, resident: np.ndarray, hysteresis: float = 0.0) -> np.ndarray:
@@ -425,6 +428,10 @@ class ImportanceSwapController(_RankedController):
   the top-K_l by score; writes towards them are ranked by the importance gained, as a share of the
   layer's total, so that layers compare fairly whatever their activation norms.
 
+  `term`: what a call adds to a score — "eq1" (default): Eq. 1's Σ ‖x‖·G(x)_i·‖E_i‖; "counts": the
+  tokens the router wanted the expert for; "routed": Σ ‖x‖·G(x)_i, Eq. 1 without the expert's norm
+  (needs `expert_norms` [L, E]). See `IMPORTANCE_TERMS` and the ablation in the README.
+
   `hysteresis` h >= 0: when the targets are chosen a resident expert's score counts (1 + h) times, and a
   write needs the incoming score above (1 + h) times the evicted one's. Scores are non-negative, so h
   is a relative margin: an expert enters only when it is clearly more important than the one it
@@ -437,7 +444,11 @@ class ImportanceSwapController(_RankedController):
   def __init__(self, num_experts: int, slots_per_layer: Sequence[int],
                initial_resident: Sequence[Iterable[int]] | None, update_every: int = DEFAULT_UPDATE_EVERY,
                max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, decay: float = DEFAULT_DECAY,
-               hysteresis: float = 0.0):
+               hysteresis: float = 0.0, term: str = "eq1", expert_norms=None):
+    if term not in IMPORTANCE_TERMS:
+      raise ValueError(f"importance_term must be one of {', '.join(IMPORTANCE_TERMS)}, got {term!r}")
+    if term == "routed" and expert_norms is None:
+      raise ValueError("importance_term 'routed' needs the experts' norms")
     if update_every < 1:
       raise ValueError(f"update_every must be >= 1, got {update_every}")
     if not 0 < decay <= 1:
@@ -448,12 +459,20 @@ class ImportanceSwapController(_RankedController):
     self.update_every = int(update_every)
     self.decay = float(decay)
     self.hysteresis = float(hysteresis)
+    self.term = term
+    self._norms = None if expert_norms is None else np.maximum(np.asarray(expert_norms, np.float64), 1e-30)
     self.update_targets()  # the initial residents: nothing moves before the first update
     self.target_updates = 0
 
   def _observe(self, stats: RoutingStats) -> None:
     active = stats.active_layers()
-    self.scores[active] = self.decay * self.scores[active] + stats.importance[active]
+    if self.term == "counts":
+      gained = stats.wanted.astype(np.float64)
+    elif self.term == "routed":
+      gained = stats.importance / self._norms
+    else:
+      gained = stats.importance
+    self.scores[active] = self.decay * self.scores[active] + gained[active]
     if self.observations % self.update_every == 0:
       self.update_targets()
 
@@ -550,17 +569,22 @@ def make_controller(policy: str, num_experts: int, slots_per_layer: Sequence[int
                     initial_resident: Sequence[Iterable[int]] | None = None, *,
                     update_every: int = DEFAULT_UPDATE_EVERY,
                     max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP,
-                    decay: float | None = None, hysteresis: float | None = None) -> SwapController:
-  """The controller for a policy name in POLICIES ('full' defaults to every expert resident)."""
+                    decay: float | None = None, hysteresis: float | None = None,
+                    importance_term: str | None = None, expert_norms=None) -> SwapController:
+  """The controller for a policy name in POLICIES ('full' defaults to every expert resident);
+  `importance_term` and `expert_norms`: see `ImportanceSwapController` (its `term`)."""
   if decay is not None and policy in ("lru", "full", "pruned"):
     raise ValueError(f"decay applies to policies swapmoe, selective, fallback and lfu, not {policy!r}")
   if hysteresis is not None and policy not in IMPORTANCE_POLICIES:
     raise ValueError(f"hysteresis applies to policies swapmoe, selective and fallback, not {policy!r}")
+  if importance_term is not None and policy not in IMPORTANCE_POLICIES:
+    raise ValueError(f"importance_term applies to policies swapmoe, selective and fallback, not {policy!r}")
   if policy in IMPORTANCE_POLICIES:
     cls = {"swapmoe": ImportanceSwapController, "selective": SelectiveSwapController,
            "fallback": FallbackSwapController}[policy]
     return cls(num_experts, slots_per_layer, initial_resident, update_every, max_swaps_per_step,
-               DEFAULT_DECAY if decay is None else decay, DEFAULT_HYSTERESIS if hysteresis is None else hysteresis)
+               DEFAULT_DECAY if decay is None else decay, DEFAULT_HYSTERESIS if hysteresis is None else hysteresis,
+               importance_term or "eq1", expert_norms)
   if policy == "lru":
     return LRUController(num_experts, slots_per_layer, initial_resident, max_swaps_per_step)
   if policy == "lfu":
