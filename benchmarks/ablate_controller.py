@@ -45,6 +45,8 @@ VARIANTS = (
     ("refit-0.1", "prefill-informed: refitted when >10 % of its encoder tokens were redirected",
      dict(prefill_refit=0.1)),
     ("refit-0.2", "prefill-informed: refitted when >20 % were redirected", dict(prefill_refit=0.2)),
+    ("calibrated-refit", "calibrated planner and prefill-informed residency (refit at 10 %)",
+     dict(planner="calibrated", prefill_refit=0.1)),
     ("term-counts", "importance term: tokens routed (instead of Eq. 1)", dict(importance_term="counts")),
     ("term-routed", "importance term: Eq. 1 without the expert's norm", dict(importance_term="routed")),
 )
@@ -103,11 +105,10 @@ def main(argv=None) -> int:
                  experts_swapped=s["experts_swapped"], vs_default=None if diff is None else diff.points(),
                  seconds=round(time.perf_counter() - t, 1))
       rows.append(row)
+      with open(a.out, "a") as f:  # each row as it comes: a long run that dies keeps what it measured
+        f.write(json.dumps(row) + "\n")
       print(f"K={k:2d} {name:58s} EM {100 * row['exact_match']:5.1f}%  redirect {100 * row['redirect_rate']:5.1f}%  "
             f"swaps {row['experts_swapped']:5d}  vs default {row['vs_default'] or '—'}", file=sys.stderr, flush=True)
-  with open(a.out, "a") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
   print("| experts | variant | exact match | vs default [95% CI] | redirected | swaps |")
   print("|---|---|---|---|---|---|")
   for r in rows:
