@@ -11,10 +11,12 @@ per-token decode from whole device-call boundaries, p50/p95 per call), tokens/s,
 against the budget, the policy's telemetry, and the swaps made while timed. `--shape`, `--dtype` and
 `--batch` take several values: every run is made for each combination.
 
-Runs are `policy:budget` (`full:none`, `swapmoe:33%`, `lru:4GiB`, ...), a peer from `peers.py`
+Runs are `policy:budget[:staging]` (`full:none`, `swapmoe:33%`, `lru:4GiB`, `selective@0.1:33%` with its
+threshold, `fallback@4:50%` with int4 copies, ...), a peer from `peers.py`
 (`hf:none`, `accelerate:33%`), or `transfer:none` (`bench_transfer.py`: the pinned host->device
 bandwidth and copy/compute overlap on this device, for the swap figures). `--parallel N` runs N
-subprocesses at a time, one per GPU (CUDA_VISIBLE_DEVICES). Results: a table on stdout and JSON lines
+subprocesses at a time, one per GPU (CUDA_VISIBLE_DEVICES). `--trace-dir DIR` also writes a profiler
+trace of one request per run (`request_<run>.json.gz`). Results: a table on stdout and JSON lines
 appended to `--out` (commit, device, versions, config, figures); `report.py` turns them into
 `RESULTS.md` tables and plots.
 """
@@ -55,6 +57,28 @@ def _timed_generates(model, prompt, args) -> dict:
   return timing.per_request(plain, streams, args.new_tokens, chunk, args.batch)
 
 
+def _trace_request(model, prompt, args, tag: str) -> str | None:
+  """A profiler trace of one plain request (`jax.profiler.trace`, Perfetto JSON with the Python
+  thread's calls) at `args.trace_dir/request_<tag>.json.gz`; `profile_prefill.py --summarize` reads it."""
+  import glob
+  import shutil
+
+  import jax
+
+  tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag.replace("%", "pct"))
+  scratch = os.path.join(args.trace_dir, "raw_" + tag)
+  with jax.profiler.trace(scratch, create_perfetto_trace=True):
+    jax.block_until_ready(model.generate(prompt(), max_new_tokens=args.new_tokens,
+                                         steps_per_call=args.steps_per_call))
+  found = glob.glob(os.path.join(scratch, "**", "perfetto_trace.json.gz"), recursive=True)
+  dest = None
+  if found:
+    dest = os.path.join(args.trace_dir, f"request_{tag}.json.gz")
+    shutil.copy(max(found, key=os.path.getmtime), dest)
+  shutil.rmtree(scratch, ignore_errors=True)
+  return dest
+
+
 def _stage_bandwidth(model, n=None, repeats=8) -> float | None:
   """Bytes/s of the executor's staging path (host store -> device, one batched operation, synchronised)
   for `n` experts (default: a commit's writes, `max_writes`), or None without swaps."""
@@ -92,10 +116,19 @@ def run_one(args) -> dict:
   from swapmoe_jax.serving import loader, sharding
 
   policy, budget, staging = (args.run.split(":") + [loader.DEFAULT_STAGING])[:3]
+  policy, _, option = policy.partition("@")  # selective@0.1 (threshold), fallback@4 (bits)
+  if option and policy not in ("selective", "fallback"):
+    raise ValueError(f"{args.run}: only selective@THRESHOLD and fallback@BITS take an option")
+  if policy == "selective" and option:
+    args.selective_threshold = float(option)
+  if policy == "fallback" and option:
+    args.fallback_bits = int(option)
   cfg = dataclasses.replace(SHAPES[args.shape], eos_token_ids=(-1,))  # never stop early
   dbytes = jnp.dtype(loader.DTYPES[args.dtype]).itemsize
   common = {"shape": args.shape, "dtype": args.dtype, "policy": policy, "budget": budget, "batch": args.batch,
             "src_len": args.src_len, "new_tokens": args.new_tokens}
+  if option:
+    common["run"] = args.run
   if policy == "transfer":
     import bench_transfer
 
@@ -139,6 +172,8 @@ def run_one(args) -> dict:
   swapped_before = ex.experts_written if ex is not None else 0
   timed = _timed_generates(model, prompt, args)
   swapped = (ex.experts_written if ex is not None else 0) - swapped_before
+  if args.trace_dir:  # one more plain request, traced (host threads and GPU streams), after the timed ones
+    _trace_request(model, prompt, args, f"{policy}{'@' + option if option else ''}_{budget}_{staging}")
   peak = mem("peak_bytes_in_use")
   peak_per_device = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
   tele = model.stats.summary() if model.stats is not None else {}
@@ -157,8 +192,8 @@ def run_one(args) -> dict:
       # Expert weights read from host memory (exact/selective), over every request this process ran
       # (2 warm-ups and 2 per repeat): the transfer floor of issue 18 is bytes / requests / pinned bandwidth.
       "missed_experts": tele.get("missed_experts"), "bytes_from_host": tele.get("bytes_from_host"),
-      "requests_run": 2 + 2 * args.repeats,
-      "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold,
+      "requests_run": 2 + 2 * args.repeats + bool(args.trace_dir),
+      "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold if policy == "selective" else None,
       "hysteresis": args.hysteresis, "swap_between_requests": not args.no_drain,
       "prefill_refit": args.prefill_refit,
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
@@ -247,7 +282,7 @@ def add_request_arguments(p: argparse.ArgumentParser, several: bool = False) -> 
 
 def print_table(rows) -> None:
   gib = 2**30
-  print(f"\n{'shape':<17}{'dt':>5}{'b':>3}{'policy':>11}{'budget':>8}{'plan G':>8}{'peak G':>8}{'ms/tok':>8}"
+  print(f"\n{'shape':<17}{'dt':>5}{'b':>3}{'policy':>14}{'budget':>8}{'plan G':>8}{'peak G':>8}{'ms/tok':>8}"
         f"{'vs full':>8}{'p50':>8}{'p95':>8}{'ttft':>8}{'redir':>7}{'hit':>5}{'sw/tok':>7}")
   for r in rows:
     if r["policy"] == "transfer":
@@ -256,10 +291,11 @@ def print_table(rows) -> None:
                  and f["batch"] == r["batch"]), None)
     ratio = r["ms_per_token"] / full["ms_per_token"] if full else float("nan")
     g = lambda k: r[k] / gib if r.get(k) else float("nan")  # noqa: E731
+    n = lambda k: float("nan") if r.get(k) is None else r[k]  # noqa: E731
     budget = f"{r['budget_bytes'] / gib:.2f}G" if r.get("budget_bytes") else "-"
-    print(f"{r['shape']:<17}{r['dtype'][:4]:>5}{r['batch']:>3}{r['policy']:>11}{budget:>8}{g('planned_bytes'):>8.2f}"
-          f"{g('peak_device_bytes'):>8.2f}{r['ms_per_token']:>8.3f}{ratio:>8.2f}{r['stream_p50_ms']:>8.3f}"
-          f"{r['stream_p95_ms']:>8.3f}{r['prefill_ms']:>8.1f}{(r.get('redirect_rate') or 0) * 100:>6.1f}%"
+    print(f"{r['shape']:<17}{r['dtype'][:4]:>5}{r['batch']:>3}{r.get('run', r['policy']).split(':')[0]:>14}{budget:>8}{g('planned_bytes'):>8.2f}"
+          f"{g('peak_device_bytes'):>8.2f}{n('ms_per_token'):>8.3f}{ratio:>8.2f}{n('stream_p50_ms'):>8.3f}"
+          f"{n('stream_p95_ms'):>8.3f}{n('prefill_ms'):>8.1f}{(r.get('redirect_rate') or 0) * 100:>6.1f}%"
           f"{(r.get('hit_rate') or 0) * 100:>4.0f}%{r.get('swaps_per_token') or 0:>7.2f}")
 
 
@@ -281,6 +317,7 @@ def main(argv=None):
   p.add_argument("--no-drain", action="store_true", help="swap_between_requests=False (swaps only during calls)")
   p.add_argument("--prefill-refit", type=float, default=None, help="load's prefill_refit (swapmoe and kin)")
   p.add_argument("--fallback-bits", type=int, default=8, choices=[4, 8], help="policy fallback's copies")
+  p.add_argument("--trace-dir", help="also trace one request of each run (after the timed ones) into this folder")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
   if args.run:
@@ -293,7 +330,8 @@ def main(argv=None):
                 [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
                 ["--no-drain"] if args.no_drain else []) + (
-                [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + [
+                [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + (
+                [] if args.trace_dir is None else ["--trace-dir", os.path.abspath(args.trace_dir)]) + [
                 "--fallback-bits", str(args.fallback_bits)]
   runs = []
   for shape in args.shape:
