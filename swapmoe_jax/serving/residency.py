@@ -1,8 +1,8 @@
 """Serving-time glue between the device step and the host policy: statistics in, slot writes out.
 
 After each device call is dispatched, `Residency.after_step` (1) reads the routing statistics of the
-windows that closed `READ_LAG_CALLS` calls ago (those calls have finished or are about to; later ones
-are queued, so the device stays busy), (2) lets the controller learn from them, and (3) stages and commits up to
+windows that closed `READ_LAG_CALLS` calls ago (their copies to the host started when they closed, so
+they have arrived; later calls are queued, so the device stays busy), (2) lets the controller learn from them, and (3) stages and commits up to
 `max_swaps_per_step` expert writes, which the next call sees. Nothing here blocks on the call just
 dispatched.
 """
@@ -28,10 +28,10 @@ SELECTIVE_POLICIES = ("selective",)
 # Fallback routing (HOBBIT): misses computed from int8 copies of every expert kept on the device (no
 # bank, no redirect); swaps as "swapmoe".
 FALLBACK_POLICIES = ("fallback",)
-# A closed window's statistics are read this many decode calls after the call that closed it. Reading
-# them waits for that call to finish; two calls later, the host still has a whole call queued on the
-# device while it waits, plans and stages swaps, and dispatches the next one.
-READ_LAG_CALLS = 2  # "full" needs no bank: everything is resident
+# A closed window's statistics start their copy to the host when it closes (`StatsRead`) and are read
+# this many decode calls after the call that closed it, when they have arrived: the read does not wait
+# for the device, which keeps the calls queued since busy.
+READ_LAG_CALLS = 2
 MASKED_POLICIES = ("swapmoe", "pruned")
 
 
@@ -78,23 +78,48 @@ def _packed(parts):
   return jnp.concatenate(flat)
 
 
+class StatsRead:
+  """A device->host read of statistics (a tree of device LayerStats, None allowed), started when made:
+  `_packed` is queued on the device right behind the call that produced them and its one vector is
+  copied to the host asynchronously. `Residency` starts a read as soon as a window closes and reads it
+  `READ_LAG_CALLS` calls later, when it has long arrived. (Packed at read time instead, the vector
+  queued behind the call just dispatched, and the read waited for that whole call: the device then
+  sat idle from the call's end until the host had planned and dispatched the next.)"""
+
+  __slots__ = ("_flat", "_leaves", "_treedef", "_host")
+
+  def __init__(self, parts):
+    leaves, self._treedef = jax.tree.flatten(parts)
+    self._flat = self._host = None
+    if leaves and all(isinstance(x, jax.Array) for x in leaves):
+      self._leaves = [(x.shape, jnp.issubdtype(x.dtype, jnp.floating)) for x in leaves]
+      self._flat = _packed(parts)
+      self._flat.copy_to_host_async()
+    else:
+      self._host = jax.device_get(parts)
+
+  def get(self):
+    """The same tree of numpy arrays (waits only where the copy has not arrived yet)."""
+    if self._host is None:
+      flat = np.asarray(self._flat)
+      out, at = [], 0
+      for shape, floating in self._leaves:
+        n = int(np.prod(shape))
+        chunk = flat[at:at + n]
+        at += n
+        out.append((chunk if floating else chunk.view(np.int32)).reshape(shape))
+      self._host, self._flat = jax.tree.unflatten(self._treedef, out), None
+    return self._host
+
+
 def _to_host(parts):
   """Device LayerStats (a tuple of them, None allowed) -> the same tree of numpy arrays, in one read."""
-  leaves, treedef = jax.tree.flatten(parts)
-  if not leaves or not all(isinstance(x, jax.Array) for x in leaves):
-    return jax.device_get(parts)
-  flat = np.asarray(_packed(parts))
-  out, at = [], 0
-  for x in leaves:
-    n = int(np.prod(x.shape))
-    chunk = flat[at:at + n]
-    at += n
-    out.append((chunk if jnp.issubdtype(x.dtype, jnp.floating) else chunk.view(np.int32)).reshape(x.shape))
-  return jax.tree.unflatten(treedef, out)
+  return StatsRead(parts).get()
 
 
 def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
-  """Device LayerStats of the encoder and/or decoder MoE layers -> host RoutingStats over all L layers."""
+  """Device LayerStats of the encoder and/or decoder MoE layers -> host RoutingStats over all L layers.
+  `enc` may instead be a `StatsRead` of such a pair (`dec` None): its result is used."""
   num_enc = len(cfg.encoder_sparse_layers)
   e = cfg.num_experts
   imp = np.zeros((cfg.num_moe_layers, e))
@@ -103,7 +128,7 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   redirected = np.zeros((cfg.num_moe_layers,), np.int64)
   from_bank = np.zeros((cfg.num_moe_layers,), np.int64)
   missed = np.zeros((cfg.num_moe_layers,), np.int64)
-  for part, lo in zip(_to_host((enc, dec)), (0, num_enc)):
+  for part, lo in zip(enc.get() if isinstance(enc, StatsRead) else _to_host((enc, dec)), (0, num_enc)):
     if part is None:
       continue
     n = part.importance.shape[0]
@@ -140,7 +165,7 @@ class Residency:
     # Past requests' routing for prefill-informed residency: (encoder signature, decoder importance).
     self._library: list[tuple[np.ndarray, np.ndarray]] = []
     self._request = RoutingStats.zeros(cfg.num_moe_layers, cfg.num_experts)  # this request's, so far
-    self._open = []  # device statistics (enc, dec) of the open window
+    self._open = []  # StatsRead of each (enc, dec) device statistics entry of the open window
     self._closed = []  # (call at which it closed, statistics) of windows not yet read
     self._calls = 0  # decode calls so far
     self._steps = 0
@@ -152,7 +177,7 @@ class Residency:
 
   def after_prefill(self, slots, enc_stats, dec_stats=None):
     """After an encoder (or full forward) call: its statistics join the open window."""
-    self._open.append((enc_stats, dec_stats))
+    self._open.append(StatsRead((enc_stats, dec_stats)))
     return self._issue_writes(self._observe(slots))
 
   def after_step(self, slots, stats_sum, steps: int = 1):
@@ -166,7 +191,7 @@ class Residency:
     self._steps += steps
     if self._steps >= self.update_every:
       self._steps = 0
-      self._closed.append((self._calls, self._open + [(None, stats_sum)]))
+      self._closed.append((self._calls, self._open + [StatsRead((None, stats_sum))]))
       self._open, stats_sum = [], None
     return self._issue_writes(slots), stats_sum
 
@@ -178,7 +203,7 @@ class Residency:
     them, and the next request starts on the set that this one's routing asked for, instead of
     approaching it a few experts per device call while it runs (a request of a few tokens has few calls).
     The copies queue on the device ahead of the next request's first call."""
-    self._closed.append((self._calls, self._open + ([(None, stats_sum)] if stats_sum is not None else [])))
+    self._closed.append((self._calls, self._open + ([StatsRead((None, stats_sum))] if stats_sum is not None else [])))
     self._open = []
     self._steps = 0
     slots = self._observe(slots, everything=True)
@@ -202,8 +227,8 @@ class Residency:
       return slots
     t0 = time.perf_counter()
     stats = RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
-    for enc, dec in (entry for window in ready for entry in window):
-      stats = stats.merge(routing_stats(self.cfg, enc, dec))
+    for read in (entry for window in ready for entry in window):
+      stats = stats.merge(routing_stats(self.cfg, read))
     wait_s = time.perf_counter() - t0
     self.totals = self.totals.merge(stats)
     if self.prefill_refit is not None:  # `refit_to_prefill`'s library needs each request's statistics
