@@ -113,7 +113,6 @@ def run_one(args) -> dict:
   import random_model
   from shapes import SHAPES
   from swapmoe_jax.serving import budget as budget_lib
-  from swapmoe_jax.serving import decode as decode_lib
   from swapmoe_jax.serving import loader, sharding
 
   policy, budget, staging = (args.run.split(":") + [loader.DEFAULT_STAGING])[:3]
@@ -200,7 +199,6 @@ def run_one(args) -> dict:
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "decode_compiler_options": decode_lib._STEPS_OPTIONS,
       "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
       "stage_bandwidth": _stage_bandwidth(model), "stage_bandwidth_8": _stage_bandwidth(model, 8),
   }

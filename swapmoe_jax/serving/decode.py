@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -146,18 +145,7 @@ def decode_step(graphdef, params, slots, tokens, done, cache, pos, key, banks, s
   return nxt, done, cache, pos + 1, jax.tree.map(jnp.add, stats_sum, stats)
 
 
-# XLA's GPU command buffers (CUDA graphs) hold fusions and library calls by default, not control flow: a
-# `decode_steps` call was a host loop over its steps, each launching the step's graph, and the launch
-# waited for the previous step to finish, so the host was never more than a step ahead of the device and
-# its work between two calls left the device idle. With the loop and the step's `lax.cond` in the graph,
-# a call is one launch. Experimental: SWAPMOE_CALL_GRAPH=1.
-CALL_GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer":
-                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
-_STEPS_OPTIONS = CALL_GRAPH_OPTIONS if os.environ.get("SWAPMOE_CALL_GRAPH") == "1" else None
-
-
-@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13, 14), donate_argnums=(5,),
-                   compiler_options=_STEPS_OPTIONS)
+@functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13, 14), donate_argnums=(5,))
 def decode_steps(graphdef, params, slots, tokens, done, cache, pos, key, banks, stats_sum, sampling, pad_id,
                  eos_ids, num_steps, skip_finished=True, remaining=None):
   """`num_steps` decode steps in one device call (a `lax.scan` of `decode_step`'s body).
