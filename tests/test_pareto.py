@@ -34,3 +34,16 @@ def test_main_merges_reports_and_refuses_different_requests(tmp_path, capsys):
   b.write_text(json.dumps({"rows": [_row("full", 16, 0.5)]}))
   assert pareto.main([str(a), str(b), "--out", str(tmp_path / "p.png")]) == 2
   assert "not the same requests" in capsys.readouterr().err
+
+
+def test_cost_ms_is_ms_per_token_over_full_and_needs_full(tmp_path, capsys):
+  rows = [_row("full", 16, 0.99) | {"ms_per_token": 2.0}, _row("swapmoe", 3, 0.8, 0.0) | {"ms_per_token": 3.0},
+          _row("selective", 3, 0.97, 0.1, 0.5) | {"ms_per_token": 2.5}]
+  assert pareto.points(rows, "runs", "ms") == {3: [("selective 0.5", 1.25, 0.97), ("swapmoe", 1.5, 0.8)]}
+  a = tmp_path / "a.json"
+  a.write_text(json.dumps({"rows": rows}))
+  assert pareto.main([str(a), "--cost", "ms", "--out", str(tmp_path / "p.png")]) == 0
+  assert "| 3 | swapmoe | 1.50x | 80.0% |" in capsys.readouterr().out
+  a.write_text(json.dumps({"rows": rows[1:]}))  # no full row: nothing to compare with
+  assert pareto.main([str(a), "--cost", "ms", "--out", str(tmp_path / "p.png")]) == 2
+  assert "needs a full row" in capsys.readouterr().err
