@@ -58,25 +58,14 @@ def _timed_generates(model, prompt, args) -> dict:
 
 
 def _trace_request(model, prompt, args, tag: str) -> str | None:
-  """A profiler trace of one plain request (`jax.profiler.trace`, Perfetto JSON with the Python
-  thread's calls) at `args.trace_dir/request_<tag>.json.gz`; `profile_prefill.py --summarize` reads it."""
-  import glob
-  import shutil
-
+  """A profiler trace of one plain request at `args.trace_dir/request_<tag>.json.gz`
+  (`profile_prefill.trace_to`; `profile_prefill.py --summarize` reads it)."""
   import jax
+  import profile_prefill
 
   tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag.replace("%", "pct"))
-  scratch = os.path.join(args.trace_dir, "raw_" + tag)
-  with jax.profiler.trace(scratch, create_perfetto_trace=True):
-    jax.block_until_ready(model.generate(prompt(), max_new_tokens=args.new_tokens,
-                                         steps_per_call=args.steps_per_call))
-  found = glob.glob(os.path.join(scratch, "**", "perfetto_trace.json.gz"), recursive=True)
-  dest = None
-  if found:
-    dest = os.path.join(args.trace_dir, f"request_{tag}.json.gz")
-    shutil.copy(max(found, key=os.path.getmtime), dest)
-  shutil.rmtree(scratch, ignore_errors=True)
-  return dest
+  return profile_prefill.trace_to(os.path.join(args.trace_dir, f"request_{tag}.json.gz"), lambda: jax.block_until_ready(
+      model.generate(prompt(), max_new_tokens=args.new_tokens, steps_per_call=args.steps_per_call)))
 
 
 def _stage_bandwidth(model, n=None, repeats=8) -> float | None:

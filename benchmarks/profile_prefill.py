@@ -68,6 +68,24 @@ def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
   return rows[:top] if top else rows
 
 
+def trace_to(dest: str, fn) -> str | None:
+  """Runs `fn()` under `jax.profiler.trace` and keeps its Perfetto trace (host threads with the Python
+  calls, GPU streams) at `dest` (a .json.gz that `summarize` reads). Returns dest, or None where the
+  profiler wrote none. The raw profile goes to a scratch folder beside dest, removed afterwards."""
+  import jax
+
+  os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+  scratch = dest + ".raw"
+  shutil.rmtree(scratch, ignore_errors=True)
+  with jax.profiler.trace(scratch, create_perfetto_trace=True):
+    fn()
+  found = glob.glob(os.path.join(scratch, "**", "perfetto_trace.json.gz"), recursive=True)
+  if found:
+    shutil.copy(max(found, key=os.path.getmtime), dest)
+  shutil.rmtree(scratch, ignore_errors=True)
+  return dest if found else None
+
+
 def phase_rows(model, ids, mask, new_tokens, repeats, trace_dir=None, tag=""):
   """Where a request's time to first token goes, one device call at a time (each synchronised), and
   what a streamed request's first token waits for (`generate`, stamped as `timing.py` does).
@@ -131,11 +149,7 @@ def phase_rows(model, ids, mask, new_tokens, repeats, trace_dir=None, tag=""):
   ms["ttft"] = 1e3 * float(np.median([r[0] for r in runs]))
   ms["request_streamed"] = 1e3 * float(np.median([r[1] for r in runs]))
   if trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      streamed()
-    found = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if found:
-      shutil.copy(max(found, key=os.path.getmtime), os.path.join(trace_dir, f"request_{tag}.json.gz"))
+    trace_to(os.path.join(trace_dir, f"request_{tag}.json.gz"), streamed)
   print("phases (ms): " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
   return {"what": "phase", "new_tokens": new_tokens} | {f"{k}_ms": v for k, v in ms.items()}
 
@@ -232,14 +246,9 @@ def main(argv=None):
         emit({"policy": policy, "budget": budget, "slots": ks[-1], "tokens": n}
              | phase_rows(model, ids, mask, 64, args.repeats, args.trace_dir, f"{policy}_{budget}".replace("%", "")))
       if args.trace_dir and b_i == 0 and n == args.src_lens[0]:
-        shutil.rmtree(args.trace_dir, ignore_errors=True)
-        with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-          for _ in range(3):
-            jax.block_until_ready(enc())
-        found = glob.glob(os.path.join(args.trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-        if found:
-          dest = os.path.join(args.trace_dir, f"encode_{policy}_{n}.json.gz")
-          shutil.copy(found[0], dest)
+        dest = trace_to(os.path.join(args.trace_dir, f"encode_{policy}_{n}.json.gz"),
+                        lambda: [jax.block_until_ready(enc()) for _ in range(3)])
+        if dest:
           rows = summarize(dest, top=15)
           print(f"encode trace ({dest}), device ms per kernel over 3 encodes:")
           for name, ms, cnt in rows:
