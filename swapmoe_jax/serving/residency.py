@@ -118,8 +118,12 @@ def _to_host(parts):
 
 
 def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
-  """Device LayerStats of the encoder and/or decoder MoE layers -> host RoutingStats over all L layers.
-  `enc` may instead be a `StatsRead` of such a pair (`dec` None): its result is used."""
+  """Device LayerStats of the encoder and/or decoder MoE layers -> host RoutingStats over all L layers."""
+  return _routing_stats_of(cfg, _to_host((enc, dec)))
+
+
+def _routing_stats_of(cfg: SwitchConfig, parts) -> RoutingStats:
+  """Host (encoder, decoder) LayerStats (numpy; either None) -> RoutingStats over all L layers."""
   num_enc = len(cfg.encoder_sparse_layers)
   e = cfg.num_experts
   imp = np.zeros((cfg.num_moe_layers, e))
@@ -128,7 +132,7 @@ def routing_stats(cfg: SwitchConfig, enc=None, dec=None) -> RoutingStats:
   redirected = np.zeros((cfg.num_moe_layers,), np.int64)
   from_bank = np.zeros((cfg.num_moe_layers,), np.int64)
   missed = np.zeros((cfg.num_moe_layers,), np.int64)
-  for part, lo in zip(enc.get() if isinstance(enc, StatsRead) else _to_host((enc, dec)), (0, num_enc)):
+  for part, lo in zip(parts, (0, num_enc)):
     if part is None:
       continue
     n = part.importance.shape[0]
@@ -228,7 +232,7 @@ class Residency:
     t0 = time.perf_counter()
     stats = RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
     for read in (entry for window in ready for entry in window):
-      stats = stats.merge(routing_stats(self.cfg, read))
+      stats = stats.merge(_routing_stats_of(self.cfg, read.get()))
     wait_s = time.perf_counter() - t0
     self.totals = self.totals.merge(stats)
     if self.prefill_refit is not None:  # `refit_to_prefill`'s library needs each request's statistics
