@@ -292,7 +292,7 @@ def _budget_bytes(cfg, budget: str, dbytes: int, shape: dict, staging_slots: int
 
 def build(cfg, dtype: str, policy: str, budget: str, *, batch: int, src_len: int, new_tokens: int,
           update_every: int, max_swaps: int, steps_per_call: int, staging: str, threads: int | None = None,
-          progress: bool = True, swap_between_requests: bool = True):
+          progress: bool = True, swap_between_requests: bool | None = None):
   """(model, plan, store, budget bytes, full-model bytes, set-up seconds by phase): the planner for the
   request shape, random weights, `loader.assemble` (as `load` builds a model)."""
   import jax
@@ -369,7 +369,7 @@ def run_ours(args, cfg, common: dict) -> dict:
   model, plan, store, budget_bytes, full_bytes, setup = build(
       cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len, new_tokens=args.new_tokens,
       update_every=args.update_every, max_swaps=args.max_swaps, steps_per_call=args.steps_per_call,
-      staging=staging, threads=args.threads, swap_between_requests=not args.no_drain)
+      staging=staging, threads=args.threads, swap_between_requests=False if args.no_drain else True if args.drain else None)
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
   rng = np.random.default_rng(1)
   t1 = time.perf_counter()
@@ -391,7 +391,7 @@ def run_ours(args, cfg, common: dict) -> dict:
       "new_tokens": args.new_tokens, "slots_per_layer": list(plan.slots_per_layer),
       "resident_experts": plan.resident_experts, "steps_per_call": args.steps_per_call, "staging": staging,
       "update_every": plan.update_every, "max_swaps": plan.max_swaps_per_step,
-      "swap_between_requests": not args.no_drain,
+      "swap_between_requests": None if model.residency is None else model.residency.swap_between_requests,
       "budget_bytes": budget_bytes, "planned_bytes": plan.breakdown.total, "plan": str(plan.breakdown),
       "full_model_bytes": full_bytes, "peak_device_bytes": peak, "peak_after_load": peak_after_load,
       "in_use_after_load": in_use_after_load,
@@ -678,8 +678,11 @@ def main(argv=None):
   p.add_argument("--timeout", type=float, default=900, help="seconds per run before it is killed (0: none)")
   p.add_argument("--time-builder", type=int, metavar="LAYERS",
                  help="only time building the random weights of LAYERS layers and extrapolate to the shape")
-  p.add_argument("--no-drain", action="store_true",
-                 help="swap_between_requests=False: swaps only during calls, none drained at request ends")
+  drain = p.add_mutually_exclusive_group()
+  drain.add_argument("--no-drain", action="store_true",
+                     help="swap_between_requests=False: swaps only during calls, none drained at request ends "
+                          "(the library's default for these families)")
+  drain.add_argument("--drain", action="store_true", help="swap_between_requests=True: drain at request ends")
   p.add_argument("--out", default=os.path.join(HERE, "causal.jsonl"))
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
@@ -704,7 +707,7 @@ def main(argv=None):
             "--max-new-tokens-peer", str(args.max_new_tokens_peer)]
   common += ["--hf-experts", args.hf_experts] if args.hf_experts else []
   common += ["--threads", str(args.threads)] if args.threads else []
-  common += ["--no-drain"] if args.no_drain else []
+  common += ["--no-drain"] if args.no_drain else ["--drain"] if args.drain else []
   runs = [(f"{args.shape} {args.dtype} batch {args.batch} {run}", ["--run", run] + common) for run in args.runs]
   earlier = earlier_full_rows(args.out)
   rows = run_in_subprocesses(runs, args.out, args.timeout or None)
