@@ -22,7 +22,7 @@ from swapmoe_jax.serving import decode, loader, sharding
 
 E, K = 32, 8  # experts per layer; slots per layer under the budgets below (one per device on 8)
 SHAPE = dict(max_batch_size=2, max_source_len=16, max_new_tokens=16)
-SWAPPING = ("swapmoe", "lru", "lfu")
+SWAPPING = ("swapmoe", "lru", "lfu", "fallback")
 
 _PROGRAMS = []
 
@@ -59,18 +59,20 @@ def folder(tmp_path_factory):
   return convert(save_hf(make_hf_model(cfg, seed=5, router_std=2.0), root / "hf"), root / "ours", progress=False)
 
 
-def per_device_budget(folder, devices):
-  """Bytes per device that hold K slots per layer (K / devices on each device) and nothing more."""
+def per_device_budget(folder, devices, fallback=False):
+  """Bytes per device that hold K slots per layer (K / devices on each device) and nothing more (with
+  `fallback`, plus each device's share of the int8 copies)."""
   cfg = ckpt.read_metadata(folder).config
   return budget_lib.memory_breakdown(cfg, 4, [K] * cfg.num_moe_layers, SHAPE["max_batch_size"],
                                      SHAPE["max_source_len"], decode.cache_length(SHAPE["max_new_tokens"]),
-                                     staging_slots=2, devices=devices or 1).total
+                                     staging_slots=2, devices=devices or 1, fallback=fallback).total
 
 
 def _load(folder, policy, devices):
   if policy == "full":
     return swapmoe_jax.load(folder, devices=devices)
-  return swapmoe_jax.load(folder, budget=per_device_budget(folder, devices), policy=policy, update_every=1,
+  return swapmoe_jax.load(folder, budget=per_device_budget(folder, devices, policy == "fallback"), policy=policy,
+                          update_every=1,
                           max_swaps_per_step=2, devices=devices, **SHAPE)
 
 
@@ -86,7 +88,7 @@ def _summary(model):
   return {k: v for k, v in s.items() if not k.endswith("_s") and k != "transfer_gb_per_s"}
 
 
-@pytest.mark.parametrize("policy,devices", [(p, 8) for p in ("full", "swapmoe", "pruned", "lru", "lfu")]
+@pytest.mark.parametrize("policy,devices", [(p, 8) for p in ("full", "swapmoe", "pruned", "lru", "lfu", "fallback")]
                          + [("lru", 2)])
 def test_sharded_model_equals_one_device(folder, policy, devices):
   one, many = _load(folder, policy, None), _load(folder, policy, devices)
@@ -111,8 +113,9 @@ def test_sharded_model_equals_one_device(folder, policy, devices):
     assert _summary(many) == _summary(one)
   if policy in SWAPPING:
     assert many.stats.summary()["experts_swapped"] > swapped, "the requests should have swapped experts"
-  if policy in ("lru", "lfu"):
-    assert many.stats.summary()["misses"] > 0, "the budget should force misses read from host memory"
+  if policy in ("lru", "lfu", "fallback"):
+    assert many.stats.summary()["misses"] > 0, "the budget should force misses (read from host memory, or " \
+                                               "computed from the int8 copies)"
 
 
 def test_each_device_holds_its_share_of_the_plan(folder):
@@ -137,6 +140,27 @@ def test_each_device_holds_its_share_of_the_plan(folder):
   for wi, wo in model._banks:
     assert wi.sharding.memory_kind == "pinned_host" and wi.sharding.spec == PartitionSpec("expert")
     assert {s.data.shape[0] for s in wi.addressable_shards} == {E // 8}
+
+
+def test_fallback_copies_are_split_over_the_devices(folder):
+  """Policy "fallback" on 8 devices: each device holds the int8 copies of E / 8 experts per layer (as it
+  holds that part of the host bank), and exactly its share of the plan, copies included."""
+  model = _load(folder, "fallback", 8)
+  cfg, plan = model.config, model.plan
+  assert plan.breakdown.fallback_bytes == budget_lib.fallback_bytes(cfg) // 8 > 0
+  per_device = {d: 0 for d in jax.devices()}
+  for leaf in jax.tree.leaves(model.params) + jax.tree.leaves(model.slots):
+    for d, n in sharding.shard_bytes(leaf).items():
+      per_device[d] += n
+  assert set(per_device.values()) == {plan.breakdown.dense_bytes + plan.breakdown.expert_bytes
+                                      + plan.breakdown.fallback_bytes}
+  assert plan.breakdown.total <= plan.budget_bytes
+  pure = nnx.to_pure_dict(model.params)
+  for stack, i in cfg.moe_layers:
+    moe = pure[stack]["blocks"][i]["moe"]
+    for name in sharding.FALLBACK_COPIES:
+      assert moe[name].sharding.spec == PartitionSpec("expert")
+      assert {s.data.shape[0] for s in moe[name].addressable_shards} == {E // 8}
 
 
 def test_calibrated_planner_on_eight_devices(folder):

@@ -377,9 +377,18 @@ def test_builtin_swaps_never_recompile(builtin):
   assert model.stats.totals["redirected"] == 0 and model.stats.totals["from_bank"] > 0
 
 
+def test_fallback_on_a_mesh_of_one_device_equals_one_device(builtin):
+  """`devices=1`: the copies go through the expert-parallel path (split on E over a one-device mesh,
+  misses under `shard_map`), with the same tokens as without a mesh. `multidevice_cases.py` runs 8."""
+  ids = np.asarray([[5, 9, 14, 3, 8, 1]], np.int32)
+  one = swapmoe_jax.load(builtin, experts=2, policy="fallback", **SHAPE)
+  mesh = swapmoe_jax.load(builtin, experts=2, policy="fallback", devices=1, **SHAPE)
+  assert mesh.plan.breakdown == one.plan.breakdown
+  np.testing.assert_array_equal(mesh.generate(ids, max_new_tokens=8), one.generate(ids, max_new_tokens=8))
+  assert mesh.stats.totals["from_bank"] == one.stats.totals["from_bank"] > 0
+
+
 def test_fallback_arguments_are_checked(builtin):
-  with pytest.raises(ValueError, match="one device"):
-    swapmoe_jax.load(builtin, experts=2, policy="fallback", devices=1, **SHAPE)
   with pytest.raises(ValueError, match="unknown policy"):
     loader.experts_budget(builtin, 3, policy="sometimes")
   assert loader.routing_of("fallback") == "fallback" and not loader.reads_bank("fallback")

@@ -1,6 +1,7 @@
 """Expert parallelism: per-device plans (host-only, here) and the sharded model on 8 simulated CPU
 devices (`multidevice_cases.py`, in a subprocess, so that the rest of the suite keeps one device)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swapmoe_jax.serving.budget import (
-    BudgetError, expert_bytes_each, full_model_bytes, memory_breakdown, min_budget_bytes)
+    BudgetError, expert_bytes_each, fallback_bytes, full_model_bytes, memory_breakdown, min_budget_bytes)
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.planner import plan_calibrated, plan_full, plan_uniform
 
@@ -33,6 +34,17 @@ def test_each_device_counts_its_share_of_the_slots_and_a_copy_of_the_rest():
   with pytest.raises(ValueError, match="multiple of the 4 devices"):
     memory_breakdown(TINY, 2, [8, 4, 2, 6], 1, 16, 8, staging_slots=2, devices=4)
   assert full_model_bytes(TINY, 2, 4) == one.dense_bytes + 4 * 8 * expert_bytes_each(TINY, 2) // 4  # L=4, E=8
+
+
+def test_each_device_counts_its_share_of_the_fallback_copies():
+  one = memory_breakdown(TINY, 2, [8, 4, 2, 6], 1, 16, 8, staging_slots=2, fallback=True)
+  per_device = memory_breakdown(TINY, 2, [8, 4, 2, 6], 1, 16, 8, staging_slots=2, devices=2, fallback=True)
+  assert per_device.fallback_bytes * 2 == one.fallback_bytes == fallback_bytes(TINY) > 0
+  assert memory_breakdown(TINY, 2, [8] * 4, 1, 16, 8, 2, devices=8, fallback=4).fallback_bytes \
+      == fallback_bytes(TINY, 4) // 8
+  odd = dataclasses.replace(TINY, num_experts=6)
+  with pytest.raises(ValueError, match="fallback copies of the 6 experts .* over 4 devices"):
+    memory_breakdown(odd, 2, [4] * 4, 1, 16, 8, 2, devices=4, fallback=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -297,14 +297,14 @@ class VirtualExpertMoE(nnx.Module):
   def _ffns(self, bank):
     """(ffn over the slots, misses(x, expert, miss, act) -> [N, D]: the non-resident experts' outputs)."""
     if self.expert_mesh is not None:
-      if self.routing == "fallback":
-        raise NotImplementedError("fallback routing is not split over devices (expert_mesh)")
       ffn, ffn_misses = parallel.expert_parallel(self.expert_mesh)
+      fallback = parallel.fallback_parallel(self.expert_mesh)
     else:
       ffn, ffn_misses = experts_lib.expert_ffn, experts_lib.expert_ffn_misses
-    if self.routing == "fallback":
+      fallback = experts_lib.expert_ffn_fallback
+    if self.routing == "fallback":  # the copies are split on E like the bank (`sharding.py`)
       copies = (self.wi_q[...], self.wi_scale[...], self.wo_q[...], self.wo_scale[...])
-      return ffn, lambda x, expert, miss, act: experts_lib.expert_ffn_fallback(x, expert, miss, copies, act)
+      return ffn, lambda x, expert, miss, act: fallback(x, expert, miss, copies, act)
     return ffn, lambda x, expert, miss, act: ffn_misses(x, expert, miss, bank[0], bank[1], act)
 
   def _top1(self, x, token_mask, bank):

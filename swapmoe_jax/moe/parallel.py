@@ -60,25 +60,26 @@ def mesh_devices(mesh: Mesh) -> list:
 # --- device side: expert FFNs over slots (and host banks) split on axis 0 --------------------------
 
 
-def _on_owners(mesh: Mesh, fn, x, index, valid, w1, w2):
-  """fn over the entries of w1, w2 (split over the mesh on axis 0) that each device owns.
+def _on_owners(mesh: Mesh, fn, x, index, valid, *weights):
+  """fn over the entries of `weights` (arrays split over the mesh on axis 0, all of the same length
+  there) that each device owns.
 
-  x: [N, D] (replicated); index: int32[N] into the global axis 0 of w1 and w2; valid: bool[N].
-  On each device: fn(x, local index, valid & owned, local w1, local w2) -> [N, D], zeroed where the
+  x: [N, D] (replicated); index: int32[N] into the global axis 0 of the weights; valid: bool[N].
+  On each device: fn(x, local index, valid & owned, *local weights) -> [N, D], zeroed where the
   device does not own the token's index; the psum over devices returns [N, D], replicated.
   """
-  def local(x, index, valid, w1, w2):
-    size = w1.shape[0]
+  def local(x, index, valid, *weights):
+    size = weights[0].shape[0]
     lo = jax.lax.axis_index(EXPERT_AXIS) * size
     mine = (index >= lo) & (index < lo + size)
-    y = fn(x, jnp.where(mine, index - lo, 0), valid & mine, w1, w2)
+    y = fn(x, jnp.where(mine, index - lo, 0), valid & mine, *weights)
     return jax.lax.psum(jnp.where(mine[:, None], y, 0).astype(x.dtype), EXPERT_AXIS)
 
   split, rep = PartitionSpec(EXPERT_AXIS), PartitionSpec()
   # check_vma off: experts.py's one-device code branches (lax.cond) between a per-device value and
   # zeros, which the varying-axis check rejects; the psum makes the output replicated, as declared.
-  return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, split, split), out_specs=rep,
-                       check_vma=False)(x, index, valid, w1, w2)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep) + (split,) * len(weights), out_specs=rep,
+                       check_vma=False)(x, index, valid, *weights)
 
 
 def expert_parallel(mesh: Mesh):
@@ -94,3 +95,14 @@ def expert_parallel(mesh: Mesh):
                       x, expert, miss, bank_wi, bank_wo)
 
   return ffn, misses
+
+
+def fallback_parallel(mesh: Mesh):
+  """`experts.expert_ffn_fallback`'s counterpart for fallback copies split on E over `mesh` (device j
+  holds the copies of experts [j E/n, (j+1) E/n), as it holds that part of the host bank): each device
+  computes the misses of its own experts and the psum combines them."""
+  def fallback(x, expert, miss, copies, act):
+    return _on_owners(mesh, lambda x, e, m, *local: experts_lib.expert_ffn_fallback(x, e, m, local, act),
+                      x, expert, miss, *copies)
+
+  return fallback

@@ -369,8 +369,9 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
     devices: n, the devices each layer's slot axis is split over (`sharding.py`): every K_l must then be
       a multiple of n, and the breakdown is that of each device, which holds K_l / n slots per layer
       and its own copy of everything else (dense weights, caches, staging, workspace are replicated).
-    fallback: policy "fallback": count the int8 copies of every expert (`fallback_bytes`; one device
-      only); 4 or 8: copies of that many bits (`fallback_bits`).
+    fallback: policy "fallback": count the int8 copies of every expert (`fallback_bytes`; with `devices`,
+      each device holds those of E / n experts per layer); 4 or 8: copies of that many bits
+      (`fallback_bits`).
   """
   size = dtype_size(dtype_bytes)
   slots = [int(k) for k in slots_per_layer]
@@ -386,8 +387,9 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
   if devices < 1 or any(k % devices for k in slots):
     raise ValueError(f"every K_l must be a multiple of the {devices} devices its slots are split over, got {slots}")
   bits = fallback_bits(fallback)
-  if bits and devices != 1:
-    raise ValueError("policy 'fallback' runs on one device")
+  if bits and config.num_experts % devices:
+    raise ValueError(f"the fallback copies of the {config.num_experts} experts of each MoE layer do not split "
+                     f"evenly over {devices} devices")
   one_expert = expert_bytes_each(config, size)
   return MemoryBreakdown(
       dense_bytes=dense_bytes(config, size),
@@ -395,7 +397,7 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       kv_cache_bytes=kv_cache_bytes(config, size, batch, src_len, tgt_len),
       staging_bytes=staging_slots * one_expert,
       workspace_bytes=workspace_bytes(config, batch, src_len, tgt_len),
-      fallback_bytes=fallback_bytes(config, bits) if bits else 0,
+      fallback_bytes=fallback_bytes(config, bits) // devices if bits else 0,  # split on E like the bank
       fallback_bits=bits or 8,
   )
 

@@ -129,8 +129,6 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   """
   from swapmoe_jax.serving import sharding
 
-  if routing == "fallback" and mesh is not None:
-    raise ValueError("policy 'fallback' runs on one device (no devices=)")
   slots_per_layer = tuple(slots_per_layer or [cfg.num_experts] * cfg.num_moe_layers)
   module, values, moe_of = _family(cfg, dense)
   abstract = nnx.eval_shape(lambda: module(
@@ -252,7 +250,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       routing does), "fallback" (swaps as "swapmoe"; every expert also has an int8 copy on the device, and
       a token whose expert is not resident is computed with it instead of being redirected: HOBBIT,
       arXiv 2411.01433; the copies are counted in the budget, so it holds fewer full-precision experts;
-      one device only). Default: "full" without a budget, "swapmoe" with one.
+      with `devices`, each device holds the copies of E / n experts). Default: "full" without a budget, "swapmoe" with one.
     planner: "uniform" (equal K per layer) or "calibrated" (K_l by routing importance measured on
       `calibration_inputs`, a list of int token-id arrays).
     gate_mode: "original" or "renormalized" gate after masked (or selective) routing.
@@ -331,8 +329,6 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   mesh = None if devices is None else sharding.expert_mesh(devices)
   n = 1 if mesh is None else mesh.size
   fallback = check_fallback_bits(policy, fallback_bits)  # 0, or the copies' bits
-  if fallback and mesh is not None:
-    raise ValueError("policy 'fallback' runs on one device (no devices=)")
   dbytes = jnp.dtype(jdtype).itemsize
   shape = request_shape(cfg, max_batch_size, max_source_len, max_new_tokens)
   cadence = {}

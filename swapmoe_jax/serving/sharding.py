@@ -50,11 +50,18 @@ def dense_spec(path: tuple, shape: tuple) -> PartitionSpec:
   return PartitionSpec()
 
 
+# The parameters of an MoE layer under fallback routing that hold a copy of every expert (`moe/quant.py`):
+# split on E over the mesh as the host bank is, so that each device holds E / n experts' copies.
+FALLBACK_COPIES = ("wi_q", "wi_scale", "wo_q", "wo_scale")
+
+
 def dense_placer(mesh: Mesh):
-  """A `loader._fill` placer: each dense weight straight to its devices, by `dense_spec`."""
+  """A `loader._fill` placer: each dense weight straight to its devices, by `dense_spec`; fallback
+  routing's expert copies split on E (`FALLBACK_COPIES`)."""
   def put(path, value, dtype):
     value = np.asarray(value).astype(dtype)
-    return jax.device_put(value, NamedSharding(mesh, dense_spec(path, value.shape)))
+    spec = PartitionSpec(EXPERT_AXIS) if path[-1] in FALLBACK_COPIES else dense_spec(path, value.shape)
+    return jax.device_put(value, NamedSharding(mesh, spec))
   return put
 
 
@@ -109,6 +116,11 @@ class ShardedExpertStore:
   @property
   def expert_bytes(self) -> int:
     return self.parts[0].expert_bytes
+
+  def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """One expert's (wi [F, D], wo [D, F]) as host numpy arrays (`HostExpertStore.expert`)."""
+    j, local = divmod(int(e), self.experts_per_device)
+    return self.parts[j].expert(layer, local)
 
   def gather_to(self, layer: int, expert: int, device: jax.Device) -> tuple[jax.Array, jax.Array]:
     """Copies one expert to `device` (asynchronous): from its host shard to the device that holds
