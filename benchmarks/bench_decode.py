@@ -148,6 +148,7 @@ def run_one(args) -> dict:
                                 {"selective_threshold": args.selective_threshold}),
                              **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
                              **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
+                             **({"prompt_residency": True} if args.prompt_residency else {}),
                              swap_between_requests=not args.no_drain, fallback_bits=args.fallback_bits)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   if args.no_skip_finished:
@@ -187,6 +188,8 @@ def run_one(args) -> dict:
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold if policy == "selective" else None,
       "hysteresis": args.hysteresis, "swap_between_requests": not args.no_drain,
       "skip_finished": model.skip_finished,
+      "prompt_residency": model.residency.prompt_residency if model.residency is not None else None,
+      "prompt_pins": model.residency.prompt_pins if model.residency is not None else None,
       "prefill_refit": args.prefill_refit,
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,
@@ -309,6 +312,7 @@ def main(argv=None):
   p.add_argument("--no-drain", action="store_true", help="swap_between_requests=False (swaps only during calls)")
   p.add_argument("--prefill-refit", type=float, default=None, help="load's prefill_refit (swapmoe and kin)")
   p.add_argument("--fallback-bits", type=int, default=8, choices=[4, 8], help="policy fallback's copies")
+  p.add_argument("--prompt-residency", action="store_true", help="load's prompt_residency (swapmoe and kin)")
   p.add_argument("--no-skip-finished", action="store_true",
                  help="every step of a call runs the model (no per-step lax.cond; `decode.decode_steps`)")
   p.add_argument("--trace-dir", help="also trace one request of each run (after the timed ones) into this folder")
@@ -325,6 +329,7 @@ def main(argv=None):
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
                 ["--no-drain"] if args.no_drain else []) + (
                 ["--no-skip-finished"] if args.no_skip_finished else []) + (
+                ["--prompt-residency"] if args.prompt_residency else []) + (
                 [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + (
                 [] if args.trace_dir is None else ["--trace-dir", os.path.abspath(args.trace_dir)]) + [
                 "--fallback-bits", str(args.fallback_bits)]

@@ -43,7 +43,7 @@ def test_a_request_ends_with_its_swaps_done_only_when_asked(drain):
 
 
 def test_drained_swaps_give_the_same_tokens_as_a_model_pinned_to_them():
-  a = load(default_checkpoint(), experts=3, policy="swapmoe", **LIMITS)
+  a = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=False, **LIMITS)
   _ask(a, PROMPTS[0])
   resident = [a.residency.controller.state.resident(l) for l in range(4)]
   b = load(default_checkpoint(), experts=3, policy="pruned", **LIMITS)

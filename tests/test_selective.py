@@ -334,9 +334,11 @@ def test_builtin_threshold_0_gives_full_tokens_and_2_gives_swapmoe_tokens(builti
   vocab = ckpt.read_metadata(builtin).config.vocab_size
   full = swapmoe_jax.load(builtin, **SHAPE)
   exact = swapmoe_jax.load(builtin, experts=3, policy="selective", selective_threshold=0.0, **SHAPE)
-  # Swaps at every call: the same importance drives both controllers, so they swap the same experts.
+  # Swaps at every call: the same importance drives both controllers, so they swap the same experts
+  # (swapmoe without its prompt residency, which selective does not have by default).
   masked = {p: swapmoe_jax.load(builtin, experts=3, policy=p, update_every=1, max_swaps_per_step=2,
-                                **SHAPE, **({"selective_threshold": 2.0} if p == "selective" else {}))
+                                **SHAPE, **({"selective_threshold": 2.0} if p == "selective" else
+                                            {"prompt_residency": False}))
             for p in ("selective", "swapmoe")}
   for seed in range(3):
     ids, mask = _prompts(seed, vocab)

@@ -154,6 +154,10 @@ class ServedModel:
     max_writes = self.plan.max_swaps_per_step if self.plan is not None else 1
     self._slots = self.residency.pin(self._slots, resident, self.store, max_writes)
 
+  def _before_request(self, ids, mask):
+    if self.residency is not None:
+      self._slots = self.residency.before_request(self._slots, ids, mask)
+
   def _after_prefill(self, enc, dec=None):
     if self.residency is not None:
       self._slots = self.residency.after_prefill(self._slots, enc, dec)
@@ -304,6 +308,7 @@ class SwitchModel(ServedModel):
       raise InputError(f"decoder_input_ids has batch {dec.shape[0]}, input_ids has {ids.shape[0]}")
     dmask = None if decoder_attention_mask is None else _as_mask(decoder_attention_mask, dec, "decoder_attention_mask")
     self._check_limits(ids)
+    self._before_request(ids, mask)
     logits, _, (enc_stats, dec_stats) = decode.forward(
         self._graphdef, self._params, self._slots, ids, mask, dec, dmask, self._banks)
     self._after_prefill(enc_stats, dec_stats)
@@ -337,6 +342,7 @@ class SwitchModel(ServedModel):
     cfg = self.config
     # A first call of one step, then whole calls of `chunk` steps; the last call's extra steps (their
     # tokens dropped) write the cache's last position at most (see `_decode`).
+    self._before_request(ids, mask)
     cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
     if self.residency is not None and self.residency.prefill_refit is not None:
@@ -387,6 +393,7 @@ class CausalLM(ServedModel):
     ids = _as_ids(input_ids, "input_ids", self.config.vocab_size)
     mask = _as_mask(attention_mask, ids, "attention_mask")
     self._check_limits(ids)
+    self._before_request(ids, mask)
     logits, stats = decode.causal_forward(self._graphdef, self._params, self._slots, ids, mask, self._banks)
     self._after_prefill(None, stats)
     self._flush()
@@ -409,6 +416,7 @@ class CausalLM(ServedModel):
     self._check_cache_fits(ids, max_new_tokens)
     s = ids.shape[1]
     key = self._const(("key", seed), lambda: jax.random.key(seed))
+    self._before_request(ids, mask)
     first, done, cache, stats = decode.prefill(
         self._graphdef, self._params, self._slots, ids, mask, s + decode.cache_length(max_new_tokens), key,
         self._banks, sampling, cfg.pad_token_id, cfg.eos_token_ids)

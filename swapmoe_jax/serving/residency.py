@@ -156,7 +156,7 @@ class Residency:
 
   def __init__(self, cfg: SwitchConfig, controller: SwapController, executor: SwapExecutor | None,
                telemetry: Telemetry, update_every: int = 16, swap_between_requests: bool = True,
-               prefill_refit: float | None = None):
+               prefill_refit: float | None = None, prompt_residency: bool = False):
     self.cfg = cfg
     self.controller = controller
     self.executor = executor
@@ -164,6 +164,10 @@ class Residency:
     self.update_every = max(1, int(update_every))
     self.swap_between_requests = bool(swap_between_requests)
     self.prefill_refit = check_prefill_refit(controller.policy, prefill_refit, executor is not None)
+    self.prompt_residency = check_prompt_residency(controller.policy, prompt_residency)
+    self._prompt = None if not self.prompt_residency else PromptPredictor(cfg.num_moe_layers, cfg.num_experts)
+    self._prompt_tokens = None  # this request's prompt token ids (prompt residency learns from them)
+    self.prompt_pins = 0  # requests whose residents were moved to their prompt's prediction
     self.refits = 0  # requests whose encoder was refitted and run again
     self.refit_matches = 0  # refits whose decoder layers followed a past request (`refit_to_prefill`)
     # Past requests' routing for prefill-informed residency: (encoder signature, decoder importance).
@@ -211,8 +215,13 @@ class Residency:
     self._open = []
     self._steps = 0
     slots = self._observe(slots, everything=True)
+    if self._prompt is not None:
+      if self._prompt_tokens is not None:
+        self._prompt.learn(self._prompt_tokens, self._request.importance)
+      self._prompt_tokens = None
     if self.prefill_refit is not None:
       self._remember_request()
+    self._request = RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
     if not self.swap_between_requests or self.executor is None:
       return slots
     for _ in range(self.cfg.num_experts * self.controller.num_layers):  # a bound: a commit moves >= 1
@@ -235,7 +244,7 @@ class Residency:
       stats = stats.merge(_routing_stats_of(self.cfg, read.get()))
     wait_s = time.perf_counter() - t0
     self.totals = self.totals.merge(stats)
-    if self.prefill_refit is not None:  # `refit_to_prefill`'s library needs each request's statistics
+    if self.prefill_refit is not None or self._prompt is not None:  # they learn from each request's routing
       self._request = self._request.merge(stats)
     hits, misses = self.controller.observe(stats)
     self._may_write = True
@@ -262,6 +271,29 @@ class Residency:
     self._swap["transfer_s"] += transfer_s
     return slots
 
+  def before_request(self, slots, input_ids, attention_mask=None):
+    """Prompt residency, before a request's first device call: moves the resident sets to the experts
+    that past requests sharing this prompt's tokens wanted (`PromptPredictor`), so that a request
+    after a change of task does not run its whole prefill on the previous task's experts. Nothing is
+    read from the device, and nothing moves while writes are in flight. Returns the slots."""
+    if self._prompt is None:
+      return slots
+    ids = np.asarray(input_ids)
+    self._prompt_tokens = ids[np.asarray(attention_mask, bool)] if attention_mask is not None else ids.ravel()
+    if self.controller.pending:
+      return slots
+    predicted = self._prompt.predict(self._prompt_tokens)
+    if predicted is None:
+      return slots
+    resident = self.controller.state.resident_mask()
+    targets = [self._ranked(l, predicted[l], resident[l]) for l in range(self.controller.num_layers)]
+    before = self._swap["experts_swapped"]
+    slots = self.pin(slots, targets)
+    if self._swap["experts_swapped"] > before:
+      self.prompt_pins += 1
+      self.controller.hold_resident(predicted)  # its old targets and scores would move them straight back
+    return slots
+
   LIBRARY_SIZE = 64  # past requests remembered for prefill-informed residency
   MATCH_SIMILARITY = 0.5  # the least cosine similarity of encoder signatures that counts as a match
 
@@ -276,7 +308,7 @@ class Residency:
 
   def _remember_request(self) -> None:
     """At a request's end: its encoder signature and its decoder layers' importance join the library."""
-    req, self._request = self._request, RoutingStats.zeros(self.cfg.num_moe_layers, self.cfg.num_experts)
+    req = self._request
     dec = self._layers("decoder")
     if req.wanted[dec].sum() and req.wanted[self._layers("encoder")].sum():
       self._library = (self._library + [(self._signature(req), req.importance[dec].copy())])[-self.LIBRARY_SIZE:]
@@ -398,6 +430,65 @@ class Residency:
     else:
       self._pin_executor = SwapExecutor(*args)
     return self._pin_executor
+
+
+def check_prompt_residency(policy: str, value) -> bool:
+  """`load(prompt_residency=)`: a bool, for the policies that swap by importance."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"prompt_residency must be True or False, got {value!r:.40}")
+  if value and policy not in IMPORTANCE_POLICIES:
+    raise ValueError(f"prompt_residency applies to policies swapmoe, selective and fallback, not {policy!r}")
+  return bool(value)
+
+
+class PromptPredictor:
+  """Which experts a request will want, predicted from its prompt's tokens before anything runs.
+
+  After each request, every distinct token of its prompt (hashed into `BUCKETS`) moves its running
+  mean of the request's per-layer importance shares (Eq. 1, each layer normalised to sum 1) towards
+  this request's. A new prompt's prediction is the mean over its known tokens of those rows, each
+  weighted by its inverse document frequency, so that tokens common to every task (punctuation, the
+  shared vocabulary) count little and the tokens that mark a task count most. A bag-of-tokens version
+  of the learned expert predictors of SiDA-MoE and Pre-gated MoE, learned online from the routing the
+  serving loop already reads. Returns None until a prompt has tokens seen before.
+  """
+
+  BUCKETS = 4096
+  MEMORY = 32  # requests a token's row averages over (a running mean, then exponential)
+
+  def __init__(self, num_layers: int, num_experts: int):
+    self.shares = np.zeros((self.BUCKETS, num_layers, num_experts), np.float32)
+    self.seen = np.zeros(self.BUCKETS, np.int64)  # requests whose prompt had the token
+    self.requests = 0
+
+  def _buckets(self, tokens) -> np.ndarray:
+    return np.unique(np.asarray(tokens, np.int64).ravel() % self.BUCKETS)
+
+  def learn(self, tokens, importance: np.ndarray) -> None:
+    """A finished request: its prompt tokens and its importance [L, E] (summed over its calls)."""
+    imp = np.asarray(importance, np.float64)
+    total = imp.sum(axis=1, keepdims=True)
+    if not np.any(total > 0):
+      return
+    share = np.where(total > 0, imp / np.where(total > 0, total, 1.0), 0.0).astype(np.float32)
+    b = self._buckets(tokens)
+    if not b.size:
+      return
+    self.seen[b] += 1
+    rate = (1.0 / np.minimum(self.seen[b], self.MEMORY)).astype(np.float32)[:, None, None]
+    self.shares[b] += rate * (share[None] - self.shares[b])
+    self.requests += 1
+
+  def predict(self, tokens) -> np.ndarray | None:
+    """float [L, E] predicted importance shares for a prompt, or None when none of its tokens is known."""
+    b = self._buckets(tokens)
+    b = b[self.seen[b] > 0]
+    if not b.size:
+      return None
+    idf = np.log((1.0 + self.requests) / self.seen[b])  # near 0 for a token in every request
+    if not np.any(idf > 0):
+      return None
+    return np.tensordot(idf, self.shares[b], axes=1) / idf.sum()
 
 
 def _index_map(slot_expert: np.ndarray, num_experts: int) -> np.ndarray:

@@ -293,6 +293,13 @@ class SwapController:
   def _plan(self, room: int) -> list[SlotWrite]:
     return []
 
+  def hold_resident(self, shares=None) -> None:
+    """After a resident set was chosen from outside (`Residency.before_request`): the current residents
+    become the controller's targets until its next target update; `shares` (float [L, E], each layer
+    summing to 1), the importance that chose them, replaces the shape of an importance controller's
+    scores (their per-layer totals kept), so that its next updates start from the same belief instead of
+    moving the experts back. No-op for controllers without targets."""
+
 
 class StaticController(SwapController):
   """Policies 'full' and 'pruned': the resident set never changes."""
@@ -354,6 +361,9 @@ class _RankedController(SwapController):
     for w in self._pending:
       present[w.layer, w.expert] = True
     return present
+
+  def hold_resident(self, shares=None) -> None:
+    self.target_mask = self.state.resident_mask().copy()
 
   def update_targets(self) -> None:
     """target_mask[l] = the top-K_l experts of scores[l]."""
@@ -463,6 +473,12 @@ class ImportanceSwapController(_RankedController):
     self._norms = None if expert_norms is None else np.maximum(np.asarray(expert_norms, np.float64), 1e-30)
     self.update_targets()  # the initial residents: nothing moves before the first update
     self.target_updates = 0
+
+  def hold_resident(self, shares=None) -> None:
+    super().hold_resident()
+    if shares is not None:
+      total = self.scores.sum(axis=1, keepdims=True)
+      self.scores = np.where(total > 0, np.asarray(shares, np.float64) * total, self.scores)
 
   def _observe(self, stats: RoutingStats) -> None:
     active = stats.active_layers()
