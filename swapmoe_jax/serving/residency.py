@@ -451,13 +451,16 @@ class PromptPredictor:
   shared vocabulary) count little and the tokens that mark a task count most. A bag-of-tokens version
   of the learned expert predictors of SiDA-MoE and Pre-gated MoE, learned online from the routing the
   serving loop already reads. Returns None until a prompt has tokens seen before.
+
+  Host memory: one float32 [L, E] row per bucket seen, made on first sight (at most `BUCKETS`: 50 MB
+  for switch-large-128's 24 layers of 128 experts once every bucket has been seen).
   """
 
   BUCKETS = 4096
   MEMORY = 32  # requests a token's row averages over (a running mean, then exponential)
 
   def __init__(self, num_layers: int, num_experts: int):
-    self.shares = np.zeros((self.BUCKETS, num_layers, num_experts), np.float32)
+    self.shares: dict[int, np.ndarray] = {}  # bucket -> float32 [L, E], its running mean of shares
     self.seen = np.zeros(self.BUCKETS, np.int64)  # requests whose prompt had the token
     self.requests = 0
 
@@ -475,8 +478,9 @@ class PromptPredictor:
     if not b.size:
       return
     self.seen[b] += 1
-    rate = (1.0 / np.minimum(self.seen[b], self.MEMORY)).astype(np.float32)[:, None, None]
-    self.shares[b] += rate * (share[None] - self.shares[b])
+    for bucket, n in zip(b.tolist(), self.seen[b].tolist()):
+      row = self.shares.setdefault(bucket, np.zeros_like(share))
+      row += (share - row) / min(n, self.MEMORY)
     self.requests += 1
 
   def predict(self, tokens) -> np.ndarray | None:
@@ -488,7 +492,7 @@ class PromptPredictor:
     idf = np.log((1.0 + self.requests) / self.seen[b])  # near 0 for a token in every request
     if not np.any(idf > 0):
       return None
-    return np.tensordot(idf, self.shares[b], axes=1) / idf.sum()
+    return np.tensordot(idf, np.stack([self.shares[k] for k in b.tolist()]), axes=1) / idf.sum()
 
 
 def _index_map(slot_expert: np.ndarray, num_experts: int) -> np.ndarray:
