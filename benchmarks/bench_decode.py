@@ -148,8 +148,10 @@ def run_one(args) -> dict:
                                 {"selective_threshold": args.selective_threshold}),
                              **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
                              **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
-                             **({"prompt_residency": True} if args.prompt_residency else {}),
-                             swap_between_requests=not args.no_drain, fallback_bits=args.fallback_bits)
+                             **({} if args.prompt_residency is None else
+                                {"prompt_residency": args.prompt_residency == "on"}),
+                             **({} if args.drain is None else {"swap_between_requests": args.drain == "on"}),
+                             fallback_bits=args.fallback_bits)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
   if args.no_skip_finished:
     model.skip_finished = False
@@ -186,7 +188,8 @@ def run_one(args) -> dict:
       "missed_experts": tele.get("missed_experts"), "bytes_from_host": tele.get("bytes_from_host"),
       "requests_run": 2 + 2 * args.repeats + bool(args.trace_dir),
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold if policy == "selective" else None,
-      "hysteresis": args.hysteresis, "swap_between_requests": not args.no_drain,
+      "hysteresis": args.hysteresis,
+      "swap_between_requests": model.residency.swap_between_requests if model.residency is not None else None,
       "skip_finished": model.skip_finished,
       "prompt_residency": model.residency.prompt_residency if model.residency is not None else None,
       "prompt_pins": model.residency.prompt_pins if model.residency is not None else None,
@@ -309,10 +312,14 @@ def main(argv=None):
   p.add_argument("--selective-threshold", type=float, default=None,
                  help="policy selective's threshold (default: the loader's)")
   p.add_argument("--hysteresis", type=float, default=None, help="swapmoe's hysteresis (default: the loader's)")
-  p.add_argument("--no-drain", action="store_true", help="swap_between_requests=False (swaps only during calls)")
+  p.add_argument("--drain", choices=["on", "off"], default=None,
+                 help="load's swap_between_requests: at a request's end, issue the controller's remaining swaps "
+                      "(default: the loader's, off where prompt residency is on)")
+  p.add_argument("--no-drain", dest="drain", action="store_const", const="off", help="--drain off")
   p.add_argument("--prefill-refit", type=float, default=None, help="load's prefill_refit (swapmoe and kin)")
   p.add_argument("--fallback-bits", type=int, default=8, choices=[4, 8], help="policy fallback's copies")
-  p.add_argument("--prompt-residency", action="store_true", help="load's prompt_residency (swapmoe and kin)")
+  p.add_argument("--prompt-residency", nargs="?", choices=["on", "off"], const="on", default=None,
+                 help="load's prompt_residency (swapmoe and kin; default: the loader's, on for swapmoe on Switch)")
   p.add_argument("--no-skip-finished", action="store_true",
                  help="every step of a call runs the model (no per-step lax.cond; `decode.decode_steps`)")
   p.add_argument("--trace-dir", help="also trace one request of each run (after the timed ones) into this folder")
@@ -327,9 +334,9 @@ def main(argv=None):
             "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else []) + (
                 [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
-                ["--no-drain"] if args.no_drain else []) + (
+                [] if args.drain is None else ["--drain", args.drain]) + (
                 ["--no-skip-finished"] if args.no_skip_finished else []) + (
-                ["--prompt-residency"] if args.prompt_residency else []) + (
+                [] if args.prompt_residency is None else ["--prompt-residency", args.prompt_residency]) + (
                 [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + (
                 [] if args.trace_dir is None else ["--trace-dir", os.path.abspath(args.trace_dir)]) + [
                 "--fallback-bits", str(args.fallback_bits)]
