@@ -117,3 +117,41 @@ def test_prompt_residency_is_refused_where_it_means_nothing():
     load(default_checkpoint(), experts=3, policy="lfu", prompt_residency=True, **LIMITS)
   with pytest.raises(ValueError, match="prompt_residency must be True or False"):
     load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency="yes", **LIMITS)
+
+
+def test_the_decoder_layers_move_after_the_encoder_call_is_dispatched(monkeypatch):
+  """In `generate`, the encoder's layers are pinned before the encoder call and the decoder's after it
+  is dispatched (their copies overlap the encoder's compute); the first decode call sees them all."""
+  from swapmoe_jax.serving import decode
+
+  model = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=True, **LIMITS)
+  res = model.residency
+  for prompt in ("sort: 7 3 9 1 4", "sort: 8 2 6 5", "reverse: cat dog sun", "reverse: moon star tree"):
+    _ask(model, prompt)
+  ids = model.tokenizer("sort: 4 1 7", return_tensors="np").input_ids
+  predicted = res._prompt.predict(ids.ravel())
+  held = [res.controller.state.resident(l) for l in range(len(predicted))]
+  resident = res.controller.state.resident_mask().copy()
+  expected = [sorted(rank_by_score(predicted[l], resident[l], res.controller.hysteresis)[:3].tolist())
+              for l in range(len(predicted))]
+  enc, dec = res._layers("encoder"), res._layers("decoder")
+  assert any(expected[l] != held[l] for l in enc) and any(expected[l] != held[l] for l in dec), \
+      "the task changed: both stacks must move"
+  seen = {}
+  real = decode.encode
+
+  def spy(*args, **kw):
+    if "encode" not in seen:
+      seen["encode"] = [res.controller.state.resident(l) for l in range(len(predicted))]
+    return real(*args, **kw)
+
+  monkeypatch.setattr(decode, "encode", spy)
+  real_after = res.after_encoder_dispatch
+  monkeypatch.setattr(res, "after_encoder_dispatch",
+                      lambda slots: (seen.setdefault("after", dict(seen)), real_after(slots))[1])
+  pins = res.prompt_pins
+  model.generate(ids, max_new_tokens=1)
+  at_encode = seen["encode"]
+  assert [at_encode[l] for l in enc] == [expected[l] for l in enc]  # the encoder's moved first
+  assert [at_encode[l] for l in dec] == [held[l] for l in dec]  # the decoder's waited for the dispatch
+  assert "after" in seen and res.prompt_pins == pins + 1  # one request pinned, counted once
