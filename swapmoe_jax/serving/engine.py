@@ -154,9 +154,9 @@ class ServedModel:
     max_writes = self.plan.max_swaps_per_step if self.plan is not None else 1
     self._slots = self.residency.pin(self._slots, resident, self.store, max_writes)
 
-  def _before_request(self, ids, mask, defer_decoder: bool = False):
+  def _before_request(self, ids, mask):
     if self.residency is not None:
-      self._slots = self.residency.before_request(self._slots, ids, mask, defer_decoder)
+      self._slots = self.residency.before_request(self._slots, ids, mask)
 
   def _after_prefill(self, enc, dec=None):
     if self.residency is not None:
@@ -342,12 +342,9 @@ class SwitchModel(ServedModel):
     cfg = self.config
     # A first call of one step, then whole calls of `chunk` steps; the last call's extra steps (their
     # tokens dropped) write the cache's last position at most (see `_decode`).
-    # Prompt residency moves the encoder's experts first; the decoder's copies overlap the encoder call.
-    self._before_request(ids, mask, defer_decoder=True)
+    self._before_request(ids, mask)
     cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                      decode.cache_length(max_new_tokens), self._banks)
-    if self.residency is not None:
-      self._slots = self.residency.after_encoder_dispatch(self._slots)
     if self.residency is not None and self.residency.prefill_refit is not None:
       # Prefill-informed residency: the encoder ran on residents that its own routing says are wrong
       # for this request; refit them and run it again (only when it moved experts).

@@ -167,7 +167,6 @@ class Residency:
     self.prompt_residency = check_prompt_residency(controller.policy, prompt_residency)
     self._prompt = None if not self.prompt_residency else PromptPredictor(cfg.num_moe_layers, cfg.num_experts)
     self._prompt_tokens = None  # this request's prompt token ids (prompt residency learns from them)
-    self._deferred = None  # the decoder layers' prompt pins, until the encoder call is dispatched
     self.prompt_pins = 0  # requests whose residents were moved to their prompt's prediction
     self.refits = 0  # requests whose encoder was refitted and run again
     self.refit_matches = 0  # refits whose decoder layers followed a past request (`refit_to_prefill`)
@@ -215,7 +214,6 @@ class Residency:
     self._closed.append((self._calls, self._open + ([StatsRead((None, stats_sum))] if stats_sum is not None else [])))
     self._open = []
     self._steps = 0
-    self._deferred = None  # a request that ended before its encoder call
     slots = self._observe(slots, everything=True)
     if self._prompt is not None:
       if self._prompt_tokens is not None:
@@ -273,16 +271,11 @@ class Residency:
     self._swap["transfer_s"] += transfer_s
     return slots
 
-  def before_request(self, slots, input_ids, attention_mask=None, defer_decoder: bool = False):
+  def before_request(self, slots, input_ids, attention_mask=None):
     """Prompt residency, before a request's first device call: moves the resident sets to the experts
     that past requests sharing this prompt's tokens wanted (`PromptPredictor`), so that a request
     after a change of task does not run its whole prefill on the previous task's experts. Nothing is
-    read from the device, and nothing moves while writes are in flight. Returns the slots.
-
-    defer_decoder (encoder-decoder `generate`): only the encoder's layers move now; the decoder's wait
-    for `after_encoder_dispatch`, so that their host->device copies run while the encoder computes
-    instead of before it (the first token waits for the encoder's copies alone)."""
-    self._deferred = None
+    read from the device, and nothing moves while writes are in flight. Returns the slots."""
     if self._prompt is None:
       return slots
     ids = np.asarray(input_ids)
@@ -295,31 +288,11 @@ class Residency:
     resident = self.controller.state.resident_mask()
     targets = [self._ranked(l, predicted[l], resident[l]) for l in range(self.controller.num_layers)]
     before = self._swap["experts_swapped"]
-    if defer_decoder:
-      slots = self.pin(slots, targets, layers=self._layers("encoder"))
-      self._deferred = (targets, predicted, self._swap["experts_swapped"] > before)
-      return slots
     slots = self.pin(slots, targets)
-    self._held(predicted, self._swap["experts_swapped"] > before)
-    return slots
-
-  def after_encoder_dispatch(self, slots):
-    """The decoder layers' part of `before_request(defer_decoder=True)`, once the encoder call is
-    dispatched: their copies queue behind it on the device and land before the first decode call.
-    Returns the slots."""
-    if self._deferred is None:
-      return slots
-    targets, predicted, moved = self._deferred
-    self._deferred = None
-    before = self._swap["experts_swapped"]
-    slots = self.pin(slots, targets, layers=self._layers("decoder"))
-    self._held(predicted, moved or self._swap["experts_swapped"] > before)
-    return slots
-
-  def _held(self, predicted: np.ndarray, moved: bool) -> None:
-    if moved:
+    if self._swap["experts_swapped"] > before:
       self.prompt_pins += 1
       self.controller.hold_resident(predicted)  # its old targets and scores would move them straight back
+    return slots
 
   LIBRARY_SIZE = 64  # past requests remembered for prefill-informed residency
   MATCH_SIMILARITY = 0.5  # the least cosine similarity of encoder signatures that counts as a match
@@ -385,7 +358,7 @@ class Residency:
     self.refits += int(moved)
     return slots, moved
 
-  def pin(self, slots, resident, store=None, max_writes: int = 1, *, layers=None):
+  def pin(self, slots, resident, store=None, max_writes: int = 1):
     """Makes `resident` the resident experts, between requests; returns the new slot state (a `Flat`).
 
     resident: per MoE layer, the K_l distinct expert ids in [0, E) to hold (in any order).
@@ -398,16 +371,13 @@ class Residency:
     no decode program recompiles (a static policy, which has no executor, compiles the one-slot
     write program on its first pin). A dynamic controller keeps its scores and may move away from
     the pinned set at its next observation. Raises ResidencyError (a ValueError) on a bad `resident`
-    or while the controller has writes in flight. `layers`: only these MoE layers move (the others' entries
-    of `resident` are checked but not applied).
+    or while the controller has writes in flight.
     """
     targets = self._check_pin(resident)
     if self.controller.pending:
       raise ResidencyError(f"{len(self.controller.pending)} slot writes are in flight: pin between requests")
     writes = []
     for layer, target in enumerate(targets):
-      if layers is not None and layer not in layers:
-        continue
       held = self.controller.state.slot_expert[layer]
       incoming = sorted(set(target.tolist()) - set(held.tolist()))
       free = [s for s, e in enumerate(held.tolist()) if e not in target]  # empty slots (-1) included
