@@ -159,7 +159,12 @@ def run_one(args) -> dict:
   setup_s = time.perf_counter() - t0
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
   rng = np.random.default_rng(1)
-  prompt = lambda: random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]  # noqa: E731
+  if args.prompt_pool:  # the same N prompts in turn: each request changes "task", every token known
+    pool = [random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0] for _ in range(args.prompt_pool)]
+    turn = iter(range(10**9))
+    prompt = lambda: pool[next(turn) % len(pool)]  # noqa: E731
+  else:
+    prompt = lambda: random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]  # noqa: E731
   model.generate(prompt(), max_new_tokens=args.new_tokens)  # warm-up: compilation
   model.generate(prompt(), max_new_tokens=args.new_tokens, stream=lambda step, tok: None)
   ex = model.residency.executor if model.residency is not None else None
@@ -193,6 +198,7 @@ def run_one(args) -> dict:
       "skip_finished": model.skip_finished,
       "prompt_residency": model.residency.prompt_residency if model.residency is not None else None,
       "prompt_pins": model.residency.prompt_pins if model.residency is not None else None,
+      "prompt_pool": args.prompt_pool,
       "prefill_refit": args.prefill_refit,
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,
@@ -320,6 +326,9 @@ def main(argv=None):
   p.add_argument("--fallback-bits", type=int, default=8, choices=[4, 8], help="policy fallback's copies")
   p.add_argument("--prompt-residency", nargs="?", choices=["on", "off"], const="on", default=None,
                  help="load's prompt_residency (swapmoe and kin; default: the loader's, on for swapmoe on Switch)")
+  p.add_argument("--prompt-pool", type=int, default=0,
+                 help="draw each request's prompt from N fixed random prompts in turn (default 0: a new one "
+                      "each time), so that prompt residency knows every token and each request changes task")
   p.add_argument("--no-skip-finished", action="store_true",
                  help="every step of a call runs the model (no per-step lax.cond; `decode.decode_steps`)")
   p.add_argument("--trace-dir", help="also trace one request of each run (after the timed ones) into this folder")
@@ -337,6 +346,7 @@ def main(argv=None):
                 [] if args.drain is None else ["--drain", args.drain]) + (
                 ["--no-skip-finished"] if args.no_skip_finished else []) + (
                 [] if args.prompt_residency is None else ["--prompt-residency", args.prompt_residency]) + (
+                ["--prompt-pool", str(args.prompt_pool)] if args.prompt_pool else []) + (
                 [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + (
                 [] if args.trace_dir is None else ["--trace-dir", os.path.abspath(args.trace_dir)]) + [
                 "--fallback-bits", str(args.fallback_bits)]

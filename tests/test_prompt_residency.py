@@ -43,6 +43,10 @@ def test_the_predictor_follows_the_tokens_that_mark_a_task():
   assert np.all(shared_row > 0) and np.allclose(shared_row.sum(axis=1), 1.0)
   np.testing.assert_allclose(p.shares[200], row_b, rtol=1e-5)  # 4 requests: the running mean of equal rows
   assert p.predict([5000 + 4096 * 3]) is None  # unseen bucket
+  # A prediction needs MIN_KNOWN (half) of the prompt's distinct tokens known: 2 of 5 is not enough.
+  assert p.MIN_KNOWN == 0.5
+  assert p.predict([100, 1, 7001, 7002, 7003]) is None
+  np.testing.assert_allclose(p.predict([100, 1, 7001]), p.predict([100, 1]), rtol=1e-6)  # 2 of 3: unknown ignored
   p.learn([9], np.zeros((2, 6)))  # a request that routed nothing teaches nothing
   assert p.requests == 8 and p.predict([9]) is None
 
