@@ -158,9 +158,9 @@ class ServedModel:
     if self.residency is not None:
       self._slots = self.residency.before_request(self._slots, ids, mask)
 
-  def _after_prefill(self, enc, dec=None):
+  def _after_prefill(self, enc, dec=None, issue: bool = True):
     if self.residency is not None:
-      self._slots = self.residency.after_prefill(self._slots, enc, dec)
+      self._slots = self.residency.after_prefill(self._slots, enc, dec, issue)
 
   def _flush(self, stats_sum=None):
     if self.residency is not None:
@@ -250,17 +250,18 @@ class ServedModel:
           stats_sum if stats_sum is not None else self._zero_stats(), sampling, cfg.pad_token_id,
           cfg.eos_token_ids, n, self.skip_finished, np.int32(steps - dispatched))
       dispatched += n
-      if self.residency is not None:
-        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=n)
       out.append((toks, done))
       # The host reads a call's results `_EMIT_LAG_CALLS` calls late: that call has finished (or is about
-      # to) while later ones are queued, so waiting for it never leaves the device idle.
+      # to) while later ones are queued, so waiting for it never leaves the device idle. The first
+      # token is handed out before the residency issues this call's swaps (their staging is host work).
       while not finished and emitted < max(len(out) - _EMIT_LAG_CALLS, min(ready, len(out))):
         finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
         emitted += 1
       if finished:  # every row had emitted EOS: the calls after that one only padded
         del out[emitted:]
         break
+      if self.residency is not None:
+        self._slots, stats_sum = self.residency.after_step(self._slots, stats_sum, steps=n)
     while not finished and emitted < len(out):
       finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
       emitted += 1
@@ -352,7 +353,7 @@ class SwitchModel(ServedModel):
       if moved:
         cache, enc_stats = decode.encode(self._graphdef, self._params, self._slots, ids, mask,
                                          decode.cache_length(max_new_tokens), self._banks)
-    self._after_prefill(enc_stats)
+    self._after_prefill(enc_stats, issue=False)  # swaps wait until the first token is out
     b = ids.shape[0]
     tokens = self._const(("start", b), lambda: np.full((b,), cfg.decoder_start_token_id, np.int32))
     done = self._const(("done", b), lambda: np.zeros((b,), bool))
@@ -420,7 +421,7 @@ class CausalLM(ServedModel):
     first, done, cache, stats = decode.prefill(
         self._graphdef, self._params, self._slots, ids, mask, s + decode.cache_length(max_new_tokens), key,
         self._banks, sampling, cfg.pad_token_id, cfg.eos_token_ids)
-    self._after_prefill(None, stats)
+    self._after_prefill(None, stats, issue=False)  # swaps wait until the first token is out
     pos = self._const(("pos", s), lambda: np.asarray(s, np.int32))
     return self._decode(cache, first, done, pos, key, sampling, chunk=chunk, steps=max_new_tokens - 1,
                         max_new_tokens=max_new_tokens, stream=stream, out=[(first[None], done)])

@@ -183,10 +183,14 @@ class Residency:
     self.totals = RoutingStats.zeros(cfg.num_moe_layers, cfg.num_experts)  # merged over all calls
     telemetry.set_resident(controller.state.slot_expert)
 
-  def after_prefill(self, slots, enc_stats, dec_stats=None):
-    """After an encoder (or full forward) call: its statistics join the open window."""
+  def after_prefill(self, slots, enc_stats, dec_stats=None, issue: bool = True):
+    """After an encoder (or full forward) call: its statistics join the open window, and the
+    controller's next swaps are issued unless `issue` is False (`generate`: they would queue before the
+    first decode call and delay the first token by their copies; the first call's `after_step` issues
+    them, once that token is out)."""
     self._open.append(StatsRead((enc_stats, dec_stats)))
-    return self._issue_writes(self._observe(slots))
+    slots = self._observe(slots)
+    return self._issue_writes(slots) if issue else slots
 
   def after_step(self, slots, stats_sum, steps: int = 1):
     """After dispatching a decode call of `steps` steps whose output accumulator is `stats_sum`.
