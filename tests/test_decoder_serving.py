@@ -161,8 +161,8 @@ def test_cli_plain_and_chat_prompts(family_folder):
 def test_request_end_drain_defaults_by_architecture(family_folder):
   """`load(swap_between_requests=None)`: decoder-only families leave the controller's remaining moves to
   the next request's calls (on an H200 the drain cost 2.56x `full` per request on the OLMoE-1B-7B shape
-  at 33 %, 1.07x without); Switch under swapmoe chooses each request's residents from its prompt
-  instead (prompt residency) and drains only without it. An explicit value wins."""
+  at 33 %, 1.07x without); Switch drains, and under swapmoe also chooses each request's residents from
+  its prompt (prompt residency). An explicit value wins."""
   from swapmoe_jax import default_checkpoint
 
   _, folder = family_folder("olmoe")
@@ -171,11 +171,11 @@ def test_request_end_drain_defaults_by_architecture(family_folder):
   assert swapmoe_jax.load(folder, swap_between_requests=True, **kw).residency.swap_between_requests is True
   assert swapmoe_jax.load(folder, **kw).residency.prompt_residency is False
   switch = swapmoe_jax.load(default_checkpoint(), experts=3, policy="swapmoe").residency
-  assert switch.prompt_residency is True and switch.swap_between_requests is False
+  assert switch.prompt_residency is True and switch.swap_between_requests is True
   old = swapmoe_jax.load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=False).residency
   assert old.prompt_residency is False and old.swap_between_requests is True
   for policy in ("selective", "fallback"):
     other = swapmoe_jax.load(default_checkpoint(), experts=3, policy=policy).residency
     assert other.prompt_residency is False and other.swap_between_requests is True
   assert swapmoe_jax.load(default_checkpoint(), experts=3, policy="swapmoe",
-                          swap_between_requests=True).residency.swap_between_requests is True
+                          swap_between_requests=False).residency.swap_between_requests is False

@@ -295,12 +295,12 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       False otherwise.
     swap_between_requests: at the end of a request, issue all of the controller's remaining swaps
       instead of leaving them to the next request's calls, a few per call. None (default): True for
-      encoder-decoder models without prompt residency (Switch: on the built-in model it gained about a
-      point of exact match, README "Accuracy against budget"; with prompt residency it gained nothing and
-      doubled the swaps: the next request's prompt chooses its residents), False for the decoder-only
-      families, where nothing measured
-      its accuracy and on an H200 it cost 2.56x `full` per request on the OLMoE-1B-7B shape at 33 %
-      (2.03 experts swapped per token, random prompts) against 1.07x without (README "Supported models").
+      encoder-decoder models (Switch: on the built-in model about a point of exact match without prompt
+      residency and nothing with it; on an H200 it keeps the swaps off the next request's calls: on
+      random prompts 1.20x `full` per request against 1.36x without, README "Limitations"), False for
+      the decoder-only families, where nothing measured its accuracy and on an H200 it cost 2.56x `full`
+      per request on the OLMoE-1B-7B shape at 33 % (2.03 experts swapped per token, random prompts)
+      against 1.07x without (README "Supported models").
     progress: show a progress bar while experts are read.
     devices: None (one device, the default), or the devices to split every MoE layer's expert slots
       over: a count (the first n of `jax.devices()`), a list of devices, or a `jax.sharding.Mesh` with
@@ -502,7 +502,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   if prompt_residency is None:
     prompt_residency = cfg.is_encoder_decoder and policy == "swapmoe"  # see `load`
   if swap_between_requests is None:
-    swap_between_requests = cfg.is_encoder_decoder and not prompt_residency  # see `load`
+    swap_between_requests = cfg.is_encoder_decoder  # see `load`
   residency = Residency(cfg, controller, executor, telemetry, update_every=plan.update_every,
                         swap_between_requests=swap_between_requests, prefill_refit=prefill_refit,
                         prompt_residency=prompt_residency)
