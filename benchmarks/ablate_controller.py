@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (key, name, load() keyword arguments); the first is the shipped default, the reference of the intervals.
 OLD = dict(prompt_residency=False)  # the variants measured against the previous default, which had none
 VARIANTS = (
-    ("default", "default: decay 0.5, hysteresis 0.5, prompt residency, swaps only during calls", {}),
-    ("no-prompt", "no prompt residency, swaps drained at request ends (the previous default)", OLD),
-    ("prompt-drain", "prompt residency, swaps also drained at request ends", dict(swap_between_requests=True)),
+    ("default", "default: decay 0.5, hysteresis 0.5, prompt residency, swaps drained at request ends", {}),
+    ("no-prompt", "no prompt residency, swaps drained at request ends (the default before b7bee22)", OLD),
+    ("prompt-no-drain", "prompt residency, swaps only during calls (the default of b7bee22 to 72e8f4f)",
+     dict(swap_between_requests=False)),
     ("no-drain", "decay 0.5, swaps only during calls", dict(OLD, swap_between_requests=False)),
     ("decay-0.95", "decay 0.95 (an earlier default), drained", dict(OLD, decay=0.95)),
     ("previous", "decay 0.95, swaps only during calls (an earlier default)",
