@@ -42,6 +42,8 @@ VARIANTS = (
     ("window-4", "window of 4 steps (update_every=4)", dict(OLD, update_every=4)),
     ("window-64", "window of 64 steps (update_every=64)", dict(OLD, update_every=64)),
     ("swaps-8", "8 swaps per call (max_swaps_per_step=8)", dict(OLD, max_swaps_per_step=8)),
+    ("prompt-swaps-8", "prompt residency, 8 swaps per call and per commit (max_swaps_per_step=8)",
+     dict(max_swaps_per_step=8)),
     ("calibrated", "calibrated planner (K_l and initial residents from 64 training prompts)",
      dict(OLD, planner="calibrated")),
     ("full", "full (every expert resident; the ceiling)", dict(policy="full")),

@@ -297,7 +297,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       instead of leaving them to the next request's calls, a few per call. None (default): True for
       encoder-decoder models (Switch: on the built-in model about a point of exact match without prompt
       residency and nothing with it; on an H200 it keeps the swaps off the next request's calls: on
-      random prompts 1.20x `full` per request against 1.36x without, README "Limitations"), False for
+      random prompts 1.20-1.27x `full` per request against 1.36x without, benchmarks/RESULTS.md), False for
       the decoder-only families, where nothing measured its accuracy and on an H200 it cost 2.56x `full`
       per request on the OLMoE-1B-7B shape at 33 % (2.03 experts swapped per token, random prompts)
       against 1.07x without (README "Supported models").
