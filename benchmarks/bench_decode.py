@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -160,9 +161,9 @@ def run_one(args) -> dict:
   peak_after_load, in_use_after_load = mem("peak_bytes_in_use"), mem("bytes_in_use")
   rng = np.random.default_rng(1)
   if args.prompt_pool:  # the same N prompts in turn: each request changes "task", every token known
-    pool = [random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0] for _ in range(args.prompt_pool)]
-    turn = iter(range(10**9))
-    prompt = lambda: pool[next(turn) % len(pool)]  # noqa: E731
+    pool = itertools.cycle([random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]
+                            for _ in range(args.prompt_pool)])
+    prompt = lambda: next(pool)  # noqa: E731
   else:
     prompt = lambda: random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]  # noqa: E731
   model.generate(prompt(), max_new_tokens=args.new_tokens)  # warm-up: compilation
@@ -320,7 +321,7 @@ def main(argv=None):
   p.add_argument("--hysteresis", type=float, default=None, help="swapmoe's hysteresis (default: the loader's)")
   p.add_argument("--drain", choices=["on", "off"], default=None,
                  help="load's swap_between_requests: at a request's end, issue the controller's remaining swaps "
-                      "(default: the loader's, off where prompt residency is on)")
+                      "(default: the loader's, on for encoder-decoder models)")
   p.add_argument("--no-drain", dest="drain", action="store_const", const="off", help="--drain off")
   p.add_argument("--prefill-refit", type=float, default=None, help="load's prefill_refit (swapmoe and kin)")
   p.add_argument("--fallback-bits", type=int, default=8, choices=[4, 8], help="policy fallback's copies")

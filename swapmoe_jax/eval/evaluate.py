@@ -94,13 +94,13 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
              gates=("original", "renormalized"), streams=("runs", "shuffled"), requests: int = 200, seed: int = 0,
              dtype: str | None = None, progress=None, experts=None, thresholds=(None,),
              prefill_refit: float | None = None, fallback_bits: int | None = None,
-             prompt_residency: bool = False) -> list[dict]:
+             prompt_residency: bool | None = None) -> list[dict]:
   """The evaluation grid; one row per (stream, budget, policy, gate). See the module docstring.
 
   `experts`: resident experts per MoE layer to evaluate (K values); when given, `budgets` (percentages
   of E) is not used. `thresholds`: the selective policy's thresholds, a row each (None: its default).
   `prefill_refit`: `load`'s prefill-informed residency for the swapmoe, selective and fallback rows;
-  `prompt_residency`: `load`'s prompt residency for those rows.
+  `prompt_residency`: `load`'s prompt residency for those rows (None: the loader's default, on for swapmoe).
   `fallback_bits`: the fallback rows' copies (`load`'s fallback_bits; default 8)."""
   from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.serving.loader import load
@@ -142,8 +142,8 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
         kw = {} if threshold is None else {"selective_threshold": threshold}
         if prefill_refit is not None and policy in ("swapmoe", "selective", "fallback"):
           kw["prefill_refit"] = extra["prefill_refit"] = prefill_refit
-        if prompt_residency and policy in ("swapmoe", "selective", "fallback"):
-          kw["prompt_residency"] = extra["prompt_residency"] = True
+        if prompt_residency is not None and policy in ("swapmoe", "selective", "fallback"):
+          kw["prompt_residency"] = extra["prompt_residency"] = prompt_residency
         if fallback_bits is not None and policy == "fallback":
           kw["fallback_bits"] = extra["fallback_bits"] = fallback_bits
         model = load(folder, experts=k, policy="pruned" if policy == "oracle" else policy, gate_mode=gate,
@@ -296,9 +296,9 @@ def main(argv=None) -> int:
   p.add_argument("--fallback-bits", type=int, choices=(4, 8), help="the fallback rows' copies (default 8)")
   p.add_argument("--prefill-refit", type=float, metavar="F",
                  help="prefill-informed residency for swapmoe/selective/fallback rows (load's prefill_refit)")
-  p.add_argument("--prompt-residency", action="store_true",
+  p.add_argument("--prompt-residency", nargs="?", choices=["on", "off"], const="on", default=None,
                  help="residents predicted from the prompt's tokens for swapmoe/selective/fallback rows "
-                      "(load's prompt_residency)")
+                      "(load's prompt_residency; default: the loader's, on for swapmoe)")
   p.add_argument("--requests", type=int, default=200, help="requests per stream")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=("float32", "bfloat16"))
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                     requests=a.requests, seed=a.seed, dtype=a.dtype, progress=show, experts=experts,
                     thresholds=(None,) if a.thresholds is None else _csv(a.thresholds, float),
                     prefill_refit=a.prefill_refit, fallback_bits=a.fallback_bits,
-                    prompt_residency=a.prompt_residency)
+                    prompt_residency=None if a.prompt_residency is None else a.prompt_residency == "on")
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
