@@ -114,7 +114,7 @@ def plan_for(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, 
              update_every: int | None = None, max_swaps: int | None = None, devices: int = 1,
              fallback_bits: int = 8):
   """(plan, budget bytes or None, full-model bytes per device) for `policy` under `budget` ("33%",
-  "4GiB", bytes, or "none"/None for no budget) at this request shape (`fallback_bits`: the copies of
+  "4GiB", "5/64" resident experts per layer, bytes, or "none"/None for no budget) at this request shape (`fallback_bits`: the copies of
   policy "fallback")."""
   import jax.numpy as jnp
 
@@ -124,8 +124,10 @@ def plan_for(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, 
 
   dbytes = jnp.dtype(loader.DTYPES[dtype]).itemsize
   full_bytes = budget_lib.full_model_bytes(cfg, dbytes, devices)
-  budget_bytes = None if budget in (None, "none") else budget_lib.parse_budget(budget).resolve(full_bytes)
   shape = dict(batch=batch, src_len=src_len, tgt_len=decode.cache_length(new_tokens), devices=devices)
+  budget_bytes = None if budget in (None, "none") else budget_lib.parse_budget(budget).resolve_for(
+      cfg, dbytes, **shape, staging_slots=planner_lib.DEFAULT_MAX_SWAPS_PER_STEP if max_swaps is None else max_swaps,
+      fallback=loader.routing_of(policy) == "fallback")
   if policy == "full":
     return planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape), budget_bytes, full_bytes
   cadence = {k: v for k, v in dict(update_every=update_every, max_swaps_per_step=max_swaps).items() if v is not None}
