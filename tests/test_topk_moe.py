@@ -225,6 +225,38 @@ def test_gather_and_dispatch_agree_on_token_choice_pairs(glu):
   np.testing.assert_allclose(np.asarray(miss), np.where(keep[:, None], ref, 0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["rows", "branches", "all_slots"])
+@pytest.mark.parametrize("n", [1, 3, 7])
+@pytest.mark.parametrize("glu", [False, True])
+def test_each_gather_implementation_computes_each_rows_expert(impl, n, glu):
+  """The three ways the gather path reads experts (chosen by expert size on the device) are one function."""
+  rng = np.random.default_rng(n)
+  slots = 5
+  x = rng.normal(size=(n, D)).astype(np.float32)
+  wi = rng.normal(size=(slots, 2 * F if glu else F, D)).astype(np.float32)
+  wo = rng.normal(size=(slots, D, F)).astype(np.float32)
+  slot = rng.integers(0, slots, n).astype(np.int32)
+  act = activations.expert_hidden("silu", "glu" if glu else "mlp")
+  got = jax.jit(lambda *a: experts_lib._ffn_gather(*a, act, impl=impl))(x, slot, wi, wo)
+  ref = np.stack([_ref_ffn(x[j].astype(np.float64), wi[slot[j]], wo[slot[j]], glu) for j in range(n)])
+  assert _rel(got, ref) < 1e-5
+
+
+def test_gather_implementation_follows_expert_size():
+  big = experts_lib.BIG_EXPERT_BYTES
+  assert experts_lib.gather_impl(2, 8, big - 1) == "rows"  # switch-base's 9 MiB experts, any count
+  assert experts_lib.gather_impl(16, 2, big - 1) == "rows"
+  assert experts_lib.gather_impl(2, 8, big) == "branches"  # Mixtral's 336 MiB: top-2 of one token, 8 slots
+  assert experts_lib.gather_impl(8, 8, big) == "all_slots"  # as many rows as slots: read each slot once
+  # A Mixtral-sized layer picks branches inside the model's step (the jaxpr holds the switch).
+  x = jnp.zeros((2, 4), jnp.bfloat16)
+  wi = jax.ShapeDtypeStruct((3, big // 16, 4), jnp.bfloat16)  # 2 * (big/16 * 4) * 2 bytes = big per expert
+  wo = jax.ShapeDtypeStruct((3, 4, big // 16), jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(lambda x, s, a, b: experts_lib._ffn_gather(x, s, a, b, jax.nn.relu))(
+      x, jnp.zeros((2,), jnp.int32), wi, wo)
+  assert "cond" in str(jaxpr) and "dynamic_slice" not in str(jaxpr)
+
+
 def test_layer_gather_and_dispatch_paths_agree():
   """The same tokens through the layer one row at a time (gather) and all at once (dispatch)."""
   w = _weights(10)
