@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from swapmoe_jax.serving.budget import (
     GiB, MiB, Budget, BudgetError, budget_for_experts, dense_param_count, dtype_size, expert_bytes_each, format_bytes,
     full_model_bytes, kv_cache_bytes, memory_breakdown, min_budget_bytes, parse_budget, RUNTIME_RESERVE_BYTES,
-    ALLOCATOR_MARGIN_PERCENT)
+    ALLOCATOR_MARGIN_EXPERTS, ALLOCATOR_MARGIN_PERCENT)
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.planner import (
     DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, plan_calibrated, plan_full, plan_uniform)
@@ -171,7 +171,8 @@ def test_memory_breakdown_fields_add_up():
   assert m.expert_bytes == 14 * one and m.staging_bytes == 2 * one
   assert m.dense_bytes == 4 * dense_param_count(TINY) + 4 * 2 * TINY.num_experts * TINY.num_moe_layers
   arrays = m.dense_bytes + m.expert_bytes + m.kv_cache_bytes + m.staging_bytes + m.workspace_bytes
-  assert m.allocator_bytes == -(-arrays * ALLOCATOR_MARGIN_PERCENT // 100) > 0  # of the arrays, rounded up
+  # Of the arrays, rounded up, plus a chunk term of whole experts.
+  assert m.allocator_bytes == -(-arrays * ALLOCATOR_MARGIN_PERCENT // 100) + ALLOCATOR_MARGIN_EXPERTS * one > one
   assert m.total == arrays + m.allocator_bytes
   # The workspace holds at least the encoder's FFN intermediate and attention scores in float32.
   assert m.workspace_bytes >= 4 * (2 * 16 * TINY.d_ff + 2 * TINY.num_heads * 16 * 16) + RUNTIME_RESERVE_BYTES

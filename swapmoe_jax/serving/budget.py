@@ -50,6 +50,12 @@ RUNTIME_RESERVE_BYTES = 64 * 2**20
 # the arrays' plan by up to 4.4 % (Mixtral-8x7B shape at 24 GiB: 24.78 GiB against 23.74 planned;
 # switch-base-64 at 50 %: 3.68 GiB against a 3.53 GiB budget); benchmarks/RESULTS.md has the rows.
 ALLOCATOR_MARGIN_PERCENT = 6
+# ... plus this many experts' bytes: the allocator's unusable remainder grows with the size of the chunks
+# it hands out, and an expert is the largest array a plan moves (a staged swap, a slot written). The
+# percentage alone did not hold for Mixtral's 336 MiB experts: at 24 GiB, over two requests of 64 tokens
+# with swaps, the peak reached 24.02 GiB against 22.42 GiB of arrays, 7.1 % over them (one H200 run of
+# `benchmarks/bench_causal.py --shape mixtral-8x7b --runs swapmoe:24GiB --new-tokens 64 --repeats 2`).
+ALLOCATOR_MARGIN_EXPERTS = 2
 
 
 class BudgetError(ValueError):
@@ -283,11 +289,22 @@ def full_model_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, de
 # --- the memory a plan occupies ---------------------------------------------------------------------
 
 
+def allocator_margin(arrays: int, one_expert_bytes: int) -> int:
+  """What the device allocator adds over `arrays` bytes of a plan's arrays (see ALLOCATOR_MARGIN_*)."""
+  return -(-arrays * ALLOCATOR_MARGIN_PERCENT // 100) + ALLOCATOR_MARGIN_EXPERTS * one_expert_bytes  # rounded up
+
+
+def arrays_within(budget_bytes: int, one_expert_bytes: int) -> int:
+  """The most array bytes A whose plan fits `budget_bytes`: A + allocator_margin(A) <= budget."""
+  return max(0, budget_bytes - ALLOCATOR_MARGIN_EXPERTS * one_expert_bytes) * 100 // (100 + ALLOCATOR_MARGIN_PERCENT)
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryBreakdown:
   """Accelerator bytes of one plan, by kind. `fallback_bytes`: the int8 expert copies of policy "fallback"
-  (0 otherwise). `allocator_bytes` is `ALLOCATOR_MARGIN_PERCENT` of the others (what the device allocator
-  adds over the arrays it holds); `total` is the sum of all seven."""
+  (0 otherwise). `allocator_bytes` is `ALLOCATOR_MARGIN_PERCENT` of the others plus
+  `ALLOCATOR_MARGIN_EXPERTS` experts of `one_expert_bytes` (what the device allocator adds over the arrays
+  it holds); `total` is the sum of all seven."""
 
   dense_bytes: int
   expert_bytes: int
@@ -296,13 +313,14 @@ class MemoryBreakdown:
   workspace_bytes: int
   fallback_bytes: int = 0
   fallback_bits: int = 8  # of the copies, when there are any
+  one_expert_bytes: int = 0  # of one expert in the plan's dtype (the allocator margin's chunk term)
   allocator_bytes: int = dataclasses.field(init=False)
   total: int = dataclasses.field(init=False)
 
   def __post_init__(self):
     arrays = (self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.staging_bytes + self.workspace_bytes
               + self.fallback_bytes)
-    object.__setattr__(self, "allocator_bytes", -(-arrays * ALLOCATOR_MARGIN_PERCENT // 100))  # rounded up
+    object.__setattr__(self, "allocator_bytes", allocator_margin(arrays, self.one_expert_bytes))
     object.__setattr__(self, "total", arrays + self.allocator_bytes)
 
   def __str__(self) -> str:
@@ -399,6 +417,7 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       workspace_bytes=workspace_bytes(config, batch, src_len, tgt_len),
       fallback_bytes=fallback_bytes(config, bits) // devices if bits else 0,  # split on E like the bank
       fallback_bits=bits or 8,
+      one_expert_bytes=one_expert,
   )
 
 

@@ -26,7 +26,7 @@ import heapq
 import numpy as np
 
 from swapmoe_jax.serving.budget import (
-    ALLOCATOR_MARGIN_PERCENT, BudgetError, MemoryBreakdown, check_min_budget, expert_bytes_each, fallback_bits,
+    BudgetError, MemoryBreakdown, arrays_within, check_min_budget, expert_bytes_each, fallback_bits,
     format_bytes, memory_breakdown)
 from swapmoe_jax.models.switch.config import SwitchConfig
 
@@ -99,8 +99,8 @@ def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, s
   base = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
                           staging_slots, devices, fallback)
   # A plan's total is its arrays plus the allocator margin on them (`MemoryBreakdown`): the arrays may
-  # take the largest A with A + ceil(A * margin / 100) <= budget, i.e. A <= budget * 100 // (100 + margin).
-  arrays = budget_bytes * 100 // (100 + ALLOCATOR_MARGIN_PERCENT)
+  # take the largest A with A + allocator_margin(A) <= budget.
+  arrays = arrays_within(budget_bytes, expert_bytes_each(config, dtype_bytes))
   extra = (arrays - (base.total - base.allocator_bytes)) // expert_bytes_each(config, dtype_bytes)
   return min(config.num_moe_layers + extra, config.num_moe_layers * config.num_experts // devices)
 
