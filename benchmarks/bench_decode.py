@@ -151,6 +151,8 @@ def run_one(args) -> dict:
                              **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
                              **({} if args.prompt_residency is None else
                                 {"prompt_residency": args.prompt_residency == "on"}),
+                             **({"selective_encoder": False} if policy == "selective" and args.selective_encoder == "off"
+                                else {}),
                              **({} if args.drain is None else {"swap_between_requests": args.drain == "on"}),
                              fallback_bits=args.fallback_bits)
   model, plan, store, budget_bytes = built.model, built.plan, built.store, built.budget_bytes
@@ -200,6 +202,7 @@ def run_one(args) -> dict:
       "prompt_residency": model.residency.prompt_residency if model.residency is not None else None,
       "prompt_pins": model.residency.prompt_pins if model.residency is not None else None,
       "prompt_pool": args.prompt_pool,
+      "selective_encoder": getattr(model, "selective_encoder", True) if policy == "selective" else None,
       "prefill_refit": args.prefill_refit,
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,
@@ -318,6 +321,8 @@ def main(argv=None):
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
   p.add_argument("--selective-threshold", type=float, default=None,
                  help="policy selective's threshold (default: the loader's)")
+  p.add_argument("--selective-encoder", choices=["on", "off"], default="on",
+                 help="off: policy selective redirects the encoder's misses (load's selective_encoder)")
   p.add_argument("--hysteresis", type=float, default=None, help="swapmoe's hysteresis (default: the loader's)")
   p.add_argument("--drain", choices=["on", "off"], default=None,
                  help="load's swap_between_requests: at a request's end, issue the controller's remaining swaps "
@@ -344,6 +349,7 @@ def main(argv=None):
             "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else []) + (
                 [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
+                ["--selective-encoder", args.selective_encoder]) + (
                 [] if args.drain is None else ["--drain", args.drain]) + (
                 ["--no-skip-finished"] if args.no_skip_finished else []) + (
                 [] if args.prompt_residency is None else ["--prompt-residency", args.prompt_residency]) + (

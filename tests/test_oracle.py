@@ -228,3 +228,13 @@ def test_evaluation_passes_fallback_bits_to_the_fallback_rows():
   shape = dict(max_batch_size=1, max_source_len=evaluate.SRC_LEN, max_new_tokens=evaluate.NEW_TOKENS)
   assert by["fallback"]["budget_bytes"] == experts_budget(default_checkpoint(), 3, policy="fallback", fallback_bits=4,
                                                           **shape)
+
+
+def test_evaluation_passes_selective_encoder_to_the_selective_rows():
+  rows = evaluate.evaluate(default_checkpoint(), experts=(3,), policies=("selective", "swapmoe"), gates=("original",),
+                           streams=("runs",), requests=4, selective_encoder=False)
+  by = {r["policy"]: r for r in rows}
+  assert by["selective"]["selective_encoder"] is False and "selective_encoder" not in by["swapmoe"]
+  assert by["selective"]["redirect_rate"] > 0  # the encoder's misses are redirected
+  assert evaluate.row_label(by["selective"]) == "selective 0.5 decoder"
+  assert "| selective 0.5 decoder |" in evaluate.markdown(rows)

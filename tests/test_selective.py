@@ -392,6 +392,49 @@ def test_selective_threshold_arguments_are_checked(builtin):
     model.set_selective_threshold(0.2)
 
 
+def _thresholds(model) -> dict[str, set]:
+  """The selective thresholds of the model's MoE layers, by stack."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if "selective_threshold" in keys:
+      out.setdefault(keys[0], set()).add(float(np.asarray(leaf)))
+  return out
+
+
+def test_builtin_selective_encoder_off_redirects_the_encoder_and_serves_the_decoder(builtin):
+  """selective_encoder=False: the encoder computes what masked routing computes on the same residents,
+  the decoder still reads its misses from the bank; a new threshold leaves the encoder masked."""
+  from swapmoe_jax.moe.layer import NEVER_THRESHOLD
+
+  vocab = ckpt.read_metadata(builtin).config.vocab_size
+  static = dict(experts=3, update_every=64, **SHAPE)  # no swap during a first request
+  dec_only = swapmoe_jax.load(builtin, policy="selective", selective_threshold=0.0, selective_encoder=False, **static)
+  exact = swapmoe_jax.load(builtin, policy="selective", selective_threshold=0.0, **static)
+  pruned = swapmoe_jax.load(builtin, policy="pruned", **static)
+  assert _thresholds(dec_only) == {"encoder": {NEVER_THRESHOLD}, "decoder": {0.0}}
+  ids, mask = _prompts(30, vocab)
+  enc = np.asarray(dec_only.encode(ids, mask))
+  np.testing.assert_allclose(enc, np.asarray(pruned.encode(ids, mask)), rtol=1e-6, atol=1e-6)
+  assert np.abs(enc - np.asarray(exact.encode(ids, mask))).max() > 1e-3  # the exact encoder differs
+  dec_only.generate(ids, mask, max_new_tokens=12)
+  s = dec_only.stats.summary()
+  assert s["redirected"] > 0 and s["from_bank"] > 0  # the encoder's misses redirected, the decoder's read
+  exact.generate(ids, mask, max_new_tokens=12)
+  assert exact.stats.summary()["redirected"] == 0
+  dec_only.set_selective_threshold(0.3)
+  assert _thresholds(dec_only) == {"encoder": {NEVER_THRESHOLD}, "decoder": {np.float32(0.3).item()}}
+
+
+def test_selective_encoder_arguments_are_checked(builtin, qwen2_moe):
+  with pytest.raises(ValueError, match="policy 'selective' only"):
+    swapmoe_jax.load(builtin, experts=3, policy="swapmoe", selective_encoder=False)
+  with pytest.raises(ValueError, match="True or False"):
+    swapmoe_jax.load(builtin, experts=3, policy="selective", selective_encoder="no")
+  with pytest.raises(ValueError, match="encoder-decoder models"):
+    swapmoe_jax.load(qwen2_moe[1], experts=1, policy="selective", selective_encoder=False)
+
+
 # --- a decoder-only model -------------------------------------------------------------------------
 
 

@@ -94,14 +94,16 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
              gates=("original", "renormalized"), streams=("runs", "shuffled"), requests: int = 200, seed: int = 0,
              dtype: str | None = None, progress=None, experts=None, thresholds=(None,),
              prefill_refit: float | None = None, fallback_bits: int | None = None,
-             prompt_residency: bool | None = None) -> list[dict]:
+             prompt_residency: bool | None = None, selective_encoder: bool = True) -> list[dict]:
   """The evaluation grid; one row per (stream, budget, policy, gate). See the module docstring.
 
   `experts`: resident experts per MoE layer to evaluate (K values); when given, `budgets` (percentages
   of E) is not used. `thresholds`: the selective policy's thresholds, a row each (None: its default).
   `prefill_refit`: `load`'s prefill-informed residency for the swapmoe, selective and fallback rows;
   `prompt_residency`: `load`'s prompt residency for those rows (None: the loader's default, on for swapmoe).
-  `fallback_bits`: the fallback rows' copies (`load`'s fallback_bits; default 8)."""
+  `fallback_bits`: the fallback rows' copies (`load`'s fallback_bits; default 8). `selective_encoder`:
+  `load`'s for the selective rows (False: the encoder's misses are redirected, the decoder's served by
+  the threshold)."""
   from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.serving.loader import load
 
@@ -146,6 +148,8 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
           kw["prompt_residency"] = extra["prompt_residency"] = prompt_residency
         if fallback_bits is not None and policy == "fallback":
           kw["fallback_bits"] = extra["fallback_bits"] = fallback_bits
+        if not selective_encoder and policy == "selective":
+          kw["selective_encoder"] = extra["selective_encoder"] = False
         model = load(folder, experts=k, policy="pruned" if policy == "oracle" else policy, gate_mode=gate,
                      dtype=dtype, **kw, **limits)
         if policy == "selective":
@@ -205,6 +209,13 @@ def add_comparisons(rows: list[dict]) -> None:
           gain_ratio(r["correct"], oracle["correct"], pruned["correct"]))
 
 
+def row_label(r: dict) -> str:
+  """A row's policy as the tables name it: with its threshold, and "decoder" when only the decoder's misses
+  are served (selective_encoder False)."""
+  label = r["policy"] + (f" {r['threshold']:g}" if r.get("threshold") is not None else "")
+  return label + (" decoder" if r.get("selective_encoder") is False else "")
+
+
 def markdown(rows: list[dict]) -> str:
   head = ("| stream | policy | gate | experts resident | exact match | agreement w/ full | TF agreement | "
           "TF KL | ms/token | redirect | miss | swaps | EM − full [95% CI] | EM − pruned [95% CI] |")
@@ -213,7 +224,7 @@ def markdown(rows: list[dict]) -> str:
   fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
   for r in rows:
     lines.append(
-        f"| {r['stream']} | {r['policy']}{' ' + format(r['threshold'], 'g') if 'threshold' in r else ''} | {r['gate']} | {r['slots']}/{r['experts']} ({r['expert_pct']}%) | "
+        f"| {r['stream']} | {row_label(r)} | {r['gate']} | {r['slots']}/{r['experts']} ({r['expert_pct']}%) | "
         f"{100 * r['exact_match']:.1f}% | {100 * r['agreement']:.1f}% | {100 * r['tf_agreement']:.1f}% | "
         f"{r['tf_kl']:.4f} | {r['ms_per_token']:.2f} | {fmt(r['redirect_rate'] and 100 * r['redirect_rate'], '.1f')}"
         f"{'' if r['redirect_rate'] is None else '%'} | "
@@ -299,6 +310,9 @@ def main(argv=None) -> int:
   p.add_argument("--prompt-residency", nargs="?", choices=["on", "off"], const="on", default=None,
                  help="residents predicted from the prompt's tokens for swapmoe/selective/fallback rows "
                       "(load's prompt_residency; default: the loader's, on for swapmoe)")
+  p.add_argument("--selective-encoder", choices=["on", "off"], default="on",
+                 help="off: the selective rows redirect the encoder's misses and serve only the decoder's "
+                      "(load's selective_encoder)")
   p.add_argument("--requests", type=int, default=200, help="requests per stream")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=("float32", "bfloat16"))
@@ -323,7 +337,7 @@ def main(argv=None) -> int:
       folder = default_checkpoint()
     t0 = time.time()
     show = lambda r: print(  # noqa: E731
-        f"{r['stream']:9s} {r['policy'] + (' ' + format(r['threshold'], 'g') if 'threshold' in r else ''):13s} {r['gate']:13s} {r['slots']:3d}/{r['experts']} "
+        f"{r['stream']:9s} {row_label(r):13s} {r['gate']:13s} {r['slots']:3d}/{r['experts']} "
         f"EM {100 * r['exact_match']:5.1f}%  agree {100 * r['agreement']:5.1f}%  KL {r['tf_kl']:.4f}",
         file=sys.stderr, flush=True)
     experts = None if a.experts is None else _csv(a.experts, int)
@@ -331,7 +345,8 @@ def main(argv=None) -> int:
                     requests=a.requests, seed=a.seed, dtype=a.dtype, progress=show, experts=experts,
                     thresholds=(None,) if a.thresholds is None else _csv(a.thresholds, float),
                     prefill_refit=a.prefill_refit, fallback_bits=a.fallback_bits,
-                    prompt_residency=None if a.prompt_residency is None else a.prompt_residency == "on")
+                    prompt_residency=None if a.prompt_residency is None else a.prompt_residency == "on",
+                    selective_encoder=a.selective_encoder == "on")
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

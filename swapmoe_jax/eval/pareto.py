@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 
+from swapmoe_jax.eval.evaluate import row_label
+
 MASKED = ("swapmoe", "pruned", "oracle")
 
 
@@ -32,7 +34,7 @@ def points(rows: list[dict], stream: str, cost: str = "host") -> dict[int, list[
   for r in rows:
     if r["stream"] != stream or r["policy"] == "full":
       continue
-    label = r["policy"] + (f" {r['threshold']:g}" if r.get("threshold") is not None else "")
+    label = row_label(r)
     if (r["slots"], label) in seen:
       continue
     seen.add((r["slots"], label))

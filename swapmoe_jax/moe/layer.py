@@ -46,6 +46,8 @@ ExpertKind = Literal["mlp", "glu"]
 # experts loses less when redirected. For top-k models, whose probabilities are spread over k or more
 # experts, a lower threshold (e.g. 1/(2k)) reads more misses from the bank.
 DEFAULT_SELECTIVE_THRESHOLD = 0.5
+# Above any probability: a selective layer with this threshold redirects every miss (masked routing).
+NEVER_THRESHOLD = 2.0
 
 
 class ExpertSlots(nnx.Variable):

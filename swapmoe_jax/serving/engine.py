@@ -95,6 +95,7 @@ class ServedModel:
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
     self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
     self.skip_finished = True  # decode steps after every row's EOS skip the model (`decode.decode_steps`)
+    self.selective_encoder = True  # policy "selective": False keeps the encoder's layers masked (`load`)
 
   @property
   def params(self):
@@ -113,7 +114,8 @@ class ServedModel:
   def set_selective_threshold(self, threshold: float) -> None:
     """Sets every MoE layer's threshold (policy "selective": a miss whose router probability is >=
     `threshold` is read from the host bank, the others redirected). The threshold is a parameter of the
-    compiled programs, not a constant in them: the new value, on the old one's device, recompiles nothing."""
+    compiled programs, not a constant in them: the new value, on the old one's device, recompiles nothing.
+    With `selective_encoder` False (`load`), the encoder's layers stay masked: only the others change."""
     from swapmoe_jax.serving.residency import check_selective_threshold
 
     threshold = check_selective_threshold(self.policy, threshold)
@@ -122,6 +124,8 @@ class ServedModel:
     found = False
     for i, path in enumerate(paths):
       if jax.tree_util.DictKey("selective_threshold") in path:
+        if not self.selective_encoder and jax.tree_util.DictKey("encoder") in path:
+          continue
         old = leaves[i]
         value = np.asarray(threshold, old.dtype)
         # Committed only where the old leaf was (one-device params are not, mesh ones are): a committed

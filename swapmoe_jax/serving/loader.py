@@ -16,7 +16,7 @@ from swapmoe_jax.models.switch.model import SwitchTransformer
 from swapmoe_jax.serving import decode
 from swapmoe_jax.serving.engine import (DEFAULT_STEPS_PER_CALL, CausalLM, ServedModel, SwitchModel,
                                        check_steps_per_call, positive_int)
-from swapmoe_jax.moe.layer import DEFAULT_SELECTIVE_THRESHOLD
+from swapmoe_jax.moe.layer import DEFAULT_SELECTIVE_THRESHOLD, NEVER_THRESHOLD
 from swapmoe_jax.serving.store import HostExpertStore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -115,12 +115,14 @@ def _family(cfg, dense: dict):
 
 def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype=jnp.float32,
                 slots_per_layer=None, resident=None, routing="masked", gate_mode="original", mesh=None,
-                selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, fallback_bits: int = 8):
+                selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, fallback_bits: int = 8,
+                selective_encoder: bool = True):
   """Builds (graphdef, params, slots) with the given resident experts per MoE layer.
 
   resident: per MoE layer, int array [K_l] of the experts placed in slots 0..K_l-1 (default: 0..K_l-1).
   selective_threshold: every MoE layer's threshold under routing "selective" (a parameter: see
-    `ServedModel.set_selective_threshold`).
+    `ServedModel.set_selective_threshold`); with `selective_encoder=False` the encoder's layers get
+    `NEVER_THRESHOLD` instead (their misses are redirected).
   Routing "fallback": every MoE layer's int8 (or, with `fallback_bits=4`, packed int4) expert copies are
   quantized from the store's experts on the host (`fallback_copies`) and placed on the device once, with
   the params.
@@ -148,7 +150,8 @@ def build_model(cfg: SwitchConfig, dense: dict, store: HostExpertStore, *, dtype
   for l, (stack, i) in enumerate(cfg.moe_layers):
     moe_of(values, stack, i)["norms"] = store.norms[l]
     if routing == "selective":
-      moe_of(values, stack, i)["selective_threshold"] = np.float32(selective_threshold)
+      t = selective_threshold if selective_encoder or stack != "encoder" else NEVER_THRESHOLD
+      moe_of(values, stack, i)["selective_threshold"] = np.float32(t)
     if routing == "fallback":
       moe_of(values, stack, i).update(fallback_copies(store, l, fallback_bits))
   nnx.replace_by_pure_dict(params, _fill(pure, values, put=None if mesh is None else sharding.dense_placer(mesh)))
@@ -230,7 +233,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
          selective_threshold: float | None = None, decay: float | None = None,
          swap_between_requests: bool | None = None, hysteresis: float | None = None,
          prefill_refit: float | None = None, fallback_bits: int | None = None,
-         importance_term: str | None = None, prompt_residency: bool | None = None):
+         importance_term: str | None = None, prompt_residency: bool | None = None,
+         selective_encoder: bool = True):
   """Loads a converted checkpoint (see `python -m checkpoints_conv`) under an optional memory budget.
 
   Args:
@@ -287,6 +291,11 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       more than this fraction of its encoder tokens were redirected, make each encoder layer's residents
       the experts this request's routing wanted most and run the encoder again (prefill-informed
       residency; `Residency.refit_to_prefill`). None (default): never.
+    selective_encoder: policy "selective" on encoder-decoder models: False redirects the encoder's misses
+      (masked routing there) and serves only the decoder's from host memory by the threshold. The encoder
+      misses most of a layer's experts per request, which on a GPU is nearly all of "selective"'s cost
+      (benchmarks/RESULTS.md); on the built-in model at 3 of 16 experts it keeps 96.7 % exact match
+      against 91.5 for "swapmoe" (README "Accuracy against budget"). Default True (every layer).
     prompt_residency: swapmoe/selective/fallback: before a request's first device call, move the resident
       sets to the experts that past requests sharing its prompt's tokens wanted (learned online from the
       routing statistics; `residency.PromptPredictor`). No device read and no second call. None
@@ -375,7 +384,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                   steps_per_call=steps_per_call, staging=staging, selective_threshold=selective_threshold,
                   decay=decay, swap_between_requests=swap_between_requests, hysteresis=hysteresis,
                   importance_term=importance_term,
-                  prefill_refit=prefill_refit, fallback_bits=fallback or 8, prompt_residency=prompt_residency)
+                  prefill_refit=prefill_refit, fallback_bits=fallback or 8, prompt_residency=prompt_residency,
+                  selective_encoder=selective_encoder)
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,
@@ -456,23 +466,26 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
              selective_threshold: float = DEFAULT_SELECTIVE_THRESHOLD, decay: float | None = None,
              swap_between_requests: bool | None = None, hysteresis: float | None = None,
              prefill_refit: float | None = None, fallback_bits: int = 8,
-             importance_term: str | None = None, prompt_residency: bool | None = None) -> ServedModel:
+             importance_term: str | None = None, prompt_residency: bool | None = None,
+             selective_encoder: bool = True) -> ServedModel:
   """Builds the serving model for a plan and a policy (controller, executor, telemetry); `mesh`: see
   `build_model`; `staging`, `selective_threshold`, `decay`, `swap_between_requests`, `hysteresis`,
-  `prefill_refit`, `fallback_bits`, `importance_term`, `prompt_residency`: see `load`."""
+  `prefill_refit`, `fallback_bits`, `importance_term`, `prompt_residency`, `selective_encoder`: see
+  `load`."""
   from swapmoe_jax.serving import sharding
   from swapmoe_jax.serving.executor import SwapExecutor
   from swapmoe_jax.serving.residency import Residency
   from swapmoe_jax.serving.stats import Telemetry
   from swapmoe_jax.serving.swap import make_controller
 
+  selective_encoder = check_selective_encoder(cfg, policy, selective_encoder)
   slots = plan.slots_per_layer
   resident = initial_resident(policy, store, slots, importance)
   bank = reads_bank(policy)
   graphdef, params, slot_state = build_model(cfg, dense, store, dtype=dtype, slots_per_layer=slots,
                                              resident=resident, routing=routing_of(policy),
                                              gate_mode=gate_mode, mesh=mesh, selective_threshold=selective_threshold,
-                                             fallback_bits=fallback_bits)
+                                             fallback_bits=fallback_bits, selective_encoder=selective_encoder)
   # The controller observes once per window of `plan.update_every` calls (Residency sums statistics on
   # the device), so it recomputes its targets at every observation.
   controller = make_controller(policy, cfg.num_experts, slots, resident, update_every=1,
@@ -507,9 +520,23 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
                         swap_between_requests=swap_between_requests, prefill_refit=prefill_refit,
                         prompt_residency=prompt_residency)
   served = SwitchModel if cfg.is_encoder_decoder else CausalLM
-  return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
-                     policy=policy, banks=store.banks() if bank else None, meta=meta,
-                     residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
+  model = served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
+                 policy=policy, banks=store.banks() if bank else None, meta=meta,
+                 residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
+  model.selective_encoder = selective_encoder
+  return model
+
+
+def check_selective_encoder(cfg, policy: str, value) -> bool:
+  """`load(selective_encoder=)`: a bool; False only for policy "selective" on an encoder-decoder model."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"selective_encoder must be True or False, got {value!r:.40}")
+  if not value and policy != "selective":
+    raise ValueError(f"selective_encoder=False applies to policy 'selective' only, not {policy!r}")
+  if not value and not cfg.is_encoder_decoder:
+    raise ValueError("selective_encoder=False applies to encoder-decoder models (Switch) only: a decoder-only "
+                     "model's prompt and decode steps run the same layers")
+  return bool(value)
 
 
 def calibrate(cfg: SwitchConfig, dense: dict, store: HostExpertStore, inputs, *, dtype, new_tokens: int = 16,
