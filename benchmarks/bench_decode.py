@@ -202,7 +202,7 @@ def run_one(args) -> dict:
       "prompt_residency": model.residency.prompt_residency if model.residency is not None else None,
       "prompt_pins": model.residency.prompt_pins if model.residency is not None else None,
       "prompt_pool": args.prompt_pool,
-      "selective_encoder": getattr(model, "selective_encoder", True) if policy == "selective" else None,
+      "selective_encoder": model.selective_encoder if policy == "selective" else None,
       "prefill_refit": args.prefill_refit,
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,

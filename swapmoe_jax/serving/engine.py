@@ -75,7 +75,7 @@ class ServedModel:
 
   def __init__(self, config, graphdef, params, slots, *, dtype, store=None, tokenizer=None,
                policy: str = "full", banks=None, meta: Any = None, residency=None, plan=None, limits=None,
-               steps_per_call: int = DEFAULT_STEPS_PER_CALL):
+               steps_per_call: int = DEFAULT_STEPS_PER_CALL, selective_encoder: bool = True):
     self.config = config
     self.dtype = dtype
     self.graphdef = graphdef
@@ -95,7 +95,7 @@ class ServedModel:
     self.limits = limits  # {"batch", "src_len", "tgt_len"} the budget was planned for, or None
     self.steps_per_call = check_steps_per_call(steps_per_call)  # generate's default
     self.skip_finished = True  # decode steps after every row's EOS skip the model (`decode.decode_steps`)
-    self.selective_encoder = True  # policy "selective": False keeps the encoder's layers masked (`load`)
+    self.selective_encoder = selective_encoder  # policy "selective": False keeps the encoder masked (`load`)
 
   @property
   def params(self):

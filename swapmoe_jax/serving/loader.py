@@ -343,6 +343,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
   jdtype = DTYPES[dtype_name]
   cfg = meta.config
+  check_selective_encoder(cfg, policy, selective_encoder)  # before the weights are read
   mesh = None if devices is None else sharding.expert_mesh(devices)
   n = 1 if mesh is None else mesh.size
   fallback = check_fallback_bits(policy, fallback_bits)  # 0, or the copies' bits
@@ -520,11 +521,10 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
                         swap_between_requests=swap_between_requests, prefill_refit=prefill_refit,
                         prompt_residency=prompt_residency)
   served = SwitchModel if cfg.is_encoder_decoder else CausalLM
-  model = served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
-                 policy=policy, banks=store.banks() if bank else None, meta=meta,
-                 residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call)
-  model.selective_encoder = selective_encoder
-  return model
+  return served(cfg, graphdef, params, slot_state, dtype=dtype, store=store, tokenizer=tokenizer,
+                policy=policy, banks=store.banks() if bank else None, meta=meta,
+                residency=residency, plan=plan, limits=limits, steps_per_call=steps_per_call,
+                selective_encoder=selective_encoder)
 
 
 def check_selective_encoder(cfg, policy: str, value) -> bool:

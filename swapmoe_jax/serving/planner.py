@@ -100,8 +100,9 @@ def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, s
                           staging_slots, devices, fallback)
   # A plan's total is its arrays plus the allocator margin on them (`MemoryBreakdown`): the arrays may
   # take the largest A with A + allocator_margin(A) <= budget.
-  arrays = arrays_within(budget_bytes, expert_bytes_each(config, dtype_bytes))
-  extra = (arrays - (base.total - base.allocator_bytes)) // expert_bytes_each(config, dtype_bytes)
+  one_expert = expert_bytes_each(config, dtype_bytes)
+  arrays = arrays_within(budget_bytes, one_expert)
+  extra = (arrays - (base.total - base.allocator_bytes)) // one_expert
   return min(config.num_moe_layers + extra, config.num_moe_layers * config.num_experts // devices)
 
 
