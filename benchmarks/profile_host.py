@@ -17,7 +17,9 @@ requests, then runs `--requests` plain requests and reports, per request (median
     `after_step`, `flush`) began and how long it took, and when the request returned;
   - two streamed requests after them: when the last one's first and last tokens reached the host, when
     it returned, and its host timeline beside the plain request's;
-and the functions of largest cumulative and own time from a cProfile of the same requests. One JSON
+and the functions of largest cumulative and own time from a cProfile of the same requests; then
+`--alternate` pairs of plain and streamed requests without the profiler, each with its swaps and
+experts read from host memory. One JSON
 line per run is appended to `--out` when given.
 """
 
@@ -107,6 +109,29 @@ def _build(args):
   return built.model, cfg, lambda: (random_model.random_prompts(rng, cfg, 1, args.src_len)[0],)
 
 
+def _alternate(model, prompt, new_tokens: int, n: int, res) -> list[dict]:
+  """`n` pairs of requests, one plain and one streamed (a no-op callback), alternating, without the
+  profiler: whether a streamed request is faster because it streams, or because of when it runs."""
+  import jax
+
+  rows = []
+  for i in range(2 * n):
+    mode = "plain" if i % 2 == 0 else "streamed"
+    tele0 = model.stats.summary() if model.stats is not None else {}
+    w0 = res.executor.experts_written if res is not None and res.executor is not None else 0
+    ids = prompt()
+    t = time.perf_counter()
+    out = model.generate(*ids, max_new_tokens=new_tokens,
+                         stream=None if mode == "plain" else (lambda step, tok: None))
+    jax.block_until_ready(out)
+    ms = 1e3 * (time.perf_counter() - t)
+    tele = model.stats.summary() if model.stats is not None else {}
+    w1 = res.executor.experts_written if res is not None and res.executor is not None else 0
+    rows.append({"mode": mode, "ms": round(ms, 2), "swaps": int(w1 - w0),
+                 "missed_experts": float(tele.get("missed_experts", 0) - tele0.get("missed_experts", 0))})
+  return rows
+
+
 def _switch_shapes():
   from shapes import SHAPES
 
@@ -129,6 +154,7 @@ def main(argv=None):
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--requests", type=int, default=3)
+  p.add_argument("--alternate", type=int, default=4, help="pairs of plain and streamed requests, unprofiled")
   p.add_argument("--top", type=int, default=25, help="cProfile rows printed")
   p.add_argument("--out", help="append one JSON line here")
   args = p.parse_args(argv)
@@ -182,6 +208,7 @@ def main(argv=None):
   phases.take()
   tele = model.stats.summary() if model.stats is not None else {}
   written = (res.executor.experts_written if res is not None and res.executor is not None else 0) - written0
+  alternating = _alternate(model, prompt, args.new_tokens, args.alternate, res)
   names = sorted({k for d in per for k in d})
   summary = {k: (float(np.median([d.get(k, (0, 0))[0] for d in per])),
                  float(np.mean([d.get(k, (0, 0))[1] for d in per]))) for k in names}
@@ -196,6 +223,7 @@ def main(argv=None):
          "bytes_from_host_per_request": (tele.get("bytes_from_host", 0) - tele0.get("bytes_from_host", 0)) / n,
          "timeline_ms": [(k, round(a, 2), round(b, 2)) for k, a, b in timeline], "streamed": streamed,
          "streamed_timeline_ms": [(k, round(a, 2), round(b, 2)) for k, a, b in streamed_timeline],
+         "alternating": alternating,
          "device": jax.devices()[0].device_kind}
   print(f"\n{args.shape}{f' ({args.layers} layers)' if args.layers else ''} {args.run}: request "
         f"{row['request_ms']:.1f} ms (median of {n}), swaps/request {row['swaps_per_request']:.1f}, experts from host "
@@ -207,6 +235,13 @@ def main(argv=None):
   print("  a streamed request: first token {first_token_ms:.1f} ms, last token {last_token_ms:.1f} ms, "
         "returned {return_ms:.1f} ms".format(**streamed))
   print("  its host timeline: " + ", ".join(f"{k} {a:.1f}+{b:.1f}" for k, a, b in streamed_timeline))
+  if alternating:
+    print("  alternating plain and streamed requests (no profiler): mode, ms, swaps, experts from host")
+    for r in alternating:
+      print(f"    {r['mode']:8s} {r['ms']:8.1f} {r['swaps']:5d} {r['missed_experts']:6.0f}")
+    for mode in ("plain", "streamed"):
+      ms = [r["ms"] for r in alternating if r["mode"] == mode]
+      print(f"  {mode}: median {np.median(ms):.1f} ms over {len(ms)}")
   s = io.StringIO()
   st = pstats.Stats(prof, stream=s)
   st.sort_stats("cumulative").print_stats(args.top)
