@@ -170,10 +170,17 @@ def run_one(args) -> dict:
     prompt = lambda: random_model.random_prompts(rng, cfg, args.batch, args.src_len)[0]  # noqa: E731
   model.generate(prompt(), max_new_tokens=args.new_tokens)  # warm-up: compilation
   model.generate(prompt(), max_new_tokens=args.new_tokens, stream=lambda step, tok: None)
+  for _ in range(args.warmup):  # a policy's state after many requests (lfu's counts, swapmoe's scores)
+    model.generate(prompt(), max_new_tokens=args.new_tokens)
   ex = model.residency.executor if model.residency is not None else None
   swapped_before = ex.experts_written if ex is not None else 0
+  tele0 = model.stats.summary() if model.stats is not None else {}
   timed = _timed_generates(model, prompt, args)
   swapped = (ex.experts_written if ex is not None else 0) - swapped_before
+  tele1 = model.stats.summary() if model.stats is not None else {}
+  # Expert bytes the timed requests read from host memory (exact/selective), per request: issue 18's
+  # floor for a request is full's time + 1.2 x these bytes / the pinned bandwidth (`stage_bandwidth_8`).
+  timed_host_bytes = (tele1.get("bytes_from_host", 0) - tele0.get("bytes_from_host", 0)) / (2 * args.repeats)
   if args.trace_dir:  # one more plain request, traced (host threads and GPU streams), after the timed ones
     _trace_request(model, prompt, args, f"{policy}{'@' + option if option else ''}_{budget}_{staging}")
   peak = mem("peak_bytes_in_use")
@@ -194,7 +201,8 @@ def run_one(args) -> dict:
       # Expert weights read from host memory (exact/selective), over every request this process ran
       # (2 warm-ups and 2 per repeat): the transfer floor of issue 18 is bytes / requests / pinned bandwidth.
       "missed_experts": tele.get("missed_experts"), "bytes_from_host": tele.get("bytes_from_host"),
-      "requests_run": 2 + 2 * args.repeats + bool(args.trace_dir),
+      "requests_run": 2 + args.warmup + 2 * args.repeats + bool(args.trace_dir), "warmup": args.warmup,
+      "host_bytes_per_timed_request": timed_host_bytes,
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold if policy == "selective" else None,
       "hysteresis": args.hysteresis,
       "swap_between_requests": model.residency.swap_between_requests if model.residency is not None else None,
@@ -280,6 +288,8 @@ def add_request_arguments(p: argparse.ArgumentParser, several: bool = False) -> 
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=0,
+                 help="plain requests after the two warm-ups, before the timed ones (a policy's steady state)")
   p.add_argument("--update-every", type=int, default=16)
   p.add_argument("--max-swaps", type=int, default=2)
   p.add_argument("--steps-per-call", type=int, default=16, help="decode steps per device call")
@@ -305,6 +315,15 @@ def print_table(rows) -> None:
           f"{g('peak_device_bytes'):>8.2f}{n('ms_per_token'):>8.3f}{ratio:>8.2f}{n('stream_p50_ms'):>8.3f}"
           f"{n('stream_p95_ms'):>8.3f}{n('prefill_ms'):>8.1f}{(r.get('redirect_rate') or 0) * 100:>6.1f}%"
           f"{(r.get('hit_rate') or 0) * 100:>4.0f}%{r.get('swaps_per_token') or 0:>7.2f}")
+  for r in rows:  # exact reads from host memory against issue 18's floor
+    full = next((f for f in rows if f["policy"] == "full" and f["shape"] == r["shape"] and f["dtype"] == r["dtype"]
+                 and f["batch"] == r["batch"]), None)
+    bw = r.get("stage_bandwidth_8")
+    if r.get("host_bytes_per_timed_request") and full and full.get("request_ms") and bw:
+      floor = full["request_ms"] + 1.2e3 * r["host_bytes_per_timed_request"] / bw
+      print(f"{r.get('run', r['policy']).split(':')[0]} at {r['budget']}: {r['request_ms']:.1f} ms a request, reading "
+            f"{r['host_bytes_per_timed_request'] / 1e9:.2f} GB from host memory at {bw / 1e9:.1f} GB/s pinned: "
+            f"floor full + 1.2 x transfer = {floor:.1f} ms ({r['request_ms'] / floor:.2f}x the floor)")
 
 
 def main(argv=None):
@@ -346,7 +365,7 @@ def main(argv=None):
     return 0
   common = ["--src-len", str(args.src_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
             "--update-every", str(args.update_every), "--max-swaps", str(args.max_swaps),
-            "--steps-per-call", str(args.steps_per_call)] + (["--devices", str(args.devices)] if args.devices else []) + (
+            "--steps-per-call", str(args.steps_per_call), "--warmup", str(args.warmup)] + (["--devices", str(args.devices)] if args.devices else []) + (
                 [] if args.selective_threshold is None else ["--selective-threshold", str(args.selective_threshold)]) + (
                 [] if args.hysteresis is None else ["--hysteresis", str(args.hysteresis)]) + (
                 ["--selective-encoder", args.selective_encoder]) + (

@@ -109,6 +109,19 @@ def _build(args):
   return built.model, cfg, lambda: (random_model.random_prompts(rng, cfg, 1, args.src_len)[0],)
 
 
+def _numpy_writes() -> None:
+  """Makes every one-device executor write as before: `_write_slot` with the slot and the planned index
+  map from the host (two host->device transfers a write)."""
+  from swapmoe_jax.serving import executor
+
+  def write_row(self, leaves, positions, row_wi, row_wo, w, index_map):
+    a, b, m = positions
+    leaves[a], leaves[b], leaves[m] = executor._write_slot(leaves[a], leaves[b], row_wi, row_wo, np.int32(w.slot),
+                                                           index_map)
+
+  executor.SwapExecutor._write_row = write_row
+
+
 def _alternate(model, prompt, new_tokens: int, n: int, res) -> list[dict]:
   """`n` pairs of requests, one plain and one streamed (a no-op callback), alternating, without the
   profiler: whether a streamed request is faster because it streams, or because of when it runs."""
@@ -154,6 +167,9 @@ def main(argv=None):
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--requests", type=int, default=3)
+  p.add_argument("--writes", choices=["device", "numpy"], default="device",
+                 help="numpy: the executor's slot writes as before 2026-12-02 (the slot and the planned map "
+                      "from the host with every write), for a comparison in one run")
   p.add_argument("--alternate", type=int, default=4, help="pairs of plain and streamed requests, unprofiled")
   p.add_argument("--top", type=int, default=25, help="cProfile rows printed")
   p.add_argument("--out", help="append one JSON line here")
@@ -161,6 +177,8 @@ def main(argv=None):
 
   import jax
 
+  if args.writes == "numpy":
+    _numpy_writes()
   t0 = time.perf_counter()
   model, cfg, prompt = _build(args)
   jax.block_until_ready(model._slots.leaves)
@@ -213,7 +231,7 @@ def main(argv=None):
   summary = {k: (float(np.median([d.get(k, (0, 0))[0] for d in per])),
                  float(np.mean([d.get(k, (0, 0))[1] for d in per]))) for k in names}
   n = args.requests
-  row = {"bench": "profile_host", "shape": args.shape, "layers": args.layers, "run": args.run,
+  row = {"bench": "profile_host", "writes": args.writes, "shape": args.shape, "layers": args.layers, "run": args.run,
          "drain": None if res is None else res.swap_between_requests, "staging": args.staging,
          "request_ms": 1e3 * float(np.median(walls)), "requests": n,
          "phases_ms": {k: round(v[0], 3) for k, v in summary.items()},

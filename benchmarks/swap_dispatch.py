@@ -4,7 +4,8 @@
 
 On a GPU a decode step is bound by the host launching it, so every millisecond the host spends issuing
 swaps between two device calls is a millisecond added to the request. This script times the host side of
-`executor._write_slot` (one donated, jitted write per expert) for `--writes` writes into switch-base's
+one donated, jitted write per expert (`--args`: the executor's `_write_slot_in_place`, or the
+`_write_slot` it used before, given its slot and planned map from the host with every write) for `--writes` writes into switch-base's
 expert shape (D 768, F 3072, bfloat16; `--layers` layers of `--slots` slots):
   idle       the device has nothing queued;
   in flight  right after dispatching a call that reads every slot buffer (a stand-in for a decode call,
@@ -35,12 +36,16 @@ def main(argv=None) -> dict:
   p.add_argument("--writes", type=int, default=2)
   p.add_argument("--busy-steps", type=int, default=400, help="steps of the stand-in decode call")
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--args", choices=["numpy", "device"], default="device",
+                 help="numpy: the slot and the planned map from the host with every write (`_write_slot`, "
+                      "before); device: cached device scalars and the map updated on the device "
+                      "(`_write_slot_in_place`, what the executor does)")
   args = p.parse_args(argv)
 
   import jax
   import jax.numpy as jnp
 
-  from swapmoe_jax.serving.executor import _write_slot
+  from swapmoe_jax.serving.executor import _write_slot, _write_slot_in_place
 
   key = jax.random.key(0)
   wi = [0.02 * jax.random.normal(jax.random.fold_in(key, 2 * l), (args.slots, F, D), jnp.bfloat16)
@@ -68,9 +73,17 @@ def main(argv=None) -> dict:
     jax.block_until_ready(busy(wi, wo, x))
   busy_ms = 1e3 * (time.perf_counter() - t) / 5
 
-  def write(l, slot):
+  slot_of = [jax.device_put(m) for m in maps]
+  scalars = jax.device_put([np.int32(v) for v in range(max(args.experts, args.slots))])
+
+  def write_numpy(l, slot):  # before: the slot and the planned map transferred with every write
     wi[l], wo[l], _ = _write_slot(wi[l], wo[l], row_wi, row_wo, np.int32(slot), maps[l])
 
+  def write_device(l, slot):  # since: cached device scalars, the map updated on the device
+    wi[l], wo[l], slot_of[l] = _write_slot_in_place(wi[l], wo[l], slot_of[l], row_wi, row_wo, scalars[slot],
+                                                    scalars[(slot + 7 * l) % args.experts])
+
+  write = write_numpy if args.args == "numpy" else write_device
   for l in range(args.layers):  # compile every buffer shape
     write(l, 0)
   jax.block_until_ready(wi + wo)
@@ -90,11 +103,11 @@ def main(argv=None) -> dict:
     flight.append((time.perf_counter() - t) / args.writes)
     jax.block_until_ready((out, wi, wo))
     total.append(time.perf_counter() - t0)
-  row = {"bench": "swap_dispatch", "layers": args.layers, "slots": args.slots, "writes": args.writes,
+  row = {"bench": "swap_dispatch", "args": args.args, "layers": args.layers, "slots": args.slots, "writes": args.writes,
          "busy_ms": busy_ms, "write_idle_ms": 1e3 * float(np.median(idle)),
          "write_in_flight_ms": 1e3 * float(np.median(flight)),
          "busy_plus_writes_ms": 1e3 * float(np.median(total)), "device": jax.devices()[0].device_kind}
-  print(f"busy call {busy_ms:.2f} ms; per write: idle {row['write_idle_ms']:.3f} ms, in flight "
+  print(f"{args.args} arguments: busy call {busy_ms:.2f} ms; per write: idle {row['write_idle_ms']:.3f} ms, in flight "
         f"{row['write_in_flight_ms']:.3f} ms; busy + writes {row['busy_plus_writes_ms']:.2f} ms")
   return row
 

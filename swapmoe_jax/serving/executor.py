@@ -14,11 +14,25 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from swapmoe_jax.serving.decode import Flat, unflat
 from swapmoe_jax.serving.store import HostExpertStore
 from swapmoe_jax.serving.swap import SlotWrite
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+def _write_slot_in_place(wi, wo, slot_of, row_wi, row_wo, slot, expert):
+  """One layer's buffers wi [K, F, D], wo [K, D, F] and index map slot_of int32[E] (all donated, updated
+  in place): slot `slot` gets expert `expert`'s row_wi [1, F, D] / row_wo [1, D, F], and the map says so
+  (the expert that held the slot maps to -1). Every argument is already on the device: on a GPU each
+  host->device transfer of a small argument costs the host 0.2-0.5 ms, as much as the write's dispatch,
+  and a swap's writes are issued between two decode calls."""
+  wi = jax.lax.dynamic_update_slice_in_dim(wi, row_wi.astype(wi.dtype), slot, axis=0)
+  wo = jax.lax.dynamic_update_slice_in_dim(wo, row_wo.astype(wo.dtype), slot, axis=0)
+  slot_of = jnp.where(slot_of == slot, -1, slot_of).at[expert].set(slot)
+  return wi, wo, slot_of
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -68,6 +82,7 @@ class SwapExecutor:
     self.experts_written = 0
     self.bytes_written = 0
     self._positions = None  # leaf positions of each layer's buffers, found on the first commit
+    self._scalars = None  # int32 device scalars 0..max(E, K)-1: a write's slot and expert (`_scalar`)
 
   def stage(self, writes: Sequence[SlotWrite]) -> tuple:
     """Starts the host->device copies of the incoming experts, all in one batched operation
@@ -91,10 +106,22 @@ class SwapExecutor:
 
   def _write_row(self, leaves: list, positions: tuple[int, int, int], row_wi, row_wo, w: SlotWrite,
                  index_map: np.ndarray) -> None:
-    """Writes one staged row and its layer's index map into `leaves` (the flat slot state, replaced in
-    place; `positions`: the layer's wi, wo, slot_of). `sharding.ShardedSwapExecutor` overrides this."""
+    """Writes one staged row into `leaves` (the flat slot state, replaced in place; `positions`: the
+    layer's wi, wo, slot_of) and updates the layer's index map on the device, where it is the map the
+    host planned (`index_map`) once the commit's writes have landed: each write moves one expert into one
+    slot. `sharding.ShardedSwapExecutor` overrides this."""
     a, b, m = positions
-    leaves[a], leaves[b], leaves[m] = _write_slot(leaves[a], leaves[b], row_wi, row_wo, np.int32(w.slot), index_map)
+    leaves[a], leaves[b], leaves[m] = _write_slot_in_place(
+        leaves[a], leaves[b], leaves[m], row_wi, row_wo, self._scalar(w.slot, leaves[m]),
+        self._scalar(w.expert, leaves[m]))
+
+  def _scalar(self, value: int, like: jax.Array) -> jax.Array:
+    """The int32 device scalar `value`, on `like`'s device: made once for every value a write can name
+    (slots and experts), in one transfer, and reused (no jitted call donates them)."""
+    if self._scalars is None:
+      n = max(self.store.num_experts, max(self.slots_per_layer))
+      self._scalars = jax.device_put([np.int32(v) for v in range(n)], like.sharding)
+    return self._scalars[value]
 
   def warm_up(self, slots, resident: Sequence[np.ndarray], index_maps: Sequence[np.ndarray]):
     """Compiles the write program for every distinct slot-buffer shape at load time, by rewriting one
