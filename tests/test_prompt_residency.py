@@ -121,3 +121,30 @@ def test_prompt_residency_is_refused_where_it_means_nothing():
     load(default_checkpoint(), experts=3, policy="lfu", prompt_residency=True, **LIMITS)
   with pytest.raises(ValueError, match="prompt_residency must be True or False"):
     load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency="yes", **LIMITS)
+
+
+def test_the_predictor_holds_its_memory_from_the_start_and_learns_as_a_running_mean_per_row():
+  """Every bucket's row is allocated when the predictor is made (no growth while prompts arrive), and
+  the vectorised update equals, bit for bit, the per-row running mean it replaced."""
+  L, E = 3, 5
+  p = PromptPredictor(num_layers=L, num_experts=E)
+  assert p.shares.shape == (p.BUCKETS, L, E) and p.shares.dtype == np.float32
+  rng = np.random.default_rng(0)
+  ref: dict[int, np.ndarray] = {}
+  seen: dict[int, int] = {}
+  for r in range(2 * p.MEMORY + 6):
+    # a few buckets in most requests (seen past MEMORY times: the mean turns exponential), others rarely
+    tokens = np.concatenate([rng.integers(0, 10, size=8), rng.integers(0, 3 * p.BUCKETS, size=4)])
+    imp = rng.random((L, E)) * (rng.random((L, 1)) > 0.2)  # some layers route nothing
+    p.learn(tokens, imp)
+    total = imp.sum(axis=1, keepdims=True)
+    share = np.where(total > 0, imp / np.where(total > 0, total, 1.0), 0.0).astype(np.float32)
+    for bucket in np.unique(tokens % p.BUCKETS).tolist():
+      seen[bucket] = seen.get(bucket, 0) + 1
+      row = ref.setdefault(bucket, np.zeros((L, E), np.float32))
+      row += (share - row) / min(seen[bucket], p.MEMORY)
+  assert max(seen.values()) > p.MEMORY
+  for bucket, row in ref.items():
+    np.testing.assert_array_equal(p.shares[bucket], row)
+  untouched = np.setdiff1d(np.arange(p.BUCKETS), list(ref))
+  assert not p.shares[untouched].any()

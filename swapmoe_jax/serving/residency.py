@@ -459,8 +459,11 @@ class PromptPredictor:
   noise, and acting on it moves experts on the first token's path for nothing (on one H200, random-token
   prompts each re-pinned ~12 experts: time to first token 13 ms against 4.3).
 
-  Host memory: one float32 [L, E] row per bucket seen, made on first sight (at most `BUCKETS`: 50 MB
-  for switch-large-128's 24 layers of 128 experts once every bucket has been seen).
+  Host memory: one float32 [L, E] row per bucket, all `BUCKETS` of them allocated and written when the
+  policy is made (12.6 MB for switch-base-64's 12 MoE layers of 64 experts, 50 MB for
+  switch-large-128's 24 of 128), so that a server's memory does not grow while prompts fill them in:
+  made on first sight instead, they were most of a 43 MiB RSS rise in the first 10k steps of a GPU
+  soak (`benchmarks/soak.py`).
   """
 
   BUCKETS = 4096
@@ -468,7 +471,8 @@ class PromptPredictor:
   MIN_KNOWN = 0.5  # the least fraction of a prompt's distinct tokens seen before that predicts
 
   def __init__(self, num_layers: int, num_experts: int):
-    self.shares: dict[int, np.ndarray] = {}  # bucket -> float32 [L, E], its running mean of shares
+    self.shares = np.empty((self.BUCKETS, num_layers, num_experts), np.float32)  # a bucket's running mean
+    self.shares.fill(0.0)  # written now, so its pages are resident from the start (np.zeros maps them lazily)
     self.seen = np.zeros(self.BUCKETS, np.int64)  # requests whose prompt had the token
     self.requests = 0
 
@@ -486,9 +490,8 @@ class PromptPredictor:
     if not b.size:
       return
     self.seen[b] += 1
-    for bucket, n in zip(b.tolist(), self.seen[b].tolist()):
-      row = self.shares.setdefault(bucket, np.zeros_like(share))
-      row += (share - row) / min(n, self.MEMORY)
+    n = np.minimum(self.seen[b], self.MEMORY).astype(np.float32)[:, None, None]
+    self.shares[b] += (share - self.shares[b]) / n
     self.requests += 1
 
   def predict(self, tokens) -> np.ndarray | None:
@@ -502,7 +505,7 @@ class PromptPredictor:
     idf = np.log((1.0 + self.requests) / self.seen[b])  # near 0 for a token in every request
     if not np.any(idf > 0):
       return None
-    return np.tensordot(idf, np.stack([self.shares[k] for k in b.tolist()]), axes=1) / idf.sum()
+    return np.tensordot(idf, self.shares[b], axes=1) / idf.sum()
 
 
 def _index_map(slot_expert: np.ndarray, num_experts: int) -> np.ndarray:
