@@ -376,6 +376,8 @@ def run_ours(args, cfg, common: dict) -> dict:
   model.generate(random_prompt(rng, cfg, args.batch, args.src_len), max_new_tokens=args.new_tokens)  # compiles
   model.generate(random_prompt(rng, cfg, args.batch, args.src_len), max_new_tokens=args.new_tokens,
                  stream=lambda step, tok: None)
+  for _ in range(args.warmup):  # a policy's state after many requests (lfu's counts, swapmoe's scores)
+    model.generate(random_prompt(rng, cfg, args.batch, args.src_len), max_new_tokens=args.new_tokens)
   setup["warmup_s"] = time.perf_counter() - t1
   ex = model.residency.executor if model.residency is not None else None
   written = ex.experts_written if ex is not None else 0
@@ -388,7 +390,7 @@ def run_ours(args, cfg, common: dict) -> dict:
   decoded = args.repeats * 2 * args.new_tokens  # a plain and a streamed request per repeat
   looked_up = during["hits"] + during["misses"]
   return common | timed | {
-      "new_tokens": args.new_tokens, "slots_per_layer": list(plan.slots_per_layer),
+      "new_tokens": args.new_tokens, "warmup": args.warmup, "slots_per_layer": list(plan.slots_per_layer),
       "resident_experts": plan.resident_experts, "steps_per_call": args.steps_per_call, "staging": staging,
       "update_every": plan.update_every, "max_swaps": plan.max_swaps_per_step,
       "swap_between_requests": None if model.residency is None else model.residency.swap_between_requests,
@@ -668,6 +670,8 @@ def main(argv=None):
   p.add_argument("--src-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=0,
+                 help="plain requests after the two warm-ups, before the timed ones (ours; a policy's steady state)")
   p.add_argument("--update-every", type=int, default=16)
   p.add_argument("--max-swaps", type=int, default=2)
   p.add_argument("--steps-per-call", type=int, default=16, help="decode steps per device call (ours)")
@@ -704,7 +708,7 @@ def main(argv=None):
   common = ["--shape", args.shape, "--dtype", args.dtype, "--batch", str(args.batch), "--src-len", str(args.src_len),
             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--update-every",
             str(args.update_every), "--max-swaps", str(args.max_swaps), "--steps-per-call", str(args.steps_per_call),
-            "--max-new-tokens-peer", str(args.max_new_tokens_peer)]
+            "--max-new-tokens-peer", str(args.max_new_tokens_peer), "--warmup", str(args.warmup)]
   common += ["--hf-experts", args.hf_experts] if args.hf_experts else []
   common += ["--threads", str(args.threads)] if args.threads else []
   common += ["--no-drain"] if args.no_drain else ["--drain"] if args.drain else []
