@@ -19,7 +19,8 @@ requests, then runs `--requests` plain requests and reports, per request (median
     it returned, and its host timeline beside the plain request's;
 and the functions of largest cumulative and own time from a cProfile of the same requests; then
 `--alternate` pairs of plain and streamed requests without the profiler, each with its swaps and
-experts read from host memory. One JSON
+experts read from host memory. `--writes numpy` makes the executor's slot writes take their slot and
+index map from the host, as before 2026-12-02, for a comparison with today's writes in one session. One JSON
 line per run is appended to `--out` when given.
 """
 

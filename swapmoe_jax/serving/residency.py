@@ -461,9 +461,9 @@ class PromptPredictor:
 
   Host memory: one float32 [L, E] row per bucket, all `BUCKETS` of them allocated and written when the
   policy is made (12.6 MB for switch-base-64's 12 MoE layers of 64 experts, 50 MB for
-  switch-large-128's 24 of 128), so that a server's memory does not grow while prompts fill them in:
-  made on first sight instead, they were most of a 43 MiB RSS rise in the first 10k steps of a GPU
-  soak (`benchmarks/soak.py`).
+  switch-large-128's 24 of 128), so that a server's memory does not grow while prompts fill them in
+  (made on first sight, they were 12.6 MB of a GPU soak's 43 MiB RSS rise over its first 10k steps;
+  `benchmarks/soak.py`).
   """
 
   BUCKETS = 4096
