@@ -298,6 +298,12 @@ def add_request_arguments(p: argparse.ArgumentParser, several: bool = False) -> 
                       "as in a real model; 1: broadcast views of one, for quick runs that do not time swaps)")
 
 
+def _full_row(rows, r) -> dict | None:
+  """The `full` run of `rows` with `r`'s shape, dtype and batch, or None."""
+  return next((f for f in rows if f["policy"] == "full" and f["shape"] == r["shape"] and f["dtype"] == r["dtype"]
+               and f["batch"] == r["batch"]), None)
+
+
 def print_table(rows) -> None:
   gib = 2**30
   print(f"\n{'shape':<17}{'dt':>5}{'b':>3}{'policy':>14}{'budget':>8}{'plan G':>8}{'peak G':>8}{'ms/tok':>8}"
@@ -305,8 +311,7 @@ def print_table(rows) -> None:
   for r in rows:
     if r["policy"] == "transfer":
       continue
-    full = next((f for f in rows if f["policy"] == "full" and f["shape"] == r["shape"] and f["dtype"] == r["dtype"]
-                 and f["batch"] == r["batch"]), None)
+    full = _full_row(rows, r)
     ratio = r["ms_per_token"] / full["ms_per_token"] if full else float("nan")
     g = lambda k: r[k] / gib if r.get(k) else float("nan")  # noqa: E731
     n = lambda k: float("nan") if r.get(k) is None else r[k]  # noqa: E731
@@ -316,8 +321,7 @@ def print_table(rows) -> None:
           f"{n('stream_p95_ms'):>8.3f}{n('prefill_ms'):>8.1f}{(r.get('redirect_rate') or 0) * 100:>6.1f}%"
           f"{(r.get('hit_rate') or 0) * 100:>4.0f}%{r.get('swaps_per_token') or 0:>7.2f}")
   for r in rows:  # exact reads from host memory against issue 18's floor
-    full = next((f for f in rows if f["policy"] == "full" and f["shape"] == r["shape"] and f["dtype"] == r["dtype"]
-                 and f["batch"] == r["batch"]), None)
+    full = _full_row(rows, r)
     bw = r.get("stage_bandwidth_8")
     if r.get("host_bytes_per_timed_request") and full and full.get("request_ms") and bw:
       floor = full["request_ms"] + 1.2e3 * r["host_bytes_per_timed_request"] / bw
