@@ -321,7 +321,8 @@ def build(cfg, dtype: str, policy: str, budget: str, *, batch: int, src_len: int
   t0 = time.perf_counter()
   dense, experts, norms = random_parts(cfg, np.dtype(jdtype), threads=threads, progress=progress)
   store = HostExpertStore.from_numpy(experts, norms, jdtype,  # reads the layers one at a time
-                                     pinned=loader.needs_pinned(policy, staging))
+                                     pinned=loader.needs_pinned(policy, staging),
+                                     banks=loader.needs_banks(policy, staging))
   t1 = time.perf_counter()
   model = loader.assemble(cfg, dense, store, plan, policy=policy, gate_mode="original", dtype=jdtype,
                           limits=shape if budget_bytes is not None else None, steps_per_call=steps_per_call,

@@ -150,7 +150,9 @@ def build(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, new
   jdtype = loader.DTYPES[dtype]
   dense, experts, norms = parts if parts is not None else random_model_parts(cfg, dtype, pool=pool, init=init)
   if mesh is None:
-    store = HostExpertStore.from_numpy(experts, norms, jdtype)
+    staging = assemble_kw.get("staging", loader.DEFAULT_STAGING)
+    store = HostExpertStore.from_numpy(experts, norms, jdtype, pinned=loader.needs_pinned(policy, staging),
+                                       banks=loader.needs_banks(policy, staging))  # as `load` builds it
   else:
     store = sharding.ShardedExpertStore.from_numpy(experts, norms, jdtype, mesh)
   del experts

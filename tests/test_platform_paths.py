@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from swapmoe_jax.moe import router as router_lib
+from swapmoe_jax.serving import loader
 from swapmoe_jax.serving import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +73,35 @@ def test_host_store_falls_back_to_numpy_without_pinned_host(monkeypatch):
     assert wi.sharding.memory_kind == "device"
     np.testing.assert_array_equal(np.asarray(wi), experts[0][0][[3, 1]].transpose(0, 2, 1))  # [out, in]
     np.testing.assert_array_equal(np.asarray(wo), experts[0][1][[3, 1]].transpose(0, 2, 1))
+
+
+def test_pinned_store_built_as_banks_equals_rows_then_banks():
+  """`from_numpy(banks=True)` (what `load` asks for when exact routing or "gather" staging will need
+  banks) starts in the banks layout, in pinned memory, with the bytes that rows-then-`banks()` gives,
+  and stages the same rows."""
+  rng = np.random.default_rng(2)
+  experts = [(rng.normal(size=(5, 3, 4)).astype(np.float32), rng.normal(size=(5, 4, 3)).astype(np.float32))
+             for _ in range(2)]
+  direct = store_lib.HostExpertStore.from_numpy(experts, np.ones((2, 5)), jnp.float32, banks=True)
+  via_rows = store_lib.HostExpertStore.from_numpy(experts, np.ones((2, 5)), jnp.float32)
+  assert direct.layout == "banks" and via_rows.layout == "rows"
+  assert direct.expert_shapes == via_rows.expert_shapes and direct.expert_bytes == via_rows.expert_bytes
+  for (wi_a, wo_a), (wi_b, wo_b) in zip(direct.banks(), via_rows.banks()):
+    assert wi_a.sharding.memory_kind == wo_a.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(np.asarray(wi_a), np.asarray(wi_b))
+    np.testing.assert_array_equal(np.asarray(wo_a), np.asarray(wo_b))
+  np.testing.assert_array_equal(direct.expert(1, 3)[0], experts[1][0][3].T)
+  for a, b in zip(direct.gather_to_device(1, [4, 0]), via_rows.gather_to_device(1, [4, 0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_builds_the_store_in_the_layout_its_policy_reads():
+  """Exact and selective routing and "gather" staging want banks; the others start as rows (pinned) or
+  numpy (pageable)."""
+  assert loader.needs_banks("lfu", "pageable") and loader.needs_banks("selective", "pageable")
+  assert loader.needs_banks("swapmoe", "gather")
+  assert not loader.needs_banks("swapmoe", "pageable") and not loader.needs_banks("swapmoe", "transfer")
+  assert not loader.needs_banks("full", "pageable")
 
 
 def test_pinned_store_stages_rows_until_banks_are_asked_for():

@@ -201,6 +201,13 @@ def needs_pinned(policy: str, staging: str) -> bool:
   return reads_bank(policy) or staging != "pageable"
 
 
+def needs_banks(policy: str, staging: str) -> bool:
+  """Whether `assemble` will stack a one-device store's experts into banks (`store.banks()`): exact and
+  selective routing read them inside the step, and "gather" staging copies from them. Such a store is
+  best built in that layout from the start (`HostExpertStore.from_numpy(banks=True)`)."""
+  return reads_bank(policy) or staging == "gather"
+
+
 def reads_bank(policy: str) -> bool:
   """Whether the policy's routing reads missing experts from the host banks inside the step (exact
   policies; selective, for its misses at or above the threshold): its model gets `store.banks()`."""
@@ -362,7 +369,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
-    store = HostExpertStore.from_numpy(experts, meta.expert_norms, jdtype, pinned=needs_pinned(policy, staging))
+    store = HostExpertStore.from_numpy(experts, meta.expert_norms, jdtype, pinned=needs_pinned(policy, staging),
+                                       banks=needs_banks(policy, staging))
   else:
     store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
   del experts

@@ -53,7 +53,7 @@ class HostExpertStore:
 
   @classmethod
   def from_numpy(cls, experts: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, dtype, device=None,
-                 pinned: bool = True):
+                 pinned: bool = True, banks: bool = False):
     """experts: per MoE layer (wi [E, D, F], wo [E, F, D]) in the checkpoint's [in, out] orientation;
     transposed to [out, in] one layer at a time.
 
@@ -61,19 +61,26 @@ class HostExpertStore:
     routing and the "transfer"/"gather" stagings); False keeps ordinary numpy banks, as `to_pageable`
     leaves them, without passing through pinned memory — which XLA caps (64 GB by default on a GPU:
     a Mixtral-8x7B's 87 GiB of experts did not fit) and which would hold the experts twice meanwhile.
+    banks: start in the banks layout (one pinned array per layer and matrix) instead of rows, for a
+    caller that will ask for `banks()` anyway (exact and selective routing, "gather" staging): the
+    experts are then copied into pinned memory once, where rows-then-banks copies them there, back out
+    and in again (switch-large-128's 49 GiB did not finish that within 280 s on an H200's host).
     """
     device = device or jax.devices()[0]
     kind = host_memory_kind(device) if pinned else None
     wi, wo, rows = [], [], []
+    host = SingleDeviceSharding(device, memory_kind=kind) if kind is not None else None
     for a, b in experts:
       a, b = (np.ascontiguousarray(np.swapaxes(np.asarray(x).astype(dtype, copy=False), 1, 2)) for x in (a, b))
       if kind is None:
         wi.append(a)
         wo.append(b)
+      elif banks:
+        wi.append(jax.device_put(a, host))
+        wo.append(jax.device_put(b, host))
       else:
-        host = SingleDeviceSharding(device, memory_kind=kind)
         rows.append([tuple(jax.device_put(x[e:e + 1], host) for x in (a, b)) for e in range(a.shape[0])])
-    return cls(wi, wo, norms, device, kind, rows if kind is not None else None)
+    return cls(wi, wo, norms, device, kind, rows if kind is not None and not banks else None)
 
   @property
   def num_layers(self) -> int:
