@@ -104,6 +104,25 @@ def test_load_builds_the_store_in_the_layout_its_policy_reads():
   assert not loader.needs_banks("full", "pageable")
 
 
+def test_load_asks_for_banks_from_the_start_for_exact_routing(monkeypatch):
+  """`load` with an exact policy builds its store as pinned banks (one copy into pinned memory), and
+  its model reads those banks."""
+  from swapmoe_jax import default_checkpoint, load
+
+  asked = []
+  original = store_lib.HostExpertStore.from_numpy.__func__
+
+  def spy(cls, *args, **kwargs):
+    asked.append(kwargs.get("banks", False))
+    return original(cls, *args, **kwargs)
+
+  monkeypatch.setattr(loader.HostExpertStore, "from_numpy", classmethod(spy))
+  model = load(default_checkpoint(), experts=3, policy="lfu", max_batch_size=1, max_source_len=16,
+               max_new_tokens=4)
+  assert asked == [True]
+  assert model.store.layout == "banks" and model.store.memory_kind == "pinned_host"
+
+
 def test_pinned_store_stages_rows_until_banks_are_asked_for():
   """A pinned store starts as per-expert rows (staged by device_put, no program to compile); reading an
   expert keeps that layout; `banks()` stacks them once, releases the rows, and staging still returns
