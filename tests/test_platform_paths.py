@@ -95,7 +95,7 @@ def test_pinned_store_built_as_banks_equals_rows_then_banks():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_load_builds_the_store_in_the_layout_its_policy_reads():
+def test_needs_banks_for_exact_and_selective_routing_and_gather_staging():
   """Exact and selective routing and "gather" staging want banks; the others start as rows (pinned) or
   numpy (pageable)."""
   assert loader.needs_banks("lfu", "pageable") and loader.needs_banks("selective", "pageable")
