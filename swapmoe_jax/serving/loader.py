@@ -506,7 +506,7 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # its programs.
   check_staging(staging)
   swaps = policy in ("swapmoe", "selective", "fallback", "lru", "lfu") and plan.max_swaps_per_step > 0
-  if bank or staging == "gather":
+  if needs_banks(policy, staging):
     store.banks()
   elif staging == "pageable" and mesh is None and swaps:  # nothing to stage otherwise
     store.to_pageable()
