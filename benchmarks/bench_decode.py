@@ -58,6 +58,51 @@ def _timed_generates(model, prompt, args) -> dict:
   return timing.per_request(plain, streams, args.new_tokens, chunk, args.batch)
 
 
+def _eos_requests(model, prompt, args) -> dict:
+  """Issue 17's EOS target, in one process: a request whose row ends at EOS after n tokens against
+  requests of n and n + 16 tokens without EOS, on one prompt. The EOS token is the first token of the
+  prompt's sampled answer (temperature 1, seed 0: random weights answer greedily with one token over
+  and over), at or after `--eos-at`, that did not come earlier (batch 1); the model's
+  `config.eos_token_ids` is set to it for the EOS requests and back to none for the others (each
+  setting compiled before timing). Medians over `--repeats`."""
+  if args.batch != 1:
+    raise ValueError("--eos-at measures batch 1 (every row would need its own EOS)")
+  ids = prompt()
+  no_eos = model.config
+  sample = dict(temperature=1.0, seed=0)
+  ref = model.generate(ids, max_new_tokens=args.new_tokens, **sample)[0]
+  at = next((i for i in range(args.eos_at - 1, len(ref) - 16) if ref[i] not in ref[:i]), None)
+  if at is None:
+    return {"eos_at": None, "eos_requests": 1,
+            "eos_note": f"no new token at or after {args.eos_at} in the sampled answer"}
+  n, with_eos = at + 1, dataclasses.replace(no_eos, eos_token_ids=(int(ref[at]),))
+
+  def timed(cfg, max_new):
+    model.config = cfg
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=max_new, **sample)
+    return time.perf_counter() - t, out.shape[1]
+
+  timed(with_eos, args.new_tokens)  # compiles the EOS program
+  runs = {"eos": [], "n": [], "n16": []}
+  lengths = []
+  for _ in range(args.repeats):
+    t, length = timed(with_eos, args.new_tokens)
+    runs["eos"].append(t)
+    lengths.append(length)
+    runs["n"].append(timed(no_eos, n)[0])
+    runs["n16"].append(timed(no_eos, n + 16)[0])
+  model.config = no_eos
+  ms = {k: 1e3 * float(np.median(v)) for k, v in runs.items()}
+  step_ms = (ms["n16"] - ms["n"]) / 16  # a decode step, from two whole requests of the same prompt
+  return {"eos_at": n, "eos_requests": 2 + 3 * args.repeats, "eos_lengths": lengths, "eos_request_ms": ms["eos"], "request_ms_n": ms["n"],
+          "request_ms_n_plus_16": ms["n16"], "eos_step_ms": step_ms,
+          "eos_extra_steps": (ms["eos"] - ms["n"]) / step_ms if step_ms > 0 else None,
+          # Judged only where every EOS request did end at n (a swapping policy's answer can change
+          # between requests, and with it where the EOS token comes).
+          "eos_within_target": ms["eos"] <= ms["n16"] if all(length == n for length in lengths) else None}
+
+
 def _trace_request(model, prompt, args, tag: str) -> str | None:
   """A profiler trace of one plain request at `args.trace_dir/request_<tag>.json.gz`
   (`profile_prefill.trace_to`; `profile_prefill.py --summarize` reads it)."""
@@ -181,6 +226,7 @@ def run_one(args) -> dict:
   # Expert bytes the timed requests read from host memory (exact/selective), per request: issue 18's
   # floor for a request is full's time + 1.2 x these bytes / the pinned bandwidth (`stage_bandwidth_8`).
   timed_host_bytes = (tele1.get("bytes_from_host", 0) - tele0.get("bytes_from_host", 0)) / (2 * args.repeats)
+  eos = _eos_requests(model, prompt, args) if args.eos_at else {}
   if args.trace_dir:  # one more plain request, traced (host threads and GPU streams), after the timed ones
     _trace_request(model, prompt, args, f"{policy}{'@' + option if option else ''}_{budget}_{staging}")
   peak = mem("peak_bytes_in_use")
@@ -188,7 +234,7 @@ def run_one(args) -> dict:
   tele = model.stats.summary() if model.stats is not None else {}
   # Tokens decoded by the timed requests: per repeat, a plain and a streamed request.
   decoded = args.repeats * 2 * args.new_tokens
-  return common | timed | {
+  return common | timed | eos | {
       "slots_per_layer": list(plan.slots_per_layer), "steps_per_call": args.steps_per_call, "staging": staging,
       "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
       "update_every": args.update_every, "max_swaps": args.max_swaps,
@@ -201,7 +247,7 @@ def run_one(args) -> dict:
       # Expert weights read from host memory (exact/selective), over every request this process ran
       # (2 warm-ups and 2 per repeat): the transfer floor of issue 18 is bytes / requests / pinned bandwidth.
       "missed_experts": tele.get("missed_experts"), "bytes_from_host": tele.get("bytes_from_host"),
-      "requests_run": 2 + args.warmup + 2 * args.repeats + bool(args.trace_dir), "warmup": args.warmup,
+      "requests_run": 2 + args.warmup + 2 * args.repeats + bool(args.trace_dir) + eos.get("eos_requests", 0), "warmup": args.warmup,
       "host_bytes_per_timed_request": timed_host_bytes,
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold if policy == "selective" else None,
       "hysteresis": args.hysteresis,
@@ -360,6 +406,9 @@ def main(argv=None):
                       "each time), so that prompt residency knows every token and each request changes task")
   p.add_argument("--no-skip-finished", action="store_true",
                  help="every step of a call runs the model (no per-step lax.cond; `decode.decode_steps`)")
+  p.add_argument("--eos-at", type=int, default=0,
+                 help="also time one prompt ending at EOS after about N tokens against requests of n and n + 16 "
+                      "tokens without EOS (issue 17's EOS target; batch 1)")
   p.add_argument("--trace-dir", help="also trace one request of each run (after the timed ones) into this folder")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
@@ -377,6 +426,7 @@ def main(argv=None):
                 ["--no-skip-finished"] if args.no_skip_finished else []) + (
                 [] if args.prompt_residency is None else ["--prompt-residency", args.prompt_residency]) + (
                 ["--prompt-pool", str(args.prompt_pool)] if args.prompt_pool else []) + (
+                ["--eos-at", str(args.eos_at)] if args.eos_at else []) + (
                 [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + (
                 [] if args.trace_dir is None else ["--trace-dir", os.path.abspath(args.trace_dir)]) + [
                 "--fallback-bits", str(args.fallback_bits)]
