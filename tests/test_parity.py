@@ -372,11 +372,36 @@ def test_statistics_copy_starts_behind_the_call_that_closes_its_window(pairs, mo
   assert ("pack",) in events[calls[first] + 1:calls[first + 1]]
 
 
+def test_a_request_ends_as_soon_as_a_ready_call_shows_every_row_done(pairs, monkeypatch):
+  """Every row ends at EOS within the second call: reading ready results at once (`engine._ready`)
+  stops the request after that call; the lag alone (nothing ever ready before its turn) ran two more
+  calls of skipped steps. The tokens are the same either way."""
+  import dataclasses
+
+  from swapmoe_jax.serving import decode, engine
+
+  _, ours = pairs["step1_e4_tied", "gen"]
+  ids, mask, _ = _inputs(seed=2)
+  plain = ours.generate(ids, mask, max_new_tokens=40, steps_per_call=8)
+  monkeypatch.setattr(ours, "config", dataclasses.replace(ours.config, eos_token_ids=tuple(
+      int(t) for t in np.unique(plain[:, 3]))))  # every row's 4th token ends it, or an earlier one
+  real = decode.decode_steps
+  runs = {}
+  for ready in (True, False):
+    calls = []
+    monkeypatch.setattr(decode, "decode_steps", lambda *a, calls=calls: (calls.append(a[13]), real(*a))[1])
+    monkeypatch.setattr(engine, "_ready", lambda x, ready=ready: ready)
+    runs[ready] = (ours.generate(ids, mask, max_new_tokens=40, steps_per_call=8), calls)
+  np.testing.assert_array_equal(runs[True][0], runs[False][0])
+  assert runs[True][0].shape[1] <= 4
+  assert runs[True][1] == [1, 8] and runs[False][1] == [1, 8, 8, 8]
+
+
 def test_first_token_streams_before_the_next_call_is_dispatched(pairs, monkeypatch):
   """`generate(stream=...)`: the one-step first call's token reaches `stream` before the next device call
   is dispatched (on a GPU a call's kernels launch on the calling thread, so waiting for that dispatch
-  held the first token back by a whole call); later tokens stay two calls behind. Tokens are those of
-  a run without streaming."""
+  held the first token back by a whole call); later tokens come once their call is ready and at most
+  two calls behind. Tokens are those of a run without streaming."""
   from swapmoe_jax.serving import decode
 
   _, ours = pairs["step1_e4_tied", "gen"]
@@ -398,7 +423,7 @@ def test_first_token_streams_before_the_next_call_is_dispatched(pairs, monkeypat
   calls = [i for i, e in enumerate(events) if e[0] == "call"]
   assert [events[i][1] for i in calls] == [1] + [8] * 5  # 1 + 5 x 8 steps >= 40 tokens
   assert events.index(("token", 0)) < calls[1]  # the first token before the second call
-  assert events.index(("token", 1)) > calls[3]  # the second call's tokens two calls late
+  assert calls[1] < events.index(("token", 1)) < calls[4]  # the second call's tokens: at most two calls late
   plain_events = []
   monkeypatch.setattr(decode, "decode_steps", lambda *a: (plain_events.append(a[13]), real(*a))[1])
   ours.generate(ids, mask, max_new_tokens=40, steps_per_call=8)  # nobody streams: no early wait, same calls

@@ -19,6 +19,11 @@ DEFAULT_STEPS_PER_CALL = 16
 _EMIT_LAG_CALLS = 2
 
 
+def _ready(x) -> bool:
+  """Whether device array `x` has been computed (host arrays always have)."""
+  return x.is_ready() if isinstance(x, jax.Array) else True
+
+
 class InputError(ValueError):
   """Bad input ids or masks."""
 
@@ -259,6 +264,12 @@ class ServedModel:
       # to) while later ones are queued, so waiting for it never leaves the device idle. The first
       # token is handed out before the residency issues this call's swaps (their staging is host work).
       while not finished and emitted < max(len(out) - _EMIT_LAG_CALLS, min(ready, len(out))):
+        finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
+        emitted += 1
+      # Later calls' results are read as soon as they are ready (`is_ready` does not wait): a request
+      # whose rows have all ended then stops a call sooner than the lag alone allows (on an H200 the lag
+      # alone left a request that ended after 5 tokens 8.4 ms behind one asked for 5, session 31).
+      while not finished and emitted < len(out) and _ready(out[emitted][1]):
         finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
         emitted += 1
       if finished:  # every row had emitted EOS: the calls after that one only padded
