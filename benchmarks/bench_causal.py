@@ -319,6 +319,7 @@ def build(cfg, dtype: str, policy: str, budget: str, *, batch: int, src_len: int
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, **cadence)
   budget_lib.check_fits_device(plan.breakdown.total, jax.devices()[0])  # before building the weights
   t0 = time.perf_counter()
+  staging = loader.resolve_staging(staging, cfg, dbytes)
   dense, experts, norms = random_parts(cfg, np.dtype(jdtype), threads=threads, progress=progress)
   store = HostExpertStore.from_numpy(experts, norms, jdtype,  # reads the layers one at a time
                                      pinned=loader.needs_pinned(policy, staging),

@@ -186,6 +186,7 @@ def run_one(args) -> dict:
     figures = [(d.memory_stats() or {}).get(key) for d in devices]
     return None if None in figures else max(figures)
 
+  staging = loader.resolve_staging(staging, cfg, dbytes, mesh=mesh)  # recorded as what ran
   built = random_model.build(cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len,
                              new_tokens=args.new_tokens, update_every=args.update_every, max_swaps=args.max_swaps,
                              pool=args.pool or cfg.num_experts, mesh=mesh, steps_per_call=args.steps_per_call,

@@ -81,6 +81,7 @@ def _build(args):
   if args.shape not in _switch_shapes():
     import bench_causal
     from swapmoe_jax.models.decoder.config import DecoderConfig
+    from swapmoe_jax.serving import loader
 
     hf = bench_causal.hf_config(args.shape)
     if args.layers:
@@ -90,7 +91,7 @@ def _build(args):
     policy, budget = args.run.split(":")[:2]
     model, *_ = bench_causal.build(cfg, args.dtype, policy, budget, batch=1, src_len=args.src_len,
                                    new_tokens=args.new_tokens, update_every=16, max_swaps=args.max_swaps,
-                                   steps_per_call=16, staging=args.staging or "pageable", progress=False,
+                                   steps_per_call=16, staging=args.staging or loader.DEFAULT_STAGING, progress=False,
                                    swap_between_requests=_drain(args))
     rng = np.random.default_rng(1)
     return model, cfg, lambda: (bench_causal.random_prompt(rng, cfg, 1, args.src_len),)

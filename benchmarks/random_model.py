@@ -150,7 +150,8 @@ def build(cfg, dtype: str, policy: str, budget, *, batch: int, src_len: int, new
   jdtype = loader.DTYPES[dtype]
   dense, experts, norms = parts if parts is not None else random_model_parts(cfg, dtype, pool=pool, init=init)
   if mesh is None:
-    staging = assemble_kw.get("staging", loader.DEFAULT_STAGING)
+    staging = assemble_kw["staging"] = loader.resolve_staging(assemble_kw.get("staging", loader.DEFAULT_STAGING), cfg,
+                                                              np.dtype(jdtype).itemsize)
     store = HostExpertStore.from_numpy(experts, norms, jdtype, pinned=loader.needs_pinned(policy, staging),
                                        banks=loader.needs_banks(policy, staging))  # as `load` builds it
   else:

@@ -418,7 +418,7 @@ def main(argv=None) -> int:
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--update-every", type=int, default=4)
   p.add_argument("--max-swaps", type=int, default=2)
-  p.add_argument("--staging", choices=("pageable", "transfer", "gather"), default="pageable",
+  p.add_argument("--staging", choices=("auto", "pageable", "transfer", "gather"), default="auto",
                  help="how swaps copy experts to the device (see `load`)")
   p.add_argument("--no-twin", dest="twin", action="store_false", help="skip the twin replay (halves the work)")
   p.add_argument("--checks", choices=("every", "end"), default="end",

@@ -79,10 +79,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per generate call (default 1)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-  p.add_argument("--staging", choices=("pageable", "transfer", "gather"), default="pageable",
-                 help="how swaps copy experts to the device: 'pageable' (default: device_put from numpy), "
-                      "'transfer' (device_put from pinned host memory: keeps ~2 KiB of host memory per copy) "
-                      "or 'gather' (a jitted read of pinned host banks, on the compute stream)")
+  p.add_argument("--staging", choices=("auto", "pageable", "transfer", "gather"), default="auto",
+                 help="how swaps copy experts to the device: 'auto' (default: 'gather' on a GPU where every "
+                      "expert fits in 32 GiB of pinned host memory, else 'pageable'), 'pageable' (device_put from "
+                      "numpy), 'transfer' (device_put from pinned host memory: keeps ~2 KiB of host memory per "
+                      "copy) or 'gather' (a jitted read of pinned host banks, on the compute stream)")
   p.add_argument("--json", action="store_true", help="print one JSON object (texts, token ids, stats)")
   p.add_argument("--quiet", action="store_true",
                  help="no notes and no statistics line (progress bars show only on a terminal)")

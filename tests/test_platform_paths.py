@@ -104,6 +104,27 @@ def test_needs_banks_for_exact_and_selective_routing_and_gather_staging():
   assert not loader.needs_banks("full", "pageable")
 
 
+def test_auto_staging_gathers_on_a_gpu_while_the_experts_fit_pinned(monkeypatch):
+  """"auto" is "gather" on a GPU with one device and experts within `GATHER_MAX_BYTES`, else "pageable";
+  the other stagings stand as given."""
+  from swapmoe_jax.models.switch.config import SwitchConfig
+
+  cfg = SwitchConfig(d_model=768, d_ff=3072, num_experts=64)  # switch-base-64's experts
+  total = 2 * 768 * 3072 * 2 * 64 * cfg.num_moe_layers  # wi and wo of every expert, bfloat16
+  assert loader.resolve_staging("auto", cfg, 2, platform="gpu") == "gather"
+  assert loader.resolve_staging("auto", cfg, 2, platform="cpu") == "pageable"
+  assert loader.resolve_staging("auto", cfg, 2, platform="tpu") == "pageable"
+  assert loader.resolve_staging("auto", cfg, 2, platform="gpu", mesh=object()) == "pageable"
+  monkeypatch.setattr(loader, "GATHER_MAX_BYTES", total - 1)
+  assert loader.resolve_staging("auto", cfg, 2, platform="gpu") == "pageable"
+  monkeypatch.setattr(loader, "GATHER_MAX_BYTES", total)
+  assert loader.resolve_staging("auto", cfg, 2, platform="gpu") == "gather"
+  for staging in ("pageable", "transfer", "gather"):
+    assert loader.resolve_staging(staging, cfg, 2, platform="gpu") == staging
+  with pytest.raises(ValueError, match="unknown staging"):
+    loader.resolve_staging("dma", cfg, 2, platform="gpu")
+
+
 def test_load_asks_for_banks_from_the_start_for_exact_routing(monkeypatch):
   """`load` with an exact policy builds its store as pinned banks (one copy into pinned memory), and
   its model reads those banks."""

@@ -291,28 +291,36 @@ def test_policies_swap_through_generate_without_recompiling(folder, policy):
 
 
 def test_every_staging_swaps_the_same_experts_and_tokens_without_recompiling(folder):
-  """The default "transfer" (device_put from pinned rows), "gather" (a jitted read of pinned banks) and
-  "pageable" (device_put from numpy banks) serve the same tokens through the same swaps; after the
-  first request none compiles again."""
+  """"transfer" (device_put from pinned rows), "gather" (a jitted read of pinned banks) and "pageable"
+  (device_put from numpy banks) serve the same tokens through the same swaps; after the first request
+  none compiles again. The default, "auto", is "pageable" on the CPU and "gather" where the platform
+  is a GPU (faked here through `resolve_staging`'s `platform`)."""
   models = {s: swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=1,
-                                max_swaps_per_step=2, staging=s, **SHAPE) for s in loader.STAGINGS}
+                                max_swaps_per_step=2, staging=s, **SHAPE) for s in ("transfer", "gather", "pageable")}
   layouts = {s: (m.store.layout, m.store.memory_kind) for s, m in models.items()}
   assert layouts == {"transfer": ("rows", "pinned_host"), "gather": ("banks", "pinned_host"),
                      "pageable": ("banks", None)}
   default = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", **SHAPE)
-  assert (default.store.layout, default.store.memory_kind) == layouts["pageable"], "the default is pageable"
+  assert (default.store.layout, default.store.memory_kind) == layouts["pageable"], "auto is pageable on the CPU"
+  real = loader.resolve_staging
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loader, "resolve_staging", lambda staging, cfg, b, **kw: real(staging, cfg, b, **(kw | {"platform": "gpu"})))
+    on_gpu = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=1,
+                              max_swaps_per_step=2, **SHAPE)
+  assert (on_gpu.store.layout, on_gpu.store.memory_kind) == layouts["gather"], "auto gathers on a GPU"
+  models["auto on a GPU"] = on_gpu
   for s, model in models.items():
     model.generate(*_ids(1), max_new_tokens=16)
   before = _compiles()
   for seed in range(2, 6):
     ids, mask = _ids(seed)
     want = models["transfer"].generate(ids, mask, max_new_tokens=8)
-    for s in ("gather", "pageable"):
+    for s in ("gather", "pageable", "auto on a GPU"):
       np.testing.assert_array_equal(models[s].generate(ids, mask, max_new_tokens=8), want)
   assert _compiles() == before
   swapped = {s: m.stats.summary()["experts_swapped"] for s, m in models.items()}
-  assert swapped["gather"] == swapped["transfer"] == swapped["pageable"] > 0
-  with pytest.raises(ValueError, match="unknown staging 'dma'; supported: transfer, gather, pageable"):
+  assert swapped["gather"] == swapped["transfer"] == swapped["pageable"] == swapped["auto on a GPU"] > 0
+  with pytest.raises(ValueError, match="unknown staging 'dma'; supported: auto, transfer, gather, pageable"):
     swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), staging="dma", **SHAPE)
 
 

@@ -188,9 +188,29 @@ def fallback_copies(store: HostExpertStore, layer: int, bits: int = 8) -> dict:
 
 POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu", "selective", "fallback")
 PLANNERS = ("uniform", "calibrated")
-STAGINGS = ("transfer", "gather", "pageable")
-# Measured on an H200 (benchmarks/RESULTS.md): as fast as "transfer", and host memory levels off.
-DEFAULT_STAGING = "pageable"
+STAGINGS = ("auto", "transfer", "gather", "pageable")
+DEFAULT_STAGING = "auto"
+# "auto" gathers from pinned banks on a GPU while every expert fits in this much pinned host memory
+# (XLA's pinned-host allocations stopped a Mixtral-8x7B store of 87 GiB at 64 GB; RESULTS.md).
+GATHER_MAX_BYTES = 32 * 2**30
+
+
+def resolve_staging(staging: str, cfg, dtype_bytes: int, *, platform: str | None = None, mesh=None) -> str:
+  """The staging that `staging` means for this model here: "auto" is "gather" on a GPU, one device,
+  where all experts take at most `GATHER_MAX_BYTES` (on an H200, switch-base-64 bf16 at 33 %: 1.10x and
+  1.12x `full` per request against "pageable"'s 1.21x and 1.38x in two side-by-side runs, and 25k-step
+  soaks of +14.2 MiB against +15.9 and +16.0; benchmarks/RESULTS.md, session 31), else "pageable"
+  (CPU and TPU: not measured against each other; with `mesh` each device stages from its pinned shard
+  whatever the name). Other values are returned as they are."""
+  check_staging(staging)
+  if staging != "auto":
+    return staging
+  from swapmoe_jax.serving import budget as budget_lib
+
+  if platform is None:
+    platform = jax.devices()[0].platform
+  total = budget_lib.expert_bytes_each(cfg, dtype_bytes) * cfg.num_experts * cfg.num_moe_layers
+  return "gather" if platform == "gpu" and mesh is None and total <= GATHER_MAX_BYTES else "pageable"
 
 
 def needs_pinned(policy: str, staging: str) -> bool:
@@ -277,13 +297,15 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     steps_per_call: decode steps per device call in `generate` (a divisor of 64; swaps land between
       calls, at most `max_swaps_per_step` per call). 1: one call per token.
     staging: how a swap copies an expert to the device (all of a commit's experts in one batched call).
-      "pageable" (default): `device_put` from ordinary numpy banks (the runtime copies through its own
+      "auto" (default): "gather" on a GPU where every expert fits in `GATHER_MAX_BYTES` of pinned host
+      memory, else "pageable" (`resolve_staging` says why). "pageable": `device_put` from ordinary numpy banks (the runtime copies through its own
       pinned buffers, on a transfer stream). "transfer": `device_put` from per-expert pinned host
       arrays, on a transfer stream. "gather": a small jitted program reads them from the layers'
-      stacked pinned banks (on the compute stream, so it does not overlap the decode). On an H200 with
+      stacked pinned banks (on the compute stream, so it does not overlap the decode; on an H200 still
+      the fastest of the three for `swapmoe`, and host memory levels off). On an H200 with
       jax 0.11.2 every `device_put` out of pinned host memory kept ~2.2 KiB of host memory (RSS) for
-      good, the other two ~0 (`benchmarks/rss_staging.py`), and "pageable" decoded as fast as
-      "transfer": "transfer" is not for servers that swap for days. Exact policies (lru, lfu) and
+      good, the other two ~0 (`benchmarks/rss_staging.py`): "transfer" is not for servers that swap
+      for days. Exact policies (lru, lfu) and
       "selective" read misses from pinned banks inside the step, so for them every staging is "gather".
       With `devices`, "pageable" does not apply: each device stages from its pinned host shard.
     decay: the controller's score decay per observation (swapmoe/selective: of Eq. 1 importance, default
@@ -366,6 +388,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     staging_slots = cadence.get("max_swaps_per_step", planner_lib.DEFAULT_MAX_SWAPS_PER_STEP)
     budget_bytes = budget_lib.parse_budget(budget).resolve_for(cfg, dbytes, **shape, staging_slots=staging_slots,
                                                                devices=n, fallback=fallback)
+  staging = resolve_staging(staging, cfg, dbytes, mesh=mesh)
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
@@ -504,7 +527,8 @@ def assemble(cfg: SwitchConfig, dense: dict, store: HostExpertStore, plan, *, po
   # Exact and selective routing read misses from stacked host banks, and staging="gather" stages from
   # them; building them changes how the store stages experts, so it comes before the executor compiles
   # its programs.
-  check_staging(staging)
+  staging = resolve_staging(staging, cfg, np.dtype(dtype).itemsize, mesh=mesh,
+                            platform=None if mesh is not None else store.device.platform)
   swaps = policy in ("swapmoe", "selective", "fallback", "lru", "lfu") and plan.max_swaps_per_step > 0
   if needs_banks(policy, staging):
     store.banks()
