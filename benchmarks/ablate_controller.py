@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -25,12 +24,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (key, name, load() keyword arguments); the first is the shipped default, the reference of the intervals.
-OLD = dict(prompt_residency=False)  # the variants measured against the previous default, which had none
+# The variants measured against earlier defaults, which had no prompt residency and planned K per
+# layer uniformly (the built-in model has shipped a calibration, which the default planner uses, since
+# session 31).
+UNIFORM = dict(planner="uniform")
+OLD = dict(UNIFORM, prompt_residency=False)
 VARIANTS = (
-    ("default", "default: decay 0.5, hysteresis 0.5, prompt residency, swaps drained at request ends", {}),
+    ("default", "default: stored calibration, decay 0.5, hysteresis 0.5, prompt residency, drained", {}),
+    ("uniform", "uniform K per layer (the default before the stored calibration)", UNIFORM),
     ("no-prompt", "no prompt residency, swaps drained at request ends (the default before b7bee22)", OLD),
     ("prompt-no-drain", "prompt residency, swaps only during calls (the default of b7bee22 to 72e8f4f)",
-     dict(swap_between_requests=False)),
+     dict(UNIFORM, swap_between_requests=False)),
     ("no-drain", "decay 0.5, swaps only during calls", dict(OLD, swap_between_requests=False)),
     ("decay-0.95", "decay 0.95 (an earlier default), drained", dict(OLD, decay=0.95)),
     ("previous", "decay 0.95, swaps only during calls (an earlier default)",
@@ -43,7 +47,7 @@ VARIANTS = (
     ("window-64", "window of 64 steps (update_every=64)", dict(OLD, update_every=64)),
     ("swaps-8", "8 swaps per call (max_swaps_per_step=8)", dict(OLD, max_swaps_per_step=8)),
     ("prompt-swaps-8", "prompt residency, 8 swaps per call and per commit (max_swaps_per_step=8)",
-     dict(max_swaps_per_step=8)),
+     dict(UNIFORM, max_swaps_per_step=8)),
     ("calibrated", "calibrated planner (K_l and initial residents from 64 training prompts)",
      dict(OLD, planner="calibrated")),
     ("full", "full (every expert resident; the ceiling)", dict(policy="full")),
@@ -55,12 +59,17 @@ VARIANTS = (
      dict(OLD, planner="calibrated", prefill_refit=0.1)),
     ("term-counts", "importance term: tokens routed (instead of Eq. 1)", dict(OLD, importance_term="counts")),
     ("term-routed", "importance term: Eq. 1 without the expert's norm", dict(OLD, importance_term="routed")),
-    ("prompt-refit", "prompt residency and prefill-informed residency (refit at 10 %)", dict(prefill_refit=0.1)),
+    ("prompt-refit", "prompt residency and prefill-informed residency (refit at 10 %)",
+     dict(UNIFORM, prefill_refit=0.1)),
+    ("prompt-calibrated", "prompt residency and the calibrated planner", dict(planner="calibrated")),
+    ("prompt-calibrated-refit", "prompt residency, the calibrated planner and refit at 10 %",
+     dict(planner="calibrated", prefill_refit=0.1)),
 )
 
 
 def main(argv=None) -> int:
   from swapmoe_jax.builtin import tasks
+  from swapmoe_jax.builtin.calibrate import calibration_prompts
   from swapmoe_jax.builtin.demo import default_checkpoint
   from swapmoe_jax.eval.evaluate import NEW_TOKENS, SRC_LEN, _decode_text
   from swapmoe_jax.eval.paired import paired_difference
@@ -84,9 +93,9 @@ def main(argv=None) -> int:
   known = {key: (name, kw) for key, name, kw in VARIANTS}
   if any(v not in known for v in keys):
     p.error(f"unknown variants {[v for v in keys if v not in known]}; choose from {', '.join(known)}")
-  # Calibration prompts come from the training draw (never the held-out requests).
-  calibration = [np.asarray(tok(e.prompt)["input_ids"], np.int32)[None]
-                 for e in tasks.training_examples(64, random.Random(12345))]
+  # Calibration prompts come from the training draw (never the held-out requests): those of the
+  # calibration stored with the built-in model, which the default planner uses.
+  calibration = calibration_prompts(tok)
   rows = []
   for k in (int(x) for x in a.experts.split(",")):
     reference = None

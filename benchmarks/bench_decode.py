@@ -95,7 +95,8 @@ def _eos_requests(model, prompt, args) -> dict:
   model.config = no_eos
   ms = {k: 1e3 * float(np.median(v)) for k, v in runs.items()}
   step_ms = (ms["n16"] - ms["n"]) / 16  # a decode step, from two whole requests of the same prompt
-  return {"eos_at": n, "eos_requests": 2 + 3 * args.repeats, "eos_lengths": lengths, "eos_request_ms": ms["eos"], "request_ms_n": ms["n"],
+  return {"eos_at": n, "eos_requests": 2 + 3 * args.repeats, "eos_lengths": lengths, "eos_request_ms": ms["eos"],
+          "request_ms_n": ms["n"],
           "request_ms_n_plus_16": ms["n16"], "eos_step_ms": step_ms,
           "eos_extra_steps": (ms["eos"] - ms["n"]) / step_ms if step_ms > 0 else None,
           # Judged only where every EOS request did end at n (a swapping policy's answer can change
@@ -248,7 +249,8 @@ def run_one(args) -> dict:
       # Expert weights read from host memory (exact/selective), over every request this process ran
       # (2 warm-ups and 2 per repeat): the transfer floor of issue 18 is bytes / requests / pinned bandwidth.
       "missed_experts": tele.get("missed_experts"), "bytes_from_host": tele.get("bytes_from_host"),
-      "requests_run": 2 + args.warmup + 2 * args.repeats + bool(args.trace_dir) + eos.get("eos_requests", 0), "warmup": args.warmup,
+      "requests_run": 2 + args.warmup + 2 * args.repeats + bool(args.trace_dir) + eos.get("eos_requests", 0),
+      "warmup": args.warmup,
       "host_bytes_per_timed_request": timed_host_bytes,
       "tokens_routed": tele.get("tokens_routed"), "selective_threshold": args.selective_threshold if policy == "selective" else None,
       "hysteresis": args.hysteresis,

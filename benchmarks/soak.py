@@ -422,8 +422,8 @@ def main(argv=None) -> int:
                  help="how swaps copy experts to the device (see `load`)")
   p.add_argument("--no-twin", dest="twin", action="store_false", help="skip the twin replay (halves the work)")
   p.add_argument("--checks", choices=("every", "end"), default="end",
-                 help="run the fresh-build and slot checks at every checkpoint or (default) at the warm-up and the last; "
-                      "`end` keeps their transient host allocations out of the RSS readings between")
+                 help="run the fresh-build and slot checks at every checkpoint, or (default) at the warm-up and "
+                      "after the last readings: `end` keeps their host allocations out of the RSS readings")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--rss-tolerance-mib", type=float, default=16.0,
                  help="largest RSS growth after the warm-up (default 16)")

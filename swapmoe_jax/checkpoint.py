@@ -63,6 +63,9 @@ DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
 TOKENIZER_DIR = "tokenizer"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# Beside a converted checkpoint (written after it, so not in its file list): expert importance measured
+# on calibration prompts, which `load`'s planner uses by default (`write_calibration`).
+CALIBRATION_FILE = "calibration.json"
 # Files copied into tokenizer/ when the source has them; the first ones are the vocabularies (one of
 # them must be present), then what a tokenizer needs beside them: BPE merges, special tokens, and the
 # chat template (transformers 5 writes it to chat_template.jinja, older ones into tokenizer_config.json
@@ -290,6 +293,47 @@ def read_metadata(folder: str | os.PathLike) -> CheckpointMeta:
       raise CheckpointError(f"incomplete checkpoint {folder}: no {result.experts_dir(layer)}")
   _check_files(folder, path, meta.get(FILES_KEY))
   return result
+
+
+def write_calibration(folder: str | os.PathLike, importance, *, prompts: int, note: str = "") -> str:
+  """Stores `importance` float[num_moe_layers, E] (Eq. 1 summed over calibration prompts, in
+  `config.moe_layers` order) as `calibration.json` beside the checkpoint in `folder`; written to a
+  temporary file and renamed, so a reader never sees half of it. Returns the file's path."""
+  folder = os.fspath(folder)
+  meta = read_metadata(folder)
+  imp = np.asarray(importance, np.float64)
+  want = (meta.config.num_moe_layers, meta.config.num_experts)
+  if imp.shape != want or not np.all(np.isfinite(imp)) or np.any(imp < 0):
+    raise ValueError(f"importance must be finite, non-negative and of shape {want}, got shape {imp.shape}")
+  path = os.path.join(folder, CALIBRATION_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"importance": [[float(x) for x in row] for row in imp], "prompts": int(prompts), "note": note}, f)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def read_calibration(folder: str | os.PathLike, config) -> np.ndarray | None:
+  """The importance float64[num_moe_layers, E] stored by `write_calibration`, or None where `folder`
+  has none.
+
+  Raises:
+    CheckpointError: the file is damaged or does not fit `config` (it names the file).
+  """
+  path = os.path.join(os.fspath(folder), CALIBRATION_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      imp = np.asarray(json.load(f)["importance"], np.float64)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"damaged {path}: {e}") from None
+  want = (config.num_moe_layers, config.num_experts)
+  if imp.shape != want or not np.all(np.isfinite(imp)) or np.any(imp < 0):
+    raise CheckpointError(f"damaged {path}: importance of shape {imp.shape}, expected finite non-negative "
+                          f"values of shape {want}")
+  return imp
 
 
 def _file_sizes(folder: str) -> dict[str, int]:

@@ -54,11 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                                      "16); default: no budget")
   size.add_argument("--experts", type=int, metavar="K",
                     help="the budget that holds K resident experts in every MoE layer (the same as "
-                         "--budget K/E)")
+                         "--budget K/E); a stored calibration spreads those bytes over the layers by importance")
   p.add_argument("--policy", choices=POLICIES,
                  help="expert residency policy; default 'full' without --budget, 'swapmoe' with one")
-  p.add_argument("--planner", choices=("uniform", "calibrated"), default="uniform",
-                 help="slots per layer: equal, or by routing importance measured on the prompts")
+  p.add_argument("--planner", choices=("auto", "uniform", "calibrated"), default="auto",
+                 help="slots per layer: 'auto' (default: by the calibration stored with the checkpoint, as the "
+                      "built-in model has, else equal), 'uniform' (equal), or 'calibrated' (by routing importance "
+                      "measured on the prompts)")
   p.add_argument("--gate", choices=("original", "renormalized"), default="original",
                  help="gate value after masked routing")
   p.add_argument("--selective-threshold", type=float, metavar="P",

@@ -62,8 +62,12 @@ def test_load_with_experts_holds_k_per_layer_and_equals_the_text_budget(folder, 
   b = swapmoe_jax.load(folder, budget=f"5/{cfg.num_experts}", **SHAPE)
   c = swapmoe_jax.load(folder, budget=swapmoe_jax.experts_budget(folder, 5, **SHAPE), **SHAPE)
   assert a.policy == b.policy == "swapmoe"
-  assert a.plan.slots_per_layer == b.plan.slots_per_layer == c.plan.slots_per_layer == (5,) * cfg.num_moe_layers
+  # The built-in model's stored calibration spreads the bytes of 5 per layer over its layers.
+  assert a.plan.slots_per_layer == b.plan.slots_per_layer == c.plan.slots_per_layer != (5,) * cfg.num_moe_layers
+  assert sum(a.plan.slots_per_layer) == 5 * cfg.num_moe_layers
   assert a.plan.budget_bytes == b.plan.budget_bytes == c.plan.budget_bytes
+  uniform = swapmoe_jax.load(folder, experts=5, planner="uniform", **SHAPE)
+  assert uniform.plan.slots_per_layer == (5,) * cfg.num_moe_layers and uniform.plan.budget_bytes == a.plan.budget_bytes
   ids = a.tokenizer("max: 3 17 5", return_tensors="np").input_ids
   np.testing.assert_array_equal(a.generate(ids, max_new_tokens=8), c.generate(ids, max_new_tokens=8))
 

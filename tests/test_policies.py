@@ -304,7 +304,8 @@ def test_every_staging_swaps_the_same_experts_and_tokens_without_recompiling(fol
   assert (default.store.layout, default.store.memory_kind) == layouts["pageable"], "auto is pageable on the CPU"
   real = loader.resolve_staging
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(loader, "resolve_staging", lambda staging, cfg, b, **kw: real(staging, cfg, b, **(kw | {"platform": "gpu"})))
+    mp.setattr(loader, "resolve_staging",
+               lambda staging, cfg, b, **kw: real(staging, cfg, b, **(kw | {"platform": "gpu"})))
     on_gpu = swapmoe_jax.load(folder, budget=budget_for(folder, 0.45), policy="swapmoe", update_every=1,
                               max_swaps_per_step=2, **SHAPE)
   assert (on_gpu.store.layout, on_gpu.store.memory_kind) == layouts["gather"], "auto gathers on a GPU"

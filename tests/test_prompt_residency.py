@@ -64,7 +64,7 @@ def test_a_prompt_of_a_known_task_starts_on_that_tasks_experts_without_recompili
       compiles.append(name)
 
   jax.monitoring.register_event_duration_secs_listener(count)
-  model = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=True, **LIMITS)
+  model = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=True, planner="uniform", **LIMITS)
   res = model.residency
   sort, reverse = ("sort: 7 3 9 1 4", "sort: 8 2 6 5"), ("reverse: cat dog sun", "reverse: moon star tree")
   for prompt in sort + reverse:
@@ -99,7 +99,7 @@ def test_a_prompt_of_a_known_task_starts_on_that_tasks_experts_without_recompili
 def test_the_pinned_set_is_what_the_first_call_runs_on():
   """The tokens of a request equal those of a `pruned` model pinned to the predicted set (the swaps
   landed before the encoder call, in the device's slots)."""
-  a = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=True,
+  a = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=True, planner="uniform",
            swap_between_requests=False, max_swaps_per_step=1, **LIMITS)
   for prompt in ("sort: 7 3 9 1 4", "reverse: cat dog sun", "sort: 5 2 8"):
     _ask(a, prompt)
@@ -109,7 +109,7 @@ def test_the_pinned_set_is_what_the_first_call_runs_on():
   resident = a.residency.controller.state.resident_mask().copy()
   expected = [rank_by_score(predicted[l], resident[l], a.residency.controller.hysteresis)[:3]
               for l in range(len(predicted))]
-  b = load(default_checkpoint(), experts=3, policy="pruned", **LIMITS)
+  b = load(default_checkpoint(), experts=3, policy="pruned", planner="uniform", **LIMITS)
   b.pin_experts(expected)
   # One write per call and no drain: a 12-token request has at most one window read before it ends, so
   # its first token comes from the pinned set alone.

@@ -217,7 +217,7 @@ def test_checkpoint_lists_every_file_with_its_size(folder):
 
 @pytest.mark.parametrize("kwargs, error, pattern", [
     (dict(policy="bogus"), ValueError, r"unknown policy 'bogus'; supported: full, swapmoe, pruned, lru, lfu"),
-    (dict(planner="greedy", budget="1TiB"), ValueError, r"unknown planner 'greedy'; supported: uniform, calibrated"),
+    (dict(planner="greedy", budget="1TiB"), ValueError, r"unknown planner 'greedy'; supported: auto, uniform, calibrated"),
     (dict(policy="lru"), ValueError, r"policy 'lru' needs a budget"),
     (dict(budget="-2GiB"), BudgetError, r"budget '-2GiB' is negative"),
     (dict(budget="lots"), BudgetError, r"malformed budget 'lots'"),

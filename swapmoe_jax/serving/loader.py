@@ -187,7 +187,7 @@ def fallback_copies(store: HostExpertStore, layer: int, bits: int = 8) -> dict:
 
 
 POLICIES = ("full", "swapmoe", "pruned", "lru", "lfu", "selective", "fallback")
-PLANNERS = ("uniform", "calibrated")
+PLANNERS = ("auto", "uniform", "calibrated")
 STAGINGS = ("auto", "transfer", "gather", "pageable")
 DEFAULT_STAGING = "auto"
 # "auto" gathers from pinned banks on a GPU while every expert fits in this much pinned host memory
@@ -252,7 +252,7 @@ def check_staging(staging: str) -> None:
 
 
 def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, policy: str | None = None,
-         planner: str = "uniform",
+         planner: str = "auto",
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
@@ -282,8 +282,11 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       a token whose expert is not resident is computed with it instead of being redirected: HOBBIT,
       arXiv 2411.01433; the copies are counted in the budget, so it holds fewer full-precision experts;
       with `devices`, each device holds the copies of E / n experts). Default: "full" without a budget, "swapmoe" with one.
-    planner: "uniform" (equal K per layer) or "calibrated" (K_l by routing importance measured on
-      `calibration_inputs`, a list of int token-id arrays).
+    planner: "uniform" (equal K per layer) or "calibrated" (K_l per layer and the first residents by
+      routing importance measured on `calibration_inputs`, a list of int token-id arrays, or else
+      stored beside the checkpoint by `calibrate_checkpoint`). "auto" (default): "calibrated" where
+      `calibration_inputs` are given or the checkpoint has a stored calibration (the built-in model
+      does), else "uniform".
     gate_mode: "original" or "renormalized" gate after masked (or selective) routing.
     selective_threshold: policy "selective"'s threshold, a router probability >= 0 (default 0.5,
       `moe.layer.DEFAULT_SELECTIVE_THRESHOLD`: a miss is read from the bank when its expert holds the
@@ -298,7 +301,8 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       calls, at most `max_swaps_per_step` per call). 1: one call per token.
     staging: how a swap copies an expert to the device (all of a commit's experts in one batched call).
       "auto" (default): "gather" on a GPU where every expert fits in `GATHER_MAX_BYTES` of pinned host
-      memory, else "pageable" (`resolve_staging` says why). "pageable": `device_put` from ordinary numpy banks (the runtime copies through its own
+      memory, else "pageable" (`resolve_staging` says why). "pageable": `device_put` from ordinary numpy
+      banks (the runtime copies through its own
       pinned buffers, on a transfer stream). "transfer": `device_put` from per-expert pinned host
       arrays, on a transfer stream. "gather": a small jitted program reads them from the layers'
       stacked pinned banks (on the compute stream, so it does not overlap the decode; on an H200 still
@@ -398,14 +402,19 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
   del experts
   importance = None
+  stored = None if planner == "uniform" or calibration_inputs else ckpt.read_calibration(folder, cfg)
+  if planner == "auto":
+    planner = "calibrated" if calibration_inputs or stored is not None else "uniform"
   if policy == "full":
     plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   elif planner == "uniform":
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
   else:
-    if not calibration_inputs:
-      raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays)")
-    importance = calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype, mesh=mesh)
+    if not calibration_inputs and stored is None:
+      raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays) or a calibration "
+                       f"stored with the checkpoint (calibrate_checkpoint); {folder} has none")
+    importance = stored if stored is not None else calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype,
+                                                             mesh=mesh)
     plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n,
                                        fallback=fallback, **cadence)
   # Per-device plans: every device of a mesh holds the same bytes.
@@ -569,6 +578,23 @@ def check_selective_encoder(cfg, policy: str, value) -> bool:
     raise ValueError("selective_encoder=False applies to encoder-decoder models (Switch) only: a decoder-only "
                      "model's prompt and decode steps run the same layers")
   return bool(value)
+
+
+def calibrate_checkpoint(folder: str | os.PathLike, inputs, *, dtype: str | None = None, note: str = "") -> str:
+  """Measures the routing importance of every expert (Eq. 1) over calibration prompts `inputs` (int
+  token-id arrays, from the workload the model will serve) and stores it beside the checkpoint
+  (`checkpoint.CALIBRATION_FILE`), where `load`'s default planner finds it: K_l per layer and the
+  first residents follow it at any budget. Returns the file's path."""
+  from swapmoe_jax import checkpoint as ckpt
+
+  if not inputs:
+    raise ValueError("calibrate_checkpoint needs at least one prompt (a list of token-id arrays)")
+  meta = ckpt.read_metadata(folder)
+  jdtype = DTYPES[dtype or meta.dtype]
+  store = HostExpertStore.from_numpy(ckpt.restore_all_experts(meta), meta.expert_norms, jdtype, pinned=True,
+                                     banks=True)
+  importance = calibrate(meta.config, ckpt.restore_dense(meta), store, inputs, dtype=jdtype)
+  return ckpt.write_calibration(folder, importance, prompts=len(inputs), note=note)
 
 
 def calibrate(cfg: SwitchConfig, dense: dict, store: HostExpertStore, inputs, *, dtype, new_tokens: int = 16,

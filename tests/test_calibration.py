@@ -1,0 +1,90 @@
+"""A calibration stored beside a checkpoint (`calibrate_checkpoint`, `calibration.json`): what `load`'s
+default planner plans from, and the one the built-in model ships."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import swapmoe_jax
+from swapmoe_jax import checkpoint as ckpt
+from swapmoe_jax.builtin.calibrate import calibration_prompts
+from swapmoe_jax.builtin.demo import default_checkpoint
+from swapmoe_jax.serving import loader
+from swapmoe_jax.serving import planner as planner_lib
+
+SHAPE = dict(max_batch_size=1, max_source_len=32, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory):
+  """The built-in checkpoint without its stored calibration (a copy)."""
+  folder = str(tmp_path_factory.mktemp("ckpt") / "model")
+  shutil.copytree(default_checkpoint(), folder)
+  os.remove(os.path.join(folder, ckpt.CALIBRATION_FILE))
+  return folder
+
+
+def _prompts(folder, n=3):
+  tok = swapmoe_jax.load(folder, **SHAPE).tokenizer
+  return [tok(p, return_tensors="np").input_ids for p in ("sort: 7 3 9 1 4", "reverse: cat dog sun", "max: 3 17 5")[:n]]
+
+
+def test_stored_calibration_is_what_the_default_planner_plans_from(bare):
+  """Without a stored calibration the default is uniform; after `calibrate_checkpoint` the default plans
+  K_l and the first residents from the stored importance — the plan and residents that measuring the
+  same prompts at load time gives — while planner="uniform" still ignores it."""
+  cfg = ckpt.read_metadata(bare).config
+  assert swapmoe_jax.load(bare, experts=3, **SHAPE).plan.slots_per_layer == (3,) * cfg.num_moe_layers
+  with pytest.raises(ValueError, match="needs calibration_inputs .* has none"):
+    swapmoe_jax.load(bare, experts=3, planner="calibrated", **SHAPE)
+  prompts = _prompts(bare)
+  path = loader.calibrate_checkpoint(bare, prompts, note="test")
+  assert path == os.path.join(bare, ckpt.CALIBRATION_FILE) and ckpt.is_complete(bare)
+  stored = ckpt.read_calibration(bare, cfg)
+  measured = swapmoe_jax.load(bare, experts=3, planner="calibrated", calibration_inputs=prompts, **SHAPE)
+  default = swapmoe_jax.load(bare, experts=3, **SHAPE)
+  assert default.plan.method == measured.plan.method == "calibrated"
+  assert default.plan.slots_per_layer == measured.plan.slots_per_layer != (3,) * cfg.num_moe_layers
+  assert sum(default.plan.slots_per_layer) == 3 * cfg.num_moe_layers  # the same bytes, spread by importance
+  dbytes = np.dtype(loader.DTYPES[ckpt.read_metadata(bare).dtype]).itemsize
+  want = planner_lib.plan_calibrated(cfg, default.plan.budget_bytes, dbytes, **loader.request_shape(cfg, 1, 32, 16),
+                                     importance=stored)
+  assert default.plan.slots_per_layer == want.slots_per_layer
+  for a, b in zip(default.residency.controller.state.slot_expert, measured.residency.controller.state.slot_expert):
+    assert sorted(np.asarray(a).tolist()) == sorted(np.asarray(b).tolist())
+  assert swapmoe_jax.load(bare, experts=3, planner="uniform", **SHAPE).plan.slots_per_layer == (3,) * cfg.num_moe_layers
+  ids = prompts[0]
+  np.testing.assert_array_equal(default.generate(ids, max_new_tokens=8), measured.generate(ids, max_new_tokens=8))
+
+
+def test_a_damaged_calibration_names_its_file(bare, tmp_path):
+  folder = str(tmp_path / "model")
+  shutil.copytree(bare, folder)
+  path = os.path.join(folder, ckpt.CALIBRATION_FILE)
+  cfg = ckpt.read_metadata(folder).config
+  for text in ("{not json", '{"importance": [[1, 2]]}', '{"importance": null}'):
+    with open(path, "w") as f:
+      f.write(text)
+    with pytest.raises(ckpt.CheckpointError, match=f"damaged {path}"):
+      ckpt.read_calibration(folder, cfg)
+  with pytest.raises(ValueError, match="non-negative and of shape"):
+    ckpt.write_calibration(folder, -np.ones((cfg.num_moe_layers, cfg.num_experts)), prompts=1)
+
+
+def test_the_built_in_calibration_is_reproducible():
+  """The shipped calibration.json is what `calibrate` measures on its 64 training-draw prompts
+  (`python -m swapmoe_jax.builtin.calibrate`), so nobody hand-tuned it to the evaluation."""
+  folder = default_checkpoint()
+  meta = ckpt.read_metadata(folder)
+  shipped = ckpt.read_calibration(folder, meta.config)
+  assert shipped is not None
+  tok = swapmoe_jax.load(folder, **SHAPE).tokenizer
+  store = loader.HostExpertStore.from_numpy(ckpt.restore_all_experts(meta), meta.expert_norms,
+                                            loader.DTYPES[meta.dtype], pinned=True, banks=True)
+  again = loader.calibrate(meta.config, ckpt.restore_dense(meta), store, calibration_prompts(tok),
+                           dtype=loader.DTYPES[meta.dtype])
+  np.testing.assert_allclose(again, shipped, rtol=1e-9, atol=0)
