@@ -263,13 +263,11 @@ class ServedModel:
       # The host reads a call's results `_EMIT_LAG_CALLS` calls late: that call has finished (or is about
       # to) while later ones are queued, so waiting for it never leaves the device idle. The first
       # token is handed out before the residency issues this call's swaps (their staging is host work).
-      while not finished and emitted < max(len(out) - _EMIT_LAG_CALLS, min(ready, len(out))):
-        finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
-        emitted += 1
-      # Later calls' results are read as soon as they are ready (`is_ready` does not wait): a request
-      # whose rows have all ended then stops a call sooner than the lag alone allows (on an H200 the lag
-      # alone left a request that ended after 5 tokens 8.4 ms behind one asked for 5, session 31).
-      while not finished and emitted < len(out) and _ready(out[emitted][1]):
+      # Later calls' results are also read as soon as they are ready (`is_ready` does not wait): a
+      # request whose rows have all ended then stops a call sooner than the lag alone allows (on an H200
+      # the lag alone left a request that ended after 5 tokens 8.4 ms behind one asked for 5, session 31).
+      due = max(len(out) - _EMIT_LAG_CALLS, min(ready, len(out)))
+      while not finished and emitted < len(out) and (emitted < due or _ready(out[emitted][1])):
         finished, step = self._emit(out[emitted], step, max_new_tokens, stream)
         emitted += 1
       if finished:  # every row had emitted EOS: the calls after that one only padded

@@ -393,6 +393,12 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     budget_bytes = budget_lib.parse_budget(budget).resolve_for(cfg, dbytes, **shape, staging_slots=staging_slots,
                                                                devices=n, fallback=fallback)
   staging = resolve_staging(staging, cfg, dbytes, mesh=mesh)
+  # Before the weights are read: a damaged calibration file fails fast.
+  stored = None
+  if planner != "uniform" and policy != "full" and not calibration_inputs:
+    stored = ckpt.read_calibration(folder, cfg)
+  if planner == "auto":
+    planner = "calibrated" if calibration_inputs or stored is not None else "uniform"
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
@@ -402,9 +408,6 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
   del experts
   importance = None
-  stored = None if planner == "uniform" or calibration_inputs else ckpt.read_calibration(folder, cfg)
-  if planner == "auto":
-    planner = "calibrated" if calibration_inputs or stored is not None else "uniform"
   if policy == "full":
     plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   elif planner == "uniform":
