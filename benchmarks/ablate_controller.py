@@ -82,6 +82,9 @@ def main(argv=None) -> int:
   p.add_argument("--stream", default="runs", choices=("runs", "shuffled"))
   p.add_argument("--variants", default=",".join(k for k, _, _ in VARIANTS),
                  help="comma-separated keys of VARIANTS (the default is always run first, as the reference)")
+  p.add_argument("--slots", default="",
+                 help="K per MoE layer, comma-separated (e.g. 6,6,4,4), for every variant but full, at the "
+                      "bytes of one --experts K (load's planner given as a sequence): compares allocations")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablation.jsonl"))
   a = p.parse_args(argv)
   folder = default_checkpoint()
@@ -89,6 +92,9 @@ def main(argv=None) -> int:
   examples = tasks.request_stream(a.requests, a.stream, seed=0)
   tok = load(folder, **limits).tokenizer
   reqs = make_requests(tok, [(e.prompt, e.answer) for e in examples], src_len=SRC_LEN, tgt_len=NEW_TOKENS)
+  slots = tuple(int(x) for x in a.slots.split(",")) if a.slots else None
+  if slots and "," in a.experts:
+    p.error("--slots needs a single --experts (the bytes its slots are spread over)")
   keys = ["default"] + [v for v in a.variants.split(",") if v and v != "default"]
   known = {key: (name, kw) for key, name, kw in VARIANTS}
   if any(v not in known for v in keys):
@@ -103,6 +109,8 @@ def main(argv=None) -> int:
       name, kw = known[key]
       if kw.get("planner") == "calibrated":
         kw = dict(kw, calibration_inputs=calibration)
+      if slots and kw.get("policy") != "full":
+        kw, name = dict(kw, planner=slots), f"{name}; K per layer {list(slots)}"
       t = time.perf_counter()
       if kw.get("policy") == "full":
         model = load(folder, **limits)

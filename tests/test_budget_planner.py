@@ -13,7 +13,7 @@ from swapmoe_jax.serving.budget import (
     ALLOCATOR_MARGIN_EXPERTS, ALLOCATOR_MARGIN_PERCENT)
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.planner import (
-    DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, plan_calibrated, plan_full, plan_uniform)
+    DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, plan_calibrated, plan_explicit, plan_full, plan_uniform)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY = SwitchConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=4, num_decoder_layers=4,
@@ -278,6 +278,26 @@ def test_calibrated_rejects_bad_importance():
     plan_calibrated(TINY, 10**9, 2, 1, 16, 8, np.ones((3, 8)))
   with pytest.raises(ValueError, match="non-negative"):
     plan_calibrated(TINY, 10**9, 2, 1, 16, 8, -np.ones((4, 8)))
+
+
+def test_explicit_slots_are_planned_as_given_and_checked_against_the_budget():
+  """K_l as the caller gives it: the same bytes as the uniform plan spread otherwise fit; one slot more
+  does not, and the error says how many do; wrong lengths and values are refused."""
+  budget = budget_for_experts(TINY, 2, 3, 1, 16, 8, DEFAULT_MAX_SWAPS_PER_STEP)
+  plan = plan_explicit(TINY, budget, 2, 1, 16, 8, (5, 3, 2, 2))
+  assert plan.slots_per_layer == (5, 3, 2, 2) and plan.method == "explicit"
+  assert plan.breakdown == plan_uniform(TINY, budget, 2, 1, 16, 8).breakdown  # same slot count, same bytes
+  _check_plan(plan, TINY, budget, 2, 1, 16, 8)
+  with pytest.raises(BudgetError, match=r"\(13 experts\) do not fit .* holds 12 over the 4 MoE layers"):
+    plan_explicit(TINY, budget, 2, 1, 16, 8, (5, 4, 2, 2))
+  with pytest.raises(ValueError, match="one K per MoE layer"):
+    plan_explicit(TINY, budget, 2, 1, 16, 8, (4, 4, 4))
+  with pytest.raises(ValueError, match=r"in \[1, 8\]"):
+    plan_explicit(TINY, budget, 2, 1, 16, 8, (9, 1, 1, 1))
+  full = memory_breakdown(TINY, 2, [8] * 4, 1, 16, 8, 0).total
+  assert plan_explicit(TINY, full, 2, 1, 16, 8, (8,) * 4).max_swaps_per_step == 0
+  with pytest.raises(BudgetError, match="every expert"):
+    plan_explicit(TINY, full - 1, 2, 1, 16, 8, (8,) * 4)
 
 
 @pytest.mark.parametrize("k", range(1, 9))

@@ -88,3 +88,20 @@ def test_the_built_in_calibration_is_reproducible():
   again = loader.calibrate(meta.config, ckpt.restore_dense(meta), store, calibration_prompts(tok),
                            dtype=loader.DTYPES[meta.dtype])
   np.testing.assert_allclose(again, shipped, rtol=1e-9, atol=0)
+
+
+def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibration():
+  """`planner=(K_1, ..., K_L)`: the plan holds those slots; the first residents are the top-K_l by the
+  stored calibration; more slots than the budget holds are refused before the weights are read."""
+  folder = default_checkpoint()
+  cfg = ckpt.read_metadata(folder).config
+  stored = ckpt.read_calibration(folder, cfg)
+  slots = (6, 6, 4, 4)
+  model = swapmoe_jax.load(folder, experts=5, planner=slots, **SHAPE)
+  assert model.plan.slots_per_layer == slots and model.plan.method == "explicit"
+  for layer, (resident, k) in enumerate(zip(model.residency.controller.state.slot_expert, slots)):
+    assert sorted(np.asarray(resident).tolist()) == sorted(np.argsort(-stored[layer], kind="stable")[:k].tolist())
+  with pytest.raises(planner_lib.BudgetError, match="do not fit"):
+    swapmoe_jax.load(folder, experts=5, planner=(8, 8, 4, 4), **SHAPE)
+  with pytest.raises(ValueError, match="K per MoE layer"):
+    swapmoe_jax.load(folder, experts=5, planner=[6.5, 6, 4, 4], **SHAPE)

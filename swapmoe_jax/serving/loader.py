@@ -4,7 +4,9 @@ host memory)."""
 from __future__ import annotations
 
 import functools
+import operator
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -252,7 +254,7 @@ def check_staging(staging: str) -> None:
 
 
 def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, policy: str | None = None,
-         planner: str = "auto",
+         planner: str | Sequence[int] = "auto",
          gate_mode: str = "original", dtype: str | None = None, max_batch_size: int = 1,
          max_source_len: int = 512, max_new_tokens: int = 64, update_every: int | None = None,
          max_swaps_per_step: int | None = None, calibration_inputs=None, progress: bool = False,
@@ -286,7 +288,9 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       routing importance measured on `calibration_inputs`, a list of int token-id arrays, or else
       stored beside the checkpoint by `calibrate_checkpoint`). "auto" (default): "calibrated" where
       `calibration_inputs` are given or the checkpoint has a stored calibration (the built-in model
-      does), else "uniform".
+      does), else "uniform". A sequence of ints: K_l per MoE layer as given (`planner.plan_explicit`,
+      e.g. `(6, 6, 4, 4)` beside `experts=5` on the built-in model: the same bytes spread otherwise),
+      first residents by the stored or given calibration where there is one, else by norm.
     gate_mode: "original" or "renormalized" gate after masked (or selective) routing.
     selective_threshold: policy "selective"'s threshold, a router probability >= 0 (default 0.5,
       `moe.layer.DEFAULT_SELECTIVE_THRESHOLD`: a miss is read from the bank when its expert holds the
@@ -366,8 +370,13 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
 
   selective_threshold = check_selective_threshold(policy, selective_threshold)
   check_staging(staging)
+  explicit = None
+  if not isinstance(planner, str):
+    explicit = check_explicit_slots(planner)
+    planner = "auto"
   if planner not in PLANNERS:
-    raise ValueError(f"unknown planner {planner!r}; supported: {', '.join(PLANNERS)}")
+    raise ValueError(f"unknown planner {planner!r}; supported: {', '.join(PLANNERS)}, or K per MoE layer "
+                     "(a sequence of ints)")
   if policy != "full" and budget is None:
     raise ValueError(f"policy {policy!r} needs a budget (e.g. budget='33%')")
   meta = ckpt.read_metadata(folder)
@@ -410,6 +419,12 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   importance = None
   if policy == "full":
     plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
+  elif explicit is not None:
+    if planner == "calibrated":
+      importance = stored if stored is not None else calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype,
+                                                               mesh=mesh)
+    plan = planner_lib.plan_explicit(cfg, budget_bytes, dbytes, **shape, slots_per_layer=explicit, devices=n,
+                                     fallback=fallback, **cadence)
   elif planner == "uniform":
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
   else:
@@ -430,6 +445,18 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                   importance_term=importance_term,
                   prefill_refit=prefill_refit, fallback_bits=fallback or 8, prompt_residency=prompt_residency,
                   selective_encoder=selective_encoder)
+
+
+def check_explicit_slots(slots) -> tuple[int, ...]:
+  """`load`'s planner given as K per MoE layer: a non-empty sequence of positive ints."""
+  try:
+    out = tuple(operator.index(k) for k in slots)
+  except TypeError:
+    raise ValueError(f"planner must be 'auto', 'uniform', 'calibrated' or K per MoE layer (a sequence of ints), "
+                     f"got {slots!r}") from None
+  if not out or any(k < 1 for k in out):
+    raise ValueError(f"planner as K per MoE layer needs positive ints, got {list(out)}")
+  return out
 
 
 def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: str | None = None,

@@ -3,7 +3,8 @@
 SWAPMOE.md §2: the paper searches {K_1..K_L, frequency} with a genetic algorithm over a fitted accuracy
 predictor, and found equal K per layer measurably worse. Every slot costs the same bytes (one expert), so
 with a per-layer objective that is concave in K_l a greedy allocation is already optimal; this file
-offers that (`plan_calibrated`), equal slots (`plan_uniform`) and everything resident (`plan_full`).
+offers that (`plan_calibrated`), equal slots (`plan_uniform`), everything resident (`plan_full`) and K_l
+as the caller gives it (`plan_explicit`).
 
 Each plan's `breakdown.total` is at most the budget, always (the paper overshot; we do not).
 
@@ -50,7 +51,7 @@ class Plan:
     max_swaps_per_step: experts written per step and in flight at once; 0 when all are resident.
     breakdown: the accelerator bytes of this plan; `breakdown.total <= budget_bytes`.
     reason: why these numbers, for humans.
-    method: 'uniform', 'calibrated' or 'full'.
+    method: 'uniform', 'calibrated', 'explicit' or 'full'.
     staging_slots: device buffers for incoming experts, = max_swaps_per_step.
     budget_bytes: the budget planned for (None for an unconstrained `plan_full`).
     devices: devices the slots are split over; `breakdown` and `budget_bytes` are then per device.
@@ -244,3 +245,39 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
                     max_swaps_per_step, "calibrated",
                     f"K per layer {slots} of {e} experts, chosen greedily by calibrated importance; "
                     f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n, fallback)
+
+
+def plan_explicit(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int, tgt_len: int,
+                  slots_per_layer, update_every: int = DEFAULT_UPDATE_EVERY,
+                  max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
+                  fallback: bool = False) -> Plan:
+  """K_l as given, one per MoE layer, checked against the budget: for comparing allocations at equal
+  bytes (the planners above choose K_l; this one only checks it). With `devices` = n every K_l must be
+  a multiple of n.
+
+  Raises:
+    ValueError: a wrong number of layers, or a K_l outside [n, E] or not a multiple of n.
+    BudgetError: the slots do not fit the budget (the message says how many do), or the budget is below
+      `min_budget_bytes`.
+  """
+  _check_cadence(update_every, max_swaps_per_step)
+  _check_devices(config, devices)
+  num_layers, e, n = config.num_moe_layers, config.num_experts, devices
+  slots = [int(k) for k in slots_per_layer]
+  if len(slots) != num_layers:
+    raise ValueError(f"slots per layer: give one K per MoE layer ({num_layers}), got {len(slots)}: {slots}")
+  if any(not n <= k <= e or k % n for k in slots):
+    raise ValueError(f"slots per layer {slots}: each K must be in [{n}, {e}]"
+                     + (f" and a multiple of {n} devices" if n > 1 else ""))
+  if all(k == e for k in slots):
+    if not _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, n, fallback):
+      raise BudgetError(f"budget {format_bytes(budget_bytes)} cannot hold every expert ({slots})")
+    return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "explicit", n,
+                         fallback)
+  capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n,
+                            fallback)
+  if sum(slots) // n > capacity:
+    raise BudgetError(f"slots per layer {slots} ({sum(slots)} experts) do not fit the budget of "
+                      f"{format_bytes(budget_bytes)}: it holds {capacity * n} over the {num_layers} MoE layers")
+  return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
+                    max_swaps_per_step, "explicit", f"K per layer {slots} of {e} experts, as given", n, fallback)
