@@ -187,6 +187,8 @@ def run_one(args) -> dict:
     figures = [(d.memory_stats() or {}).get(key) for d in devices]
     return None if None in figures else max(figures)
 
+  from swapmoe_jax.serving import swap
+
   staging = loader.resolve_staging(staging, cfg, dbytes, mesh=mesh)  # recorded as what ran
   built = random_model.build(cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len,
                              new_tokens=args.new_tokens, update_every=args.update_every, max_swaps=args.max_swaps,
@@ -196,7 +198,7 @@ def run_one(args) -> dict:
                                 {"selective_threshold": args.selective_threshold}),
                              **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
                              **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
-                             **({} if args.prompt_residency is None else
+                             **({} if args.prompt_residency is None or policy not in swap.IMPORTANCE_POLICIES else
                                 {"prompt_residency": args.prompt_residency == "on"}),
                              **({"selective_encoder": False} if policy == "selective" and args.selective_encoder == "off"
                                 else {}),
