@@ -57,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
                          "--budget K/E); a stored calibration spreads those bytes over the layers by importance")
   p.add_argument("--policy", choices=POLICIES,
                  help="expert residency policy; default 'full' without --budget, 'swapmoe' with one")
-  p.add_argument("--planner", choices=("auto", "uniform", "calibrated"), default="auto",
+  p.add_argument("--planner", type=_planner, default="auto", metavar="{auto,uniform,calibrated,K1,K2,...}",
                  help="slots per layer: 'auto' (default: by the calibration stored with the checkpoint, as the "
-                      "built-in model has, else equal), 'uniform' (equal), or 'calibrated' (by routing importance "
-                      "measured on the prompts)")
+                      "built-in model has, else equal), 'uniform' (equal), 'calibrated' (by routing importance "
+                      "measured on the prompts), or K per MoE layer, comma-separated (e.g. 6,6,4,4 beside "
+                      "--experts 5: the same bytes spread otherwise)")
   p.add_argument("--gate", choices=("original", "renormalized"), default="original",
                  help="gate value after masked routing")
   p.add_argument("--selective-threshold", type=float, metavar="P",
@@ -422,6 +423,20 @@ def _run(args) -> int:
   elif not args.quiet:
     print(_stats_line(stats), file=sys.stderr)
   return 0
+
+
+def _planner(text: str):
+  """--planner: a planner's name, or K per MoE layer as comma-separated ints."""
+  if text in ("auto", "uniform", "calibrated"):
+    return text
+  try:
+    slots = tuple(int(k) for k in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: choose auto, uniform, calibrated, or K per MoE layer "
+                                     "as comma-separated ints (e.g. 6,6,4,4)") from None
+  if any(k < 1 for k in slots):
+    raise argparse.ArgumentTypeError(f"{text!r}: each K must be a positive int")
+  return slots
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,12 +127,17 @@ def _bad_inputs(tmp):
       "batch size 0": ["--batch-size", "0"],
       "missing input file": ["--input-file", str(tmp / "prompts.txt")],
       "unknown staging": ["--staging", "dma"],
+      "malformed planner": ["--experts", "5", "--planner", "6,x"],
+      "planner slots over the budget": ["--experts", "3", "--planner", "4,4,3,3"],
+      "planner slots for too few layers": ["--experts", "5", "--planner", "6,6"],
   }
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "no such model folder", "malformed budget",
                                   "budget below the minimum", "prompt too long", "unknown policy",
-                                  "max new tokens 0", "batch size 0", "missing input file", "unknown staging"])
+                                  "max new tokens 0", "batch size 0", "missing input file", "unknown staging",
+                                  "malformed planner", "planner slots over the budget",
+                                  "planner slots for too few layers"])
 def test_bad_input_is_one_error_line(capsys, demo, tmp_path, case):
   base = ["--model", demo, "--prompt", PROMPT, "--max-source-len", str(SRC_LEN), "--quiet"]
   rc, out, err = _main(capsys, *base, *_bad_inputs(tmp_path)[case])
@@ -144,6 +149,16 @@ def test_bad_input_is_one_error_line(capsys, demo, tmp_path, case):
     assert "minimum" in lines[0]
   if case == "prompt too long":
     assert "--max-source-len 32" in lines[0]
+  if case == "planner slots over the budget":
+    assert "(14 experts) do not fit" in lines[0] and "holds 12" in lines[0]
+
+
+def test_planner_as_k_per_layer(capsys, demo):
+  """--planner 6,6,4,4 beside --experts 5: those slots, at the bytes of 5 per layer."""
+  res = _json_run(capsys, demo, "--experts", "5", "--planner", "6,6,4,4")
+  uniform = _json_run(capsys, demo, "--experts", "5", "--planner", "uniform")
+  assert res["stats"]["slots_per_layer"] == [6, 6, 4, 4] and uniform["stats"]["slots_per_layer"] == [5] * 4
+  assert res["stats"]["plan_bytes"] == uniform["stats"]["plan_bytes"]
 
 
 def test_unreachable_hub_is_one_error_line(capsys, monkeypatch):
