@@ -90,7 +90,7 @@ def test_the_built_in_calibration_is_reproducible():
   np.testing.assert_allclose(again, shipped, rtol=1e-9, atol=0)
 
 
-def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibration():
+def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibration(monkeypatch):
   """`planner=(K_1, ..., K_L)`: the plan holds those slots; the first residents are the top-K_l by the
   stored calibration; more slots than the budget holds are refused before the weights are read."""
   folder = default_checkpoint()
@@ -101,6 +101,10 @@ def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibratio
   assert model.plan.slots_per_layer == slots and model.plan.method == "explicit"
   for layer, (resident, k) in enumerate(zip(model.residency.controller.state.slot_expert, slots)):
     assert sorted(np.asarray(resident).tolist()) == sorted(np.argsort(-stored[layer], kind="stable")[:k].tolist())
+  def unread(*args, **kwargs):
+    raise AssertionError("the experts were read")
+
+  monkeypatch.setattr(ckpt, "restore_all_experts", unread)
   with pytest.raises(planner_lib.BudgetError, match="do not fit"):
     swapmoe_jax.load(folder, experts=5, planner=(8, 8, 4, 4), **SHAPE)
   with pytest.raises(ValueError, match="K per MoE layer"):

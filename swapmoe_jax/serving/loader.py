@@ -408,6 +408,9 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     stored = ckpt.read_calibration(folder, cfg)
   if planner == "auto":
     planner = "calibrated" if calibration_inputs or stored is not None else "uniform"
+  if explicit is not None and policy != "full":  # slots that do not fit fail before the weights are read
+    explicit = planner_lib.plan_explicit(cfg, budget_bytes, dbytes, **shape, slots_per_layer=explicit, devices=n,
+                                         fallback=fallback, **cadence)
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
@@ -423,8 +426,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     if planner == "calibrated":
       importance = stored if stored is not None else calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype,
                                                                mesh=mesh)
-    plan = planner_lib.plan_explicit(cfg, budget_bytes, dbytes, **shape, slots_per_layer=explicit, devices=n,
-                                     fallback=fallback, **cadence)
+    plan = explicit
   elif planner == "uniform":
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
   else:
