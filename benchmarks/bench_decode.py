@@ -149,7 +149,7 @@ def run_one(args) -> dict:
   import random_model
   from shapes import SHAPES
   from swapmoe_jax.serving import budget as budget_lib
-  from swapmoe_jax.serving import loader, sharding
+  from swapmoe_jax.serving import loader, sharding, swap
 
   policy, budget, staging = (args.run.split(":") + [loader.DEFAULT_STAGING])[:3]
   policy, _, option = policy.partition("@")  # selective@0.1 (threshold), fallback@4 (bits)
@@ -186,8 +186,6 @@ def run_one(args) -> dict:
   def mem(key):  # the largest figure over the devices (None where the platform has no memory stats)
     figures = [(d.memory_stats() or {}).get(key) for d in devices]
     return None if None in figures else max(figures)
-
-  from swapmoe_jax.serving import swap
 
   staging = loader.resolve_staging(staging, cfg, dbytes, mesh=mesh)  # recorded as what ran
   built = random_model.build(cfg, args.dtype, policy, budget, batch=args.batch, src_len=args.src_len,

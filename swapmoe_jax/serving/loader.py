@@ -408,6 +408,9 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     stored = ckpt.read_calibration(folder, cfg)
   if planner == "auto":
     planner = "calibrated" if calibration_inputs or stored is not None else "uniform"
+  if planner == "calibrated" and policy != "full" and not calibration_inputs and stored is None:
+    raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays) or a calibration "
+                     f"stored with the checkpoint (calibrate_checkpoint); {folder} has none")
   if explicit is not None and policy != "full":  # slots that do not fit fail before the weights are read
     explicit = planner_lib.plan_explicit(cfg, budget_bytes, dbytes, **shape, slots_per_layer=explicit, devices=n,
                                          fallback=fallback, **cadence)
@@ -419,22 +422,17 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   else:
     store = sharding.ShardedExpertStore.from_numpy(experts, meta.expert_norms, jdtype, mesh)
   del experts
-  importance = None
+  importance = None  # K_l (unless given) and the first residents follow it
+  if policy != "full" and planner == "calibrated":
+    importance = stored if stored is not None else calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype,
+                                                             mesh=mesh)
   if policy == "full":
     plan = planner_lib.plan_full(cfg, budget_bytes, dbytes, **shape, devices=n, **cadence)
   elif explicit is not None:
-    if planner == "calibrated":
-      importance = stored if stored is not None else calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype,
-                                                               mesh=mesh)
     plan = explicit
   elif planner == "uniform":
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
   else:
-    if not calibration_inputs and stored is None:
-      raise ValueError("planner 'calibrated' needs calibration_inputs (a list of token-id arrays) or a calibration "
-                       f"stored with the checkpoint (calibrate_checkpoint); {folder} has none")
-    importance = stored if stored is not None else calibrate(cfg, dense, store, calibration_inputs, dtype=jdtype,
-                                                             mesh=mesh)
     plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n,
                                        fallback=fallback, **cadence)
   # Per-device plans: every device of a mesh holds the same bytes.
