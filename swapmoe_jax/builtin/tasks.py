@@ -211,9 +211,11 @@ def training_examples(n: int, rng: random.Random) -> list[Example]:
   return [_draw(rng.choice(names), rng, False) for _ in range(n)]
 
 
-def request_stream(n: int, kind: str = "runs", seed: int = 0, run_length: int = 8) -> list[Example]:
-  """n held-out requests. kind="runs": families arrive in runs of `run_length` requests (a user's
-  session), in a seeded random order of families; "shuffled": the same requests in random order."""
+def request_stream(n: int, kind: str = "runs", seed: int = 0, run_length: int = 8, *,
+                   held_out: bool = True) -> list[Example]:
+  """n held-out requests (training-space ones with `held_out=False`). kind="runs": families arrive in
+  runs of `run_length` requests (a user's session), in a seeded random order of families; "shuffled":
+  the same requests in random order."""
   if kind not in ("runs", "shuffled"):
     raise ValueError(f"stream kind must be 'runs' or 'shuffled', got {kind!r}")
   rng = random.Random(seed)
@@ -221,7 +223,7 @@ def request_stream(n: int, kind: str = "runs", seed: int = 0, run_length: int = 
   out = []
   while len(out) < n:
     family = rng.choice(names)
-    out += [_draw(family, rng, True) for _ in range(min(run_length, n - len(out)))]
+    out += [_draw(family, rng, held_out) for _ in range(min(run_length, n - len(out)))]
   if kind == "shuffled":
     rng.shuffle(out)
   return out

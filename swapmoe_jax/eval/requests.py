@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from swapmoe_jax.serving.sampling import tokens_until_eos
+
 
 @dataclasses.dataclass
 class Request:
@@ -60,12 +62,6 @@ def _batch(requests: Sequence[Request], rows: int, pad_id: int) -> tuple[np.ndar
     mask[row, :r.ids.shape[1]] = r.mask[0]
   mask[len(requests):, 0] = True
   return ids, mask
-
-
-def tokens_until_eos(row: np.ndarray, eos_ids) -> int:
-  """Generated tokens of one output row, up to and including its first EOS."""
-  ends = np.flatnonzero(np.isin(row, np.asarray(eos_ids)))
-  return int(ends[0]) + 1 if ends.size else int(row.shape[0])
 
 
 def run_stream(model, requests: Sequence[Request], *, max_new_tokens: int, batch_size: int = 1,

@@ -8,6 +8,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +56,9 @@ def select(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     threshold = jnp.max(jnp.where(remove, sorted_logits, -jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits <= threshold, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def tokens_until_eos(row: np.ndarray, eos_ids) -> int:
+  """Generated tokens of one output row (host ids), up to and including its first EOS."""
+  ends = np.flatnonzero(np.isin(row, np.asarray(eos_ids)))
+  return int(ends[0]) + 1 if ends.size else int(row.shape[0])
