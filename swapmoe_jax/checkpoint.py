@@ -336,6 +336,65 @@ def read_calibration(folder: str | os.PathLike, config) -> np.ndarray | None:
   return imp
 
 
+def write_allocations(folder: str | os.PathLike, policy: str, allocations, *, note: str = "", trace=None) -> str:
+  """Adds K per layer for some total slot counts (`allocations`: {total: [K_1..K_L]}, found by
+  `allocation.search_allocations` for `policy`) to the stored calibration in `folder`, replacing that
+  policy's earlier ones; atomic like `write_calibration`, which drops them all (they were searched with
+  the residents of the old importance). `trace` (the search's scores, JSON-able) is kept beside them as
+  evidence. Returns the file's path.
+
+  Raises:
+    CheckpointError: `folder` has no stored calibration, or it is damaged.
+    ValueError: an allocation that is not L values in [1, E] summing to its total.
+  """
+  folder = os.fspath(folder)
+  cfg = read_metadata(folder).config
+  if read_calibration(folder, cfg) is None:
+    raise CheckpointError(f"{folder} has no stored calibration ({CALIBRATION_FILE}) to add allocations to; "
+                          "run calibrate_checkpoint first")
+  checked = _checked_allocations({int(t): list(k) for t, k in dict(allocations).items()}, cfg, ValueError, "")
+  path = os.path.join(folder, CALIBRATION_FILE)
+  with open(path) as f:
+    data = json.load(f)
+  data.setdefault("allocations", {})[policy] = {str(t): list(k) for t, k in sorted(checked.items())}
+  data.setdefault("allocation_notes", {})[policy] = note
+  if trace is not None:
+    data.setdefault("allocation_traces", {})[policy] = trace
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def read_allocations(folder: str | os.PathLike, config, policy: str) -> dict[int, tuple[int, ...]]:
+  """{total slots: K per layer} stored by `write_allocations` for `policy`; empty where there are none.
+
+  Raises:
+    CheckpointError: the file is damaged or an allocation does not fit `config` (it names the file).
+  """
+  path = os.path.join(os.fspath(folder), CALIBRATION_FILE)
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      stored = (json.load(f).get("allocations") or {}).get(policy) or {}
+    stored = {int(t): [int(k) for k in slots] for t, slots in stored.items()}
+  except (OSError, ValueError, AttributeError, TypeError) as e:
+    raise CheckpointError(f"damaged {path}: allocations: {e}") from None
+  return _checked_allocations(stored, config, CheckpointError, f"damaged {path}: ")
+
+
+def _checked_allocations(allocations: dict, config, error, prefix: str) -> dict[int, tuple[int, ...]]:
+  num_layers, e = config.num_moe_layers, config.num_experts
+  for total, slots in allocations.items():
+    if len(slots) != num_layers or any(not 1 <= k <= e for k in slots) or sum(slots) != total:
+      raise error(f"{prefix}allocation for {total} slots must be {num_layers} K_l in [1, {e}] summing to "
+                  f"{total}, got {list(slots)}")
+  return {t: tuple(slots) for t, slots in allocations.items()}
+
+
 def _file_sizes(folder: str) -> dict[str, int]:
   """{path relative to `folder` ('/'-separated): size in bytes} of every file but the metadata."""
   sizes = {}

@@ -13,7 +13,7 @@ from swapmoe_jax.serving.budget import (
     ALLOCATOR_MARGIN_EXPERTS, ALLOCATOR_MARGIN_PERCENT)
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.planner import (
-    DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, plan_calibrated, plan_explicit, plan_full, plan_uniform)
+    DEFAULT_MAX_SWAPS_PER_STEP, layer_coverage, local_search, plan_calibrated, plan_explicit, plan_full, plan_uniform)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY = SwitchConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=4, num_decoder_layers=4,
@@ -278,6 +278,60 @@ def test_calibrated_rejects_bad_importance():
     plan_calibrated(TINY, 10**9, 2, 1, 16, 8, np.ones((3, 8)))
   with pytest.raises(ValueError, match="non-negative"):
     plan_calibrated(TINY, 10**9, 2, 1, 16, 8, -np.ones((4, 8)))
+
+
+def test_calibrated_starts_from_the_searched_allocation_that_fits():
+  """Stored allocations ({total: K per layer}): at their total the plan is the allocation; with more
+  slots it starts there and hands out the rest by coverage (what the coverage greedy would add from
+  it); below every stored total, coverage alone decides, as without them."""
+  rng = np.random.default_rng(0)
+  importance = rng.gamma(0.5, size=(4, 8))
+  budget = {k: budget_for_experts(TINY, 2, k, 1, 16, 8, DEFAULT_MAX_SWAPS_PER_STEP) for k in (2, 3, 4)}
+  stored = {12: (1, 2, 5, 4)}
+  coverage = {k: plan_calibrated(TINY, budget[k], 2, 1, 16, 8, importance).slots_per_layer for k in budget}
+  at = plan_calibrated(TINY, budget[3], 2, 1, 16, 8, importance, allocations=stored)
+  assert at.slots_per_layer == (1, 2, 5, 4) != coverage[3]
+  assert "searched allocation [1, 2, 5, 4] of 12 slots" in at.reason
+  _check_plan(at, TINY, budget[3], 2, 1, 16, 8)
+  above = plan_calibrated(TINY, budget[4], 2, 1, 16, 8, importance, allocations=stored)
+  assert sum(above.slots_per_layer) == 16 and all(a >= s for a, s in zip(above.slots_per_layer, stored[12]))
+  shares = importance / importance.sum(axis=1, keepdims=True)
+  ranked = -np.sort(-shares, axis=1)
+  slots = list(stored[12])
+  for _ in range(4):  # the next slot where the next-ranked share is largest
+    layer = max((l for l in range(4) if slots[l] < 8), key=lambda l: (ranked[l, slots[l]], -slots[l], -l))
+    slots[layer] += 1
+  assert above.slots_per_layer == tuple(slots) and "4 more by calibrated importance" in above.reason
+  below = plan_calibrated(TINY, budget[2], 2, 1, 16, 8, importance, allocations=stored)
+  assert below.slots_per_layer == coverage[2] and "searched" not in below.reason
+  with pytest.raises(ValueError, match="allocation for 12 slots"):
+    plan_calibrated(TINY, budget[3], 2, 1, 16, 8, importance, allocations={12: (1, 2, 5, 5)})
+
+
+def test_local_search_climbs_to_the_best_allocation_and_scores_each_once():
+  """On a separable concave score, moving one slot at a time reaches the best allocation (checked
+  against every allocation of the total); each allocation is scored once; a gain below `min_gain` is
+  not taken."""
+  import itertools
+
+  weights = np.array([3.0, 0.2, 5.0, 1.0])
+  calls = []
+
+  def score(slots):
+    calls.append(slots)
+    return float(np.sum(weights * np.log(np.asarray(slots, float))))
+
+  every = [s for s in itertools.product(range(1, 9), repeat=4) if sum(s) == 12]
+  best = max(every, key=score)
+  calls.clear()
+  found, trace = local_search((3, 3, 3, 3), score, num_experts=8, max_rounds=20)
+  assert found == best and len(calls) == len(set(calls)) == len(trace)
+  assert trace[0] == dict(slots=[3, 3, 3, 3], score=score((3, 3, 3, 3)), round=0)
+  assert max(t["score"] for t in trace) == score(found)
+  stuck, trace = local_search((3, 3, 3, 3), score, num_experts=8, min_gain=100.0)
+  assert stuck == (3, 3, 3, 3) and {t["round"] for t in trace} == {0, 1} and len(trace) == 13
+  known, trace = local_search((3, 3, 3, 3), score, num_experts=8, max_rounds=1, known={(3, 3, 3, 3): 0.0})
+  assert [3, 3, 3, 3] not in [t["slots"] for t in trace] and known != (3, 3, 3, 3)
 
 
 def test_explicit_slots_are_planned_as_given_and_checked_against_the_budget():

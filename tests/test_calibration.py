@@ -3,6 +3,7 @@ default planner plans from, and the one the built-in model ships."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -90,6 +91,35 @@ def test_the_built_in_calibration_is_reproducible():
   np.testing.assert_allclose(again, shipped, rtol=1e-9, atol=0)
 
 
+def test_the_built_in_allocations_are_where_the_recorded_search_stopped():
+  """The shipped allocations for `swapmoe` (`python -m swapmoe_jax.builtin.calibrate`) are what its
+  recorded trace says the search reached: it started from the better of the coverage plan and the equal
+  split, and no allocation one move from the result scored more than the result plus the search's
+  minimum gain; `load(experts=K)` plans them."""
+  from swapmoe_jax.builtin import calibrate as builtin_calibrate
+
+  folder = default_checkpoint()
+  cfg = ckpt.read_metadata(folder).config
+  stored = ckpt.read_allocations(folder, cfg, "swapmoe")
+  with open(os.path.join(folder, ckpt.CALIBRATION_FILE)) as f:
+    data = json.load(f)
+  trace = data["allocation_traces"]["swapmoe"]
+  assert "python -m swapmoe_jax.builtin.calibrate" in data["allocation_notes"]["swapmoe"]
+  assert trace["requests"] == builtin_calibrate.SEARCH_REQUESTS
+  assert sorted(stored) == [4 * k for k in builtin_calibrate.SEARCH_EXPERTS]
+  for k in builtin_calibrate.SEARCH_EXPERTS:
+    best = stored[4 * k]
+    scores = {tuple(t["slots"]): t["score"] for t in trace["by_experts"][str(k)]}
+    starts = [tuple(t["slots"]) for t in trace["by_experts"][str(k)] if t["round"] == 0]
+    assert (k,) * 4 in starts and len(starts) <= 2
+    moves = [tuple(x + (i == dst) - (i == src) for i, x in enumerate(best))
+             for src in range(4) for dst in range(4) if src != dst and best[src] > 1]
+    assert best in scores and all(m in scores for m in moves)
+    assert all(scores[m] <= scores[best] + trace["min_gain"] for m in moves)
+    assert scores[best] >= max(scores[s] for s in starts)
+    assert swapmoe_jax.load(folder, experts=k, **SHAPE).plan.slots_per_layer == best
+
+
 def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibration(monkeypatch):
   """`planner=(K_1, ..., K_L)`: the plan holds those slots; the first residents are the top-K_l by the
   stored calibration; more slots than the budget holds are refused before the weights are read."""
@@ -109,3 +139,66 @@ def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibratio
     swapmoe_jax.load(folder, experts=5, planner=(8, 8, 4, 4), **SHAPE)
   with pytest.raises(ValueError, match="K per MoE layer"):
     swapmoe_jax.load(folder, experts=5, planner=[6.5, 6, 4, 4], **SHAPE)
+
+
+def test_search_allocations_stores_what_load_then_plans_from(bare, tmp_path):
+  """`search_allocations` scores the stored plan and the equal split (a candidate's score: requests
+  answered as `full` answers them, as recomputed here) and climbs from the better (`local_search`,
+  tested on its own in test_budget_planner; no round here, each candidate compiles), stores the result
+  with its trace, and `load` then plans from it; a new calibration drops it."""
+  from swapmoe_jax.serving import allocation
+
+  folder = str(tmp_path / "model")
+  shutil.copytree(bare, folder)
+  if os.path.exists(os.path.join(folder, ckpt.CALIBRATION_FILE)):
+    os.remove(os.path.join(folder, ckpt.CALIBRATION_FILE))
+  prompts = _prompts(folder)
+  with pytest.raises(ckpt.CheckpointError, match="no stored calibration"):
+    allocation.search_allocations(folder, prompts, [3])
+  loader.calibrate_checkpoint(folder, prompts, note="test")
+  cfg = ckpt.read_metadata(folder).config
+  coverage = swapmoe_jax.load(folder, experts=3, **SHAPE).plan.slots_per_layer
+  lines = []
+  result = allocation.search_allocations(folder, prompts, [3], rounds=0, max_new_tokens=8, progress=lines.append)
+  (total, best), = result["allocations"].items()
+  trace = result["trace"][3]
+  assert total == sum(best) == 12 and len(lines) == len(trace) + 1
+  scored = {tuple(t["slots"]): t["score"] for t in trace}
+  assert set(scored) == {coverage, (3,) * 4} and scored[best] == max(scored.values())
+  assert best == coverage or scored[best] > scored[coverage]
+  ids, masks, width = allocation.padded(prompts, cfg.pad_token_id)
+  shape = dict(max_batch_size=1, max_source_len=width, max_new_tokens=8)
+  want = allocation.answers(swapmoe_jax.load(folder, **shape), ids, masks, 8)
+  got = allocation.answers(swapmoe_jax.load(folder, experts=3, planner=(3,) * 4, **shape), ids, masks, 8)
+  assert scored[(3,) * 4] == pytest.approx(allocation.agreement(got, want))
+  assert allocation.agreement(want, want) == len(prompts) + 1
+  assert ckpt.read_allocations(folder, cfg, "swapmoe") == {12: best}
+  assert ckpt.read_allocations(folder, cfg, "pruned") == {}
+  model = swapmoe_jax.load(folder, experts=3, **SHAPE)
+  assert model.plan.slots_per_layer == best and "searched allocation" in model.plan.reason
+  loader.calibrate_checkpoint(folder, prompts, note="again")
+  assert ckpt.read_allocations(folder, cfg, "swapmoe") == {}
+
+
+def test_damaged_allocations_name_the_file(bare, tmp_path):
+  folder = str(tmp_path / "model")
+  shutil.copytree(default_checkpoint(), folder)
+  cfg = ckpt.read_metadata(folder).config
+  path = os.path.join(folder, ckpt.CALIBRATION_FILE)
+  with pytest.raises(ValueError, match="allocation for 20 slots must be 4 K_l"):
+    ckpt.write_allocations(folder, "swapmoe", {20: [5, 5, 5]})
+  ckpt.write_allocations(folder, "swapmoe", {20: [6, 2, 7, 5]}, note="by hand")
+  assert ckpt.read_allocations(folder, cfg, "swapmoe") == {20: (6, 2, 7, 5)}
+  assert ckpt.read_calibration(folder, cfg) is not None  # the importance is kept
+  with open(path) as f:
+    data = json.load(f)
+  for bad in ({"swapmoe": {"20": [6, 2, 7, 6]}}, {"swapmoe": {"20": [6, 2, 7]}}, {"swapmoe": {"x": [1]}}, ["no"]):
+    with open(path, "w") as f:
+      json.dump(dict(data, allocations=bad), f)
+    with pytest.raises(ckpt.CheckpointError, match=f"damaged {path}: allocation"):
+      ckpt.read_allocations(folder, cfg, "swapmoe")
+  with pytest.raises(ckpt.CheckpointError, match=f"damaged {path}: allocation"):
+    swapmoe_jax.load(folder, experts=5, **SHAPE)
+  os.remove(path)
+  with pytest.raises(ckpt.CheckpointError, match="no stored calibration"):
+    ckpt.write_allocations(folder, "swapmoe", {20: [5, 5, 5, 5]})

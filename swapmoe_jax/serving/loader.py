@@ -403,9 +403,10 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                                                                devices=n, fallback=fallback)
   staging = resolve_staging(staging, cfg, dbytes, mesh=mesh)
   # Before the weights are read: a damaged calibration file fails fast.
-  stored = None
+  stored, allocations = None, {}
   if planner != "uniform" and policy != "full" and not calibration_inputs:
     stored = ckpt.read_calibration(folder, cfg)
+    allocations = ckpt.read_allocations(folder, cfg, policy)
   if planner == "auto":
     planner = "calibrated" if calibration_inputs or stored is not None else "uniform"
   if planner == "calibrated" and policy != "full" and not calibration_inputs and stored is None:
@@ -434,7 +435,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
   else:
     plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n,
-                                       fallback=fallback, **cadence)
+                                       fallback=fallback, allocations=allocations, **cadence)
   # Per-device plans: every device of a mesh holds the same bytes.
   budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,

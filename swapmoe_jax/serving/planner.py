@@ -198,10 +198,14 @@ def _normalised(importance: np.ndarray) -> np.ndarray:
 def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                     tgt_len: int, importance: np.ndarray, update_every: int = DEFAULT_UPDATE_EVERY,
                     max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
-                    fallback: bool = False) -> Plan:
+                    fallback: bool = False, allocations=None) -> Plan:
   """K_l from calibration importance: each next slot to the layer whose coverage grows most.
 
-  Starts at one slot per layer. The marginal gain of layer l's (k+1)-th slot is its (k+1)-th largest
+  With `allocations` ({total slots: K per layer}, found by `allocation.search_allocations` on
+  calibration requests and stored with the calibration), the plan starts from the stored allocation of
+  the largest total that fits, and only the slots beyond it are handed out by coverage; where none fits
+  (or with `devices` > 1, which the search does not cover), coverage alone decides, from one slot per
+  layer. The marginal gain of layer l's (k+1)-th slot is its (k+1)-th largest
   normalised importance (`layer_coverage`). Gains fall with k in every layer and slots all cost one
   expert's bytes, so this greedy maximises the summed coverage for the slot count that fits. Ties go to
   the layer with fewer slots, then the earlier layer; slots that gain nothing are still handed out while
@@ -231,20 +235,87 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
   capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n,
                             fallback)
   ranked = -np.sort(-_normalised(imp), axis=1)
-  slots = [n] * num_layers
-  heap = [(-ranked[layer, n:2 * n].sum(), n, layer) for layer in range(num_layers) if e > n]
+  searched = _searched_start(allocations, capacity, num_layers, e) if n == 1 else None
+  slots = list(searched) if searched else [n] * num_layers
+  heap = [(-ranked[layer, k:k + n].sum(), k, layer) for layer, k in enumerate(slots) if k < e]
   heapq.heapify(heap)
-  for _ in range(capacity - num_layers):
+  for _ in range(capacity - sum(slots) // n):
     _, _, layer = heapq.heappop(heap)
     k = slots[layer] = slots[layer] + n
     if k < e:
       heapq.heappush(heap, (-ranked[layer, k:k + n].sum(), k, layer))
   coverage = layer_coverage(imp, slots)
   cov = ", ".join(f"{c:.3f}" for c in coverage)
+  if searched:
+    how = f"from the searched allocation {list(searched)} of {sum(searched)} slots"
+    how += f", {capacity - sum(searched)} more by calibrated importance" if capacity > sum(searched) else ""
+  else:
+    how = "chosen greedily by calibrated importance"
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "calibrated",
-                    f"K per layer {slots} of {e} experts, chosen greedily by calibrated importance; "
+                    f"K per layer {slots} of {e} experts, {how}; "
                     f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n, fallback)
+
+
+def _searched_start(allocations, capacity: int, num_layers: int, num_experts: int) -> tuple[int, ...] | None:
+  """The stored allocation of the largest total slot count <= `capacity`, or None."""
+  fitting = [total for total in (allocations or {}) if total <= capacity]
+  if not fitting:
+    return None
+  slots = tuple(int(k) for k in allocations[max(fitting)])
+  if len(slots) != num_layers or any(not 1 <= k <= num_experts for k in slots) or sum(slots) != max(fitting):
+    raise ValueError(f"allocation for {max(fitting)} slots must be {num_layers} K_l in [1, {num_experts}] "
+                     f"summing to it, got {list(slots)}")
+  return slots
+
+
+def local_search(start, score, *, num_experts: int, max_rounds: int = 6, min_gain: float = 0.0,
+                 on_score=None, known=None) -> tuple[tuple[int, ...], list[dict]]:
+  """Hill-climbing over allocations of a fixed slot count, one slot moved between two layers at a time.
+
+  Each round scores every allocation one move away from the current one (each K_l stays in [1,
+  `num_experts`]) and moves to the best when it beats the current by more than `min_gain`; it stops
+  after `max_rounds` rounds or when no move does. Allocations are scored once each (memoised).
+
+  Args:
+    start: K per layer to start from.
+    score: K per layer (a tuple) -> a float, higher is better (e.g. requests whose answer equals the
+      full model's).
+    on_score: called with (slots, score) after each new scoring (progress).
+    known: {slots: score} already measured (not scored again, not in the trace).
+
+  Returns:
+    The allocation reached and the trace: one {"slots", "score", "round"} per scoring, in order.
+  """
+  scores = {tuple(int(k) for k in slots): float(v) for slots, v in (known or {}).items()}
+  trace: list[dict] = []
+
+  def scored(slots, rnd):
+    if slots not in scores:
+      scores[slots] = float(score(slots))
+      trace.append(dict(slots=list(slots), score=scores[slots], round=rnd))
+      if on_score is not None:
+        on_score(slots, scores[slots])
+    return scores[slots]
+
+  current = tuple(int(k) for k in start)
+  scored(current, 0)
+  for rnd in range(1, max_rounds + 1):
+    moves = []
+    for src in range(len(current)):
+      for dst in range(len(current)):
+        if src != dst and current[src] > 1 and current[dst] < num_experts:
+          nxt = list(current)
+          nxt[src] -= 1
+          nxt[dst] += 1
+          moves.append(tuple(nxt))
+    if not moves:
+      break
+    best = max(moves, key=lambda m: (scored(m, rnd), -moves.index(m)))
+    if scores[best] <= scores[current] + min_gain:
+      break
+    current = best
+  return current, trace
 
 
 def plan_explicit(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int, tgt_len: int,
