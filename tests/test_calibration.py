@@ -155,6 +155,10 @@ def test_search_allocations_stores_what_load_then_plans_from(bare, tmp_path):
   prompts = _prompts(folder)
   with pytest.raises(ckpt.CheckpointError, match="no stored calibration"):
     allocation.search_allocations(folder, prompts, [3])
+  with pytest.raises(ValueError, match="not 'lfu'"):
+    allocation.search_allocations(folder, prompts, [3], policy="lfu")
+  with pytest.raises(ValueError, match=r"\[S\] or \[1, S\]; got shapes \[\(2, 3\)\]"):
+    allocation.padded([np.ones((2, 3), np.int32)], 0)
   loader.calibrate_checkpoint(folder, prompts, note="test")
   cfg = ckpt.read_metadata(folder).config
   coverage = swapmoe_jax.load(folder, experts=3, **SHAPE).plan.slots_per_layer

@@ -28,11 +28,19 @@ import numpy as np
 
 from swapmoe_jax.serving.sampling import tokens_until_eos
 
+# Policies whose answers depend on where the slots are: the exact ones (lru, lfu) answer as `full`
+# whatever the allocation, and `full` has none.
+SEARCHED_POLICIES = ("swapmoe", "pruned", "selective", "fallback")
+
 
 def padded(prompts: Sequence, pad_id: int, multiple: int = 8) -> tuple[list[np.ndarray], list[np.ndarray], int]:
   """Each prompt (int token ids, [S] or [1, S]) as int32 [1, W] with its bool mask, W the longest
   prompt rounded up to `multiple` (one shape, one compile per candidate); and W."""
-  rows = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  arrays = [np.asarray(p, np.int32) for p in prompts]
+  if any(a.ndim > 2 or (a.ndim == 2 and a.shape[0] != 1) for a in arrays):
+    raise ValueError("each request is one prompt's token ids, [S] or [1, S]; got shapes "
+                     f"{sorted({a.shape for a in arrays if a.ndim != 1 and a.shape[:1] != (1,)})}")
+  rows = [a.reshape(-1) for a in arrays]
   if not rows or any(r.size == 0 for r in rows):
     raise ValueError("the search needs at least one request, and no empty prompt")
   width = -(-max(r.size for r in rows) // multiple) * multiple
@@ -95,6 +103,9 @@ def search_allocations(folder: str | os.PathLike, prompts: Sequence, experts: Se
   from swapmoe_jax.serving import planner as planner_lib
   from swapmoe_jax.serving.loader import load
 
+  if policy not in SEARCHED_POLICIES:
+    raise ValueError(f"search_allocations is for the policies whose outputs depend on the allocation "
+                     f"({', '.join(SEARCHED_POLICIES)}), not {policy!r}")
   meta = ckpt.read_metadata(folder)
   cfg = meta.config
   if ckpt.read_calibration(folder, cfg) is None:

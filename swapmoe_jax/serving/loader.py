@@ -288,9 +288,11 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
       routing importance measured on `calibration_inputs`, a list of int token-id arrays, or else
       stored beside the checkpoint by `calibrate_checkpoint`). "auto" (default): "calibrated" where
       `calibration_inputs` are given or the checkpoint has a stored calibration (the built-in model
-      does), else "uniform". A sequence of ints: K_l per MoE layer as given (`planner.plan_explicit`,
-      e.g. `(6, 6, 4, 4)` beside `experts=5` on the built-in model: the same bytes spread otherwise),
-      first residents by the stored or given calibration where there is one, else by norm.
+      does), else "uniform". A stored calibration with allocations searched for `policy`
+      (`allocation.search_allocations`) gives K_l from the one whose slot count fits. A sequence of
+      ints: K_l per MoE layer as given (`planner.plan_explicit`, e.g. `(6, 6, 4, 4)` beside
+      `experts=5` on the built-in model: the same bytes spread otherwise), first residents by the
+      stored or given calibration where there is one, else by norm.
     gate_mode: "original" or "renormalized" gate after masked (or selective) routing.
     selective_threshold: policy "selective"'s threshold, a router probability >= 0 (default 0.5,
       `moe.layer.DEFAULT_SELECTIVE_THRESHOLD`: a miss is read from the bank when its expert holds the
