@@ -46,7 +46,8 @@ def test_drained_swaps_give_the_same_tokens_as_a_model_pinned_to_them():
   a = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=False, **LIMITS)
   _ask(a, PROMPTS[0])
   resident = [a.residency.controller.state.resident(l) for l in range(4)]
-  b = load(default_checkpoint(), experts=3, policy="pruned", **LIMITS)
+  # The same allocation (pruned has no searched allocation of its own: it plans by coverage).
+  b = load(default_checkpoint(), experts=3, policy="pruned", planner=a.plan.slots_per_layer, **LIMITS)
   b.pin_experts(resident)
   # a's next request runs on its drained set until its own routing moves it (decay applies then): its
   # first device call sees exactly `resident`, so its first token must equal b's.
@@ -88,7 +89,7 @@ def test_prefill_refit_reencodes_on_the_experts_the_prompt_wanted():
   assert a.residency.refits == 1
   assert any(sorted(after[l]) != sorted(initial[l]) for l in enc)
   assert all(sorted(after[l]) == sorted(initial[l]) for l in range(4) if l not in enc)  # decoder kept
-  b = load(default_checkpoint(), experts=3, policy="pruned", **LIMITS)
+  b = load(default_checkpoint(), experts=3, policy="pruned", planner=a.plan.slots_per_layer, **LIMITS)
   b.pin_experts(after)
   np.testing.assert_array_equal(out, _ask(b, PROMPTS[1]))
   # More requests, refitted (their decoder layers may follow a past request): nothing recompiles.

@@ -62,8 +62,12 @@ def test_load_with_experts_holds_k_per_layer_and_equals_the_text_budget(folder, 
   b = swapmoe_jax.load(folder, budget=f"5/{cfg.num_experts}", **SHAPE)
   c = swapmoe_jax.load(folder, budget=swapmoe_jax.experts_budget(folder, 5, **SHAPE), **SHAPE)
   assert a.policy == b.policy == "swapmoe"
-  # The built-in model's stored calibration spreads the bytes of 5 per layer over its layers.
-  assert a.plan.slots_per_layer == b.plan.slots_per_layer == c.plan.slots_per_layer != (5,) * cfg.num_moe_layers
+  # The built-in model's stored calibration spreads the bytes of 5 per layer over its layers as its
+  # searched allocation for that slot count says (at 5 of 16 the equal split; `planner="uniform"`
+  # reaches the same by another rule, with residents by norm).
+  searched = ckpt.read_allocations(folder, cfg, "swapmoe")[5 * cfg.num_moe_layers]
+  assert a.plan.slots_per_layer == b.plan.slots_per_layer == c.plan.slots_per_layer == searched
+  assert a.plan.method == "calibrated" and "searched allocation" in a.plan.reason
   assert sum(a.plan.slots_per_layer) == 5 * cfg.num_moe_layers
   assert a.plan.budget_bytes == b.plan.budget_bytes == c.plan.budget_bytes
   uniform = swapmoe_jax.load(folder, experts=5, planner="uniform", **SHAPE)

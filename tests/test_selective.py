@@ -335,8 +335,10 @@ def test_builtin_threshold_0_gives_full_tokens_and_2_gives_swapmoe_tokens(builti
   full = swapmoe_jax.load(builtin, **SHAPE)
   exact = swapmoe_jax.load(builtin, experts=3, policy="selective", selective_threshold=0.0, **SHAPE)
   # Swaps at every call: the same importance drives both controllers, so they swap the same experts
-  # (swapmoe without its prompt residency, which selective does not have by default).
-  masked = {p: swapmoe_jax.load(builtin, experts=3, policy=p, update_every=1, max_swaps_per_step=2,
+  # (swapmoe without its prompt residency, which selective does not have by default), on the same
+  # allocation (swapmoe's searched one; selective has none stored and would plan by coverage).
+  slots = swapmoe_jax.load(builtin, experts=3, **SHAPE).plan.slots_per_layer
+  masked = {p: swapmoe_jax.load(builtin, experts=3, policy=p, update_every=1, max_swaps_per_step=2, planner=slots,
                                 **SHAPE, **({"selective_threshold": 2.0} if p == "selective" else
                                             {"prompt_residency": False}))
             for p in ("selective", "swapmoe")}
