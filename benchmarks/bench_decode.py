@@ -194,7 +194,8 @@ def run_one(args) -> dict:
                              staging=staging,
                              **({} if args.selective_threshold is None else
                                 {"selective_threshold": args.selective_threshold}),
-                             **({} if args.hysteresis is None else {"hysteresis": args.hysteresis}),
+                             **({} if args.hysteresis is None or policy not in swap.IMPORTANCE_POLICIES else
+                                {"hysteresis": args.hysteresis}),
                              **({} if args.prefill_refit is None else {"prefill_refit": args.prefill_refit}),
                              **({} if args.prompt_residency is None or policy not in swap.IMPORTANCE_POLICIES else
                                 {"prompt_residency": args.prompt_residency == "on"}),
