@@ -62,6 +62,8 @@ VARIANTS = (
     ("prompt-refit", "prompt residency and prefill-informed residency (refit at 10 %)",
      dict(UNIFORM, prefill_refit=0.1)),
     ("prompt-calibrated", "prompt residency and the calibrated planner", dict(planner="calibrated")),
+    ("hyst-1-now", "today's default with hysteresis 1.0 (fewer swaps: what a GPU request pays for)",
+     dict(hysteresis=1.0)),
     ("prompt-calibrated-refit", "prompt residency, the calibrated planner and refit at 10 %",
      dict(planner="calibrated", prefill_refit=0.1)),
 )
