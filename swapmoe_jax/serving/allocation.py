@@ -117,26 +117,33 @@ def search_allocations(folder: str | os.PathLike, prompts: Sequence, experts: Se
   gain = 0.005 * len(ids) if min_gain is None else float(min_gain)
   say = progress or (lambda line: None)
   found, traces = {}, {}
+
+  def served(model) -> float:
+    got = answers(model, ids, masks, max_new_tokens)
+    # Each candidate compiles its own programs (its slot shapes); dozens of them exhaust the CPU
+    # backend's code memory ("LLVM ERROR: Unable to allocate section memory") unless released.
+    jax.clear_caches()
+    gc.collect()
+    return agreement(got, want)
+
   for k in experts:
     k = int(k)
     if not 1 <= k < cfg.num_experts:
       raise ValueError(f"experts must be in [1, {cfg.num_experts - 1}] (fewer than all), got {k}")
 
     def score(slots, k=k):
-      model = load(folder, experts=k, policy=policy, planner=tuple(slots), **shape)
-      got = answers(model, ids, masks, max_new_tokens)
-      del model
-      # Each candidate compiles its own programs (its slot shapes); dozens of them exhaust the CPU
-      # backend's code memory ("LLVM ERROR: Unable to allocate section memory") unless released.
-      jax.clear_caches()
-      gc.collect()
-      return agreement(got, want)
+      return served(load(folder, experts=k, policy=policy, planner=tuple(slots), **shape))
 
-    stored = load(folder, experts=k, policy=policy, **shape).plan.slots_per_layer
-    starts = {tuple(stored): None, (k,) * cfg.num_moe_layers: None}
-    for slots in starts:
-      starts[slots] = score(slots)
-      say(f"K={k} start {list(slots)}: {starts[slots]:.2f} of {len(ids)}")
+    # The stored plan is scored on the model loaded to learn it; the equal split is loaded as a candidate.
+    model = load(folder, experts=k, policy=policy, **shape)
+    stored = tuple(model.plan.slots_per_layer)
+    starts = {stored: served(model)}
+    del model
+    uniform = (k,) * cfg.num_moe_layers
+    if uniform not in starts:
+      starts[uniform] = score(uniform)
+    for slots, s in starts.items():
+      say(f"K={k} start {list(slots)}: {s:.2f} of {len(ids)}")
     start = max(starts, key=lambda s: starts[s])
     best, trace = planner_lib.local_search(
         start, score, num_experts=cfg.num_experts, max_rounds=rounds, min_gain=gain, known=starts,

@@ -311,7 +311,9 @@ def local_search(start, score, *, num_experts: int, max_rounds: int = 6, min_gai
           moves.append(tuple(nxt))
     if not moves:
       break
-    best = max(moves, key=lambda m: (scored(m, rnd), -moves.index(m)))
+    for m in moves:
+      scored(m, rnd)
+    best = max(moves, key=scores.__getitem__)  # the first of equals
     if scores[best] <= scores[current] + min_gain:
       break
     current = best
