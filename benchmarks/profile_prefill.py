@@ -46,6 +46,24 @@ def _median_ms(fn, repeats):
   return 1e3 * float(np.median(times))
 
 
+def _dispatch_ms(fn, repeats):
+  """Median host time until `fn()` returns (XLA enqueues a program's kernels on the calling thread),
+  and median wall time until its outputs are ready, in ms: when the two are close, the GPU waits on
+  the host's launches, not the other way round."""
+  import jax
+
+  jax.block_until_ready(fn())
+  host, wall = [], []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    t1 = time.perf_counter()
+    jax.block_until_ready(out)
+    host.append(t1 - t0)
+    wall.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(host)), 1e3 * float(np.median(wall))
+
+
 def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
   """Device time per kernel name in a Perfetto trace written by `jax.profiler.trace(...,
   create_perfetto_trace=True)`: [(name, total ms, count)], largest first (events on GPU streams only)."""
@@ -237,10 +255,11 @@ def main(argv=None):
       enc = lambda: decode.encode(model._graphdef, model._params, model._slots, ids, mask,  # noqa: E731
                                   decode.cache_length(64), model._banks)
       enc_ms = _median_ms(enc, args.repeats)
+      enc_host_ms, _ = _dispatch_ms(enc, args.repeats)
       first_ms = _median_ms(lambda: model.generate(ids, max_new_tokens=1), max(3, args.repeats // 4))
       emit({"what": "prefill", "policy": policy, "budget": budget, "slots": ks[-1], "tokens": n,
-            "encode_ms": enc_ms, "first_token_ms": first_ms})
-      print(f"{policy:<8} {budget:<5} K={ks[-1]:<3} N={n:<4} encode {enc_ms:8.3f} ms   "
+            "encode_ms": enc_ms, "encode_host_ms": enc_host_ms, "first_token_ms": first_ms})
+      print(f"{policy:<8} {budget:<5} K={ks[-1]:<3} N={n:<4} encode {enc_ms:8.3f} ms (host {enc_host_ms:.3f})   "
             f"generate(1 token) {first_ms:8.3f} ms", flush=True)
       if args.phases and n == args.src_lens[0]:
         emit({"policy": policy, "budget": budget, "slots": ks[-1], "tokens": n}
