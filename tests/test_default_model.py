@@ -205,9 +205,12 @@ def test_evaluate_grid_on_the_default_model(tmp_path, capsys):
   assert rows["swapmoe"]["vs_pruned"]["diff"] == pytest.approx(rows["swapmoe"]["exact_match"]
                                                               - rows["pruned"]["exact_match"])
   assert rows["full"]["vs_full"] is None and rows["pruned"]["vs_pruned"] is None and rows["lfu"]["vs_pruned"] is None
+  # the intervals resample distinct prompts, and each row says how many its requests hold
+  distinct = len({e.prompt for e in tasks.request_stream(12, "runs", seed=0)})
+  assert all(r["prompts"] == distinct for r in rows.values())
   md = (tmp_path / "evaluation.md").read_text()
   assert len(re.findall(r"^\| runs \|", md, re.M)) == 4
-  assert "EM − pruned [95% CI]" in md
+  assert "EM − pruned [95% CI]" in md and f"12 requests, {distinct} distinct prompts" in md
   assert (tmp_path / "evaluation.png").stat().st_size > 10_000
 
 

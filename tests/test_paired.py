@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from swapmoe_jax.eval.paired import mcnemar_p, paired_difference
+from swapmoe_jax.eval.paired import gain_ratio, mcnemar_p, paired_difference
 
 
 def test_certain_differences_have_degenerate_intervals():
@@ -53,6 +53,35 @@ def test_mcnemar_equals_enumerating_every_sign_assignment(a_only, b_only):
   observed = abs(a_only - b_only)
   extreme = sum(1 for signs in itertools.product((0, 1), repeat=n) if abs(2 * sum(signs) - n) >= observed)
   assert mcnemar_p(a_only, b_only) == pytest.approx(min(1.0, extreme / 2**n))
+
+
+def test_groups_of_one_request_are_the_plain_bootstrap():
+  """Distinct labels for every request draw the same resamples as no labels: the same interval."""
+  rng = np.random.default_rng(3)
+  a, b = (rng.random(300) < 0.8).astype(int), (rng.random(300) < 0.7).astype(int)
+  plain, grouped = paired_difference(a, b), paired_difference(a, b, groups=[f"p{i}" for i in range(300)])
+  assert (plain.low, plain.high) == (grouped.low, grouped.high)
+  base = (rng.random(300) < 0.5).astype(int)
+  assert gain_ratio(a, np.ones(300), base) == gain_ratio(a, np.ones(300), base, groups=np.arange(300))
+
+
+def test_repeated_prompts_widen_the_interval_to_their_distinct_count():
+  """100 distinct prompts each asked 10 times, each answered the same way every time: the requests
+  carry the information of 100 draws, not 1000. Resampling whole prompts gives the interval of the
+  100 distinct draws (as wide as the plain bootstrap over them); resampling requests, one ~sqrt(10)
+  times narrower."""
+  rng = np.random.default_rng(4)
+  a1, b1 = (rng.random(100) < 0.8).astype(int), (rng.random(100) < 0.6).astype(int)
+  a, b, prompts = np.repeat(a1, 10), np.repeat(b1, 10), np.repeat(np.arange(100), 10)
+  per_request = paired_difference(a, b)
+  clustered = paired_difference(a, b, groups=prompts)
+  distinct = paired_difference(a1, b1)
+  assert clustered.diff == per_request.diff == pytest.approx(distinct.diff)
+  width = lambda d: d.high - d.low  # noqa: E731
+  assert width(clustered) == pytest.approx(width(distinct), rel=0.15)
+  assert width(clustered) > 2.5 * width(per_request)
+  with pytest.raises(ValueError, match="one label per request"):
+    paired_difference(a, b, groups=prompts[:-1])
 
 
 def test_bad_shapes_are_refused():

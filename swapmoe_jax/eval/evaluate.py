@@ -17,6 +17,9 @@ budget, policy, gate) it measures:
 - decode time per token, redirect rate (masked policies), miss rate (exact policies), experts swapped;
 - paired differences of exact match on the same requests, with 95 % bootstrap intervals
   (`eval/paired.py`): each row against `full`, and masked rows against `pruned` at the same K and gate.
+  The bootstrap resamples distinct prompts (a cluster bootstrap: a long stream repeats the prompts of
+  the held-out space's smaller families, and a repeat is not a new draw); each row records how many
+  distinct prompts its requests hold (`prompts`).
 Policy `oracle` (evaluation only, `eval/oracle.py`) is the ceiling of masked routing: per task family
 the static top-K_l set of the experts `full` routed that family's requests to in this stream
 (hindsight), pinned at every change of family under `pruned`'s masked routing (the pins are not
@@ -117,8 +120,10 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
     sizes = [(pct, max(1, min(e, round(pct / 100 * e)))) for pct in budgets]
   limits = dict(max_batch_size=1, max_source_len=SRC_LEN, max_new_tokens=NEW_TOKENS)
   rows = []
+  groups = {}
   for stream in streams:
     examples = tasks.request_stream(requests, stream, seed=seed)
+    groups[stream] = [ex.prompt for ex in examples]
     full = load(folder, dtype=dtype, **limits)
     if full.tokenizer is None:
       raise ValueError(f"{folder} has no tokenizer; the evaluation needs one")
@@ -170,7 +175,7 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
       s = model.stats.summary() if model.stats is not None else {}
       correct = [int(t == ex.answer) for t, ex in zip(texts, examples)]
       row = dict(stream=stream, policy=policy, gate=gate if policy in GATED else "-", expert_pct=pct,
-                 slots=k, experts=e, budget_bytes=budget, requests=len(reqs),
+                 slots=k, experts=e, budget_bytes=budget, requests=len(reqs), prompts=len(set(groups[stream])),
                  exact_match=float(np.mean(correct)), correct=correct,
                  agreement=agreement(res["outputs"], ref["outputs"]), tf_agreement=tf_agree, tf_kl=tf_kl,
                  ms_per_token=res["ms_per_token"], redirect_rate=s.get("redirect_rate"),
@@ -180,16 +185,17 @@ def evaluate(folder: str, *, budgets=DEFAULT_BUDGETS, policies=DEFAULT_POLICIES,
       rows.append(row)
       if progress:
         progress(row)
-  add_comparisons(rows)
+  add_comparisons(rows, groups)
   return rows
 
 
-def add_comparisons(rows: list[dict]) -> None:
+def add_comparisons(rows: list[dict], groups: dict | None = None) -> None:
   """Adds to each row its paired exact-match difference with `full` (`vs_full`) and, for masked
   policies other than `pruned`, with `pruned` at the same stream, K and gate (`vs_pruned`): dicts of
   eval.paired.PairedDifference's fields, or None where the other row is missing. A swapmoe row with an
   oracle row at the same stream, K and gate also gets `vs_oracle` and `captured` (eval.paired.GainRatio's
-  fields: the fraction of the oracle's gain over pruned that swapmoe captures)."""
+  fields: the fraction of the oracle's gain over pruned that swapmoe captures). groups: optional
+  {stream: a label per request} (its prompt), for intervals that resample whole groups."""
   def find(stream, policy, k=None, gate=None):
     for r in rows:
       if (r["stream"], r["policy"]) == (stream, policy) and (k is None or r["slots"] == k) and (
@@ -198,15 +204,16 @@ def add_comparisons(rows: list[dict]) -> None:
     return None
 
   for r in rows:
+    cluster = dict(groups=(groups or {}).get(r["stream"]))
     full = find(r["stream"], "full")
     pruned = find(r["stream"], "pruned", r["slots"], r["gate"]) if r["policy"] not in ("full", "pruned") else None
     for key, other in (("vs_full", full if r["policy"] != "full" else None), ("vs_pruned", pruned)):
-      r[key] = None if other is None else dataclasses.asdict(paired_difference(r["correct"], other["correct"]))
+      r[key] = None if other is None else dataclasses.asdict(paired_difference(r["correct"], other["correct"], **cluster))
     oracle = find(r["stream"], "oracle", r["slots"], r["gate"]) if r["policy"] == "swapmoe" else None
     if oracle is not None:
-      r["vs_oracle"] = dataclasses.asdict(paired_difference(r["correct"], oracle["correct"]))
+      r["vs_oracle"] = dataclasses.asdict(paired_difference(r["correct"], oracle["correct"], **cluster))
       r["captured"] = None if pruned is None else dataclasses.asdict(
-          gain_ratio(r["correct"], oracle["correct"], pruned["correct"]))
+          gain_ratio(r["correct"], oracle["correct"], pruned["correct"], **cluster))
 
 
 def row_label(r: dict) -> str:
@@ -220,6 +227,7 @@ def markdown(rows: list[dict]) -> str:
   head = ("| stream | policy | gate | experts resident | exact match | agreement w/ full | TF agreement | "
           "TF KL | ms/token | redirect | miss | swaps | EM − full [95% CI] | EM − pruned [95% CI] |")
   lines = [head, "|" + "---|" * 14]
+  prompts = {(r["requests"], r.get("prompts")) for r in rows}
   pp = lambda d: "—" if not d else f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
   fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
   for r in rows:
@@ -230,6 +238,9 @@ def markdown(rows: list[dict]) -> str:
         f"{'' if r['redirect_rate'] is None else '%'} | "
         f"{fmt(r['miss_rate'] and 100 * r['miss_rate'], '.1f')}{'' if r['miss_rate'] is None else '%'} | "
         f"{fmt(r['experts_swapped'], 'd')} | {pp(r.get('vs_full'))} | {pp(r.get('vs_pruned'))} |")
+  if all(p is not None for _, p in prompts):
+    lines += ["", "Intervals: paired bootstrap over distinct prompts (" + "; ".join(
+        f"{n} requests, {p} distinct prompts" for n, p in sorted(prompts)) + ")."]
   bound = oracle_lib.bound(rows)
   if bound:
     lines += ["", "Oracle bound (per-family top-K_l of full's routing, in hindsight); captured = "
