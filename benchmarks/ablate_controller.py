@@ -64,6 +64,8 @@ VARIANTS = (
     ("prompt-calibrated", "prompt residency and the calibrated planner", dict(planner="calibrated")),
     ("hyst-1-now", "today's default with hysteresis 1.0 (fewer swaps: what a GPU request pays for)",
      dict(hysteresis=1.0)),
+    ("no-prompt-now", "today's default without prompt residency (what the task runs alone give the controller)",
+     dict(prompt_residency=False)),
     ("prompt-calibrated-refit", "prompt residency, the calibrated planner and refit at 10 %",
      dict(planner="calibrated", prefill_refit=0.1)),
 )
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
   p.add_argument("--experts", default="3,5", help="resident experts per MoE layer, comma-separated")
   p.add_argument("--requests", type=int, default=200)
   p.add_argument("--stream", default="runs", choices=("runs", "shuffled"))
+  p.add_argument("--seed", type=int, default=0, help="the request stream's seed (evaluate's --seed)")
   p.add_argument("--variants", default=",".join(k for k, _, _ in VARIANTS),
                  help="comma-separated keys of VARIANTS (the default is always run first, as the reference)")
   p.add_argument("--slots", default="",
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   folder = default_checkpoint()
   limits = dict(max_batch_size=1, max_source_len=SRC_LEN, max_new_tokens=NEW_TOKENS)
-  examples = tasks.request_stream(a.requests, a.stream, seed=0)
+  examples = tasks.request_stream(a.requests, a.stream, seed=a.seed)
   tok = load(folder, **limits).tokenizer
   reqs = make_requests(tok, [(e.prompt, e.answer) for e in examples], src_len=SRC_LEN, tgt_len=NEW_TOKENS)
   slots = tuple(int(x) for x in a.slots.split(",")) if a.slots else None
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
       refits = model.residency.refits
       row = dict(experts=k, variant=name, key=key, **{n: v for n, v in kw.items() if n != "calibration_inputs"},
                  refits=refits, refit_matches=model.residency.refit_matches, correct=correct,
-                 stream=a.stream,
+                 stream=a.stream, seed=a.seed,
                  requests=len(reqs), exact_match=float(np.mean(correct)), redirect_rate=s["redirect_rate"],
                  experts_swapped=s["experts_swapped"], vs_default=None if diff is None else diff.points(),
                  seconds=round(time.perf_counter() - t, 1))
