@@ -48,8 +48,9 @@ def _median_ms(fn, repeats):
 
 def _dispatch_ms(fn, repeats):
   """Median host time until `fn()` returns (XLA enqueues a program's kernels on the calling thread),
-  and median wall time until its outputs are ready, in ms: when the two are close, the GPU waits on
-  the host's launches, not the other way round."""
+  and median wall time until its outputs are ready, in ms: when the two are close, the GPU may be
+  waiting on the host (its launches, XLA's update of the program's CUDA graph); RESULTS.md, session 34,
+  found the host's excess there but the wall time set by the GPU."""
   import jax
 
   jax.block_until_ready(fn())

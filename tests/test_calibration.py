@@ -91,20 +91,22 @@ def test_the_built_in_calibration_is_reproducible():
   np.testing.assert_allclose(again, shipped, rtol=1e-9, atol=0)
 
 
-def test_the_built_in_allocations_are_where_the_recorded_search_stopped():
-  """The shipped allocations for `swapmoe` (`python -m swapmoe_jax.builtin.calibrate`) are what its
-  recorded trace says the search reached: it started from the better of the coverage plan and the equal
-  split, and no allocation one move from the result scored more than the result plus the search's
-  minimum gain; `load(experts=K)` plans them."""
+@pytest.mark.parametrize("policy", ["swapmoe", "pruned"])
+def test_the_built_in_allocations_are_where_the_recorded_search_stopped(policy):
+  """The shipped allocations for `swapmoe` and for `pruned` (`python -m swapmoe_jax.builtin.calibrate`)
+  are what each policy's recorded trace says its search reached: it started from the better of the
+  coverage plan and the equal split, and no allocation one move from the result scored more than the
+  result plus the search's minimum gain; `load(experts=K, policy=...)` plans them."""
   from swapmoe_jax.builtin import calibrate as builtin_calibrate
 
+  assert policy in builtin_calibrate.SEARCH_POLICIES
   folder = default_checkpoint()
   cfg = ckpt.read_metadata(folder).config
-  stored = ckpt.read_allocations(folder, cfg, "swapmoe")
+  stored = ckpt.read_allocations(folder, cfg, policy)
   with open(os.path.join(folder, ckpt.CALIBRATION_FILE)) as f:
     data = json.load(f)
-  trace = data["allocation_traces"]["swapmoe"]
-  assert "python -m swapmoe_jax.builtin.calibrate" in data["allocation_notes"]["swapmoe"]
+  trace = data["allocation_traces"][policy]
+  assert "python -m swapmoe_jax.builtin.calibrate" in data["allocation_notes"][policy]
   assert trace["requests"] == builtin_calibrate.SEARCH_REQUESTS
   assert sorted(stored) == [4 * k for k in builtin_calibrate.SEARCH_EXPERTS]
   for k in builtin_calibrate.SEARCH_EXPERTS:
@@ -117,7 +119,7 @@ def test_the_built_in_allocations_are_where_the_recorded_search_stopped():
     assert best in scores and all(m in scores for m in moves)
     assert all(scores[m] <= scores[best] + trace["min_gain"] for m in moves)
     assert scores[best] >= max(scores[s] for s in starts)
-    assert swapmoe_jax.load(folder, experts=k, **SHAPE).plan.slots_per_layer == best
+    assert swapmoe_jax.load(folder, experts=k, policy=policy, **SHAPE).plan.slots_per_layer == best
 
 
 def test_load_plans_k_per_layer_as_given_with_residents_by_the_stored_calibration(monkeypatch):

@@ -348,8 +348,9 @@ def test_builtin_threshold_0_gives_full_tokens_and_2_gives_swapmoe_tokens(builti
     a, b = (m.generate(ids, mask, max_new_tokens=12) for m in masked.values())
     np.testing.assert_array_equal(a, b)
   # No swaps (load has no max_swaps_per_step=0; a window longer than the request reads the statistics
-  # only at its end, so a first request runs on the initial residents): `pruned`'s tokens.
-  static = {p: swapmoe_jax.load(builtin, experts=3, policy=p, update_every=64, **SHAPE,
+  # only at its end, so a first request runs on the initial residents): `pruned`'s tokens, on one
+  # allocation (pruned has a searched allocation of its own).
+  static = {p: swapmoe_jax.load(builtin, experts=3, policy=p, update_every=64, planner=slots, **SHAPE,
                                 **({"selective_threshold": 2.0} if p == "selective" else {}))
             for p in ("selective", "pruned")}
   a, b = (m.generate(*_prompts(3, vocab), max_new_tokens=12) for m in static.values())

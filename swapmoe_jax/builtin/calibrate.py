@@ -1,14 +1,16 @@
 """The built-in model's stored calibration: expert importance (Eq. 1) over 64 prompts of its training
-draw, and K per MoE layer searched for `swapmoe` on 600 requests of the training draw — never the
-held-out requests the evaluation scores — which `load`'s default planner ("auto") uses for K_l per
-layer and the first residents at any budget.
+draw, and K per MoE layer searched for `swapmoe` and `pruned` on 600 requests of the training draw —
+never the held-out requests the evaluation scores — which `load`'s default planner ("auto") uses for
+K_l per layer (each policy its own) and the first residents at any budget.
 
-  python -m swapmoe_jax.builtin.calibrate      # rewrites assets/default_model/calibration.json (~30 min on a CPU)
+  python -m swapmoe_jax.builtin.calibrate      # rewrites assets/default_model/calibration.json (~1 h on a CPU)
+  python -m swapmoe_jax.builtin.calibrate --search-only --policies pruned   # one policy's search again
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 
@@ -23,6 +25,7 @@ SEARCH_REQUESTS = 600
 SEARCH_SEED = 2024
 SEARCH_EXPERTS = (2, 3, 4, 5, 8)
 SEARCH_NEW_TOKENS = 24
+SEARCH_POLICIES = ("swapmoe", "pruned")
 
 
 def calibration_prompts(tokenizer, n: int = CALIBRATION_PROMPTS, seed: int = CALIBRATION_SEED) -> list[np.ndarray]:
@@ -50,19 +53,28 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--experts", default=",".join(map(str, SEARCH_EXPERTS)),
                  help="K (resident experts per layer on average) to search allocations for; '' for none")
+  p.add_argument("--policies", default=",".join(SEARCH_POLICIES),
+                 help="policies to search allocations for, comma-separated")
+  p.add_argument("--search-only", action="store_true",
+                 help="keep the stored importance and the other policies' allocations; search only --policies "
+                      "(recalibrating drops every stored allocation, which were searched with its residents)")
   a = p.parse_args(argv)
   folder = default_checkpoint()
   tok = load(folder).tokenizer
-  path = calibrate_checkpoint(folder, calibration_prompts(tok), note=(
-      f"{CALIBRATION_PROMPTS} prompts of tasks.training_examples(random.Random({CALIBRATION_SEED})); "
-      "python -m swapmoe_jax.builtin.calibrate"))
+  path = os.path.join(folder, "calibration.json")
+  if not a.search_only:
+    path = calibrate_checkpoint(folder, calibration_prompts(tok), note=(
+        f"{CALIBRATION_PROMPTS} prompts of tasks.training_examples(random.Random({CALIBRATION_SEED})); "
+        "python -m swapmoe_jax.builtin.calibrate"))
   experts = [int(k) for k in a.experts.split(",") if k]
+  policies = [q for q in a.policies.split(",") if q]
   if experts:
-    search_allocations(
-        folder, search_prompts(tok), experts, policy="swapmoe", max_new_tokens=SEARCH_NEW_TOKENS,
-        note=(f"searched on {SEARCH_REQUESTS} requests of tasks.request_stream(runs, seed={SEARCH_SEED}, "
-              "held_out=False); python -m swapmoe_jax.builtin.calibrate"),
-        progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for policy in policies:
+      search_allocations(
+          folder, search_prompts(tok), experts, policy=policy, max_new_tokens=SEARCH_NEW_TOKENS,
+          note=(f"searched on {SEARCH_REQUESTS} requests of tasks.request_stream(runs, seed={SEARCH_SEED}, "
+                "held_out=False); python -m swapmoe_jax.builtin.calibrate"),
+          progress=lambda line, policy=policy: print(f"{policy}: {line}", file=sys.stderr, flush=True))
   print(path)
   return 0
 
