@@ -46,6 +46,7 @@ def search_prompts(tokenizer, n: int = SEARCH_REQUESTS, seed: int = SEARCH_SEED)
 
 
 def main(argv=None) -> int:
+  from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.builtin.demo import default_checkpoint
   from swapmoe_jax.serving.allocation import search_allocations
   from swapmoe_jax.serving.loader import calibrate_checkpoint, load
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   folder = default_checkpoint()
   tok = load(folder).tokenizer
-  path = os.path.join(folder, "calibration.json")
+  path = os.path.join(folder, ckpt.CALIBRATION_FILE)
   if not a.search_only:
     path = calibrate_checkpoint(folder, calibration_prompts(tok), note=(
         f"{CALIBRATION_PROMPTS} prompts of tasks.training_examples(random.Random({CALIBRATION_SEED})); "
@@ -69,9 +70,10 @@ def main(argv=None) -> int:
   experts = [int(k) for k in a.experts.split(",") if k]
   policies = [q for q in a.policies.split(",") if q]
   if experts:
+    prompts = search_prompts(tok)  # the same requests for every policy
     for policy in policies:
       search_allocations(
-          folder, search_prompts(tok), experts, policy=policy, max_new_tokens=SEARCH_NEW_TOKENS,
+          folder, prompts, experts, policy=policy, max_new_tokens=SEARCH_NEW_TOKENS,
           note=(f"searched on {SEARCH_REQUESTS} requests of tasks.request_stream(runs, seed={SEARCH_SEED}, "
                 "held_out=False); python -m swapmoe_jax.builtin.calibrate"),
           progress=lambda line, policy=policy: print(f"{policy}: {line}", file=sys.stderr, flush=True))
