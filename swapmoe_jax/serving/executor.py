@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from swapmoe_jax.serving.decode import Flat, unflat
-from swapmoe_jax.serving.store import BETWEEN_CALLS_OPTIONS, HostExpertStore
+from swapmoe_jax.serving.store import HostExpertStore
 from swapmoe_jax.serving.swap import SlotWrite
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=BETWEEN_CALLS_OPTIONS)
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
 def _write_slot_in_place(wi, wo, slot_of, row_wi, row_wo, slot, expert):
   """One layer's buffers wi [K, F, D], wo [K, D, F] and index map slot_of int32[E] (all donated, updated
   in place): slot `slot` gets expert `expert`'s row_wi [1, F, D] / row_wo [1, D, F], and the map says so
@@ -35,7 +35,7 @@ def _write_slot_in_place(wi, wo, slot_of, row_wi, row_wo, slot, expert):
   return wi, wo, slot_of
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=BETWEEN_CALLS_OPTIONS)
+@functools.partial(jax.jit, donate_argnums=(0, 1))
 def _write_slot(wi, wo, row_wi, row_wo, slot, index_map):
   """One layer's buffers wi [K, F, D], wo [K, D, F] (donated, updated in place): slot `slot` gets
   row_wi [1, F, D] / row_wo [1, D, F]; returns them with the layer's new index map int32[E].

@@ -9,7 +9,6 @@ dispatched.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -19,7 +18,6 @@ import numpy as np
 from swapmoe_jax.models.switch.config import SwitchConfig
 from swapmoe_jax.serving.executor import SwapExecutor
 from swapmoe_jax.serving.stats import RoutingStats, StepRecord, Telemetry
-from swapmoe_jax.serving.store import BETWEEN_CALLS_OPTIONS
 from swapmoe_jax.serving.swap import (
     IMPORTANCE_POLICIES, ResidencyError, SlotWrite, SwapController, rank_by_score)
 
@@ -70,7 +68,7 @@ def check_prefill_refit(policy: str, value, swaps: bool) -> float | None:
   return float(value)
 
 
-@functools.partial(jax.jit, compiler_options=BETWEEN_CALLS_OPTIONS)
+@jax.jit
 def _packed(parts):
   """Every leaf of device LayerStats (parts may be None) in one float32 vector, int32 leaves bitcast
   (exact), so that the host reads them in one transfer instead of one per leaf (~0.17 ms of host time

@@ -6,21 +6,10 @@ device), otherwise in numpy. Swaps copy from here, never from disk.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
-
-# XLA options for the small programs that run between decode calls (a swap's staging gather and slot
-# write, the statistics read): no command buffers. On a GPU, XLA runs a program as a CUDA graph and
-# updates the graph whenever the program's buffers sit at new addresses, which these programs' do on
-# nearly every call (a different layer's slots, new staged rows); on an H200 the process's host memory
-# then kept growing over a soak with swaps and stopped growing with the graphs off
-# (benchmarks/RESULTS.md, "two soaks of the default"). These programs launch a few kernels each, so a
-# graph saves them nothing. Ignored off the GPU.
-BETWEEN_CALLS_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
 def host_memory_kind(device: jax.Device) -> str | None:
@@ -194,7 +183,7 @@ class HostExpertStore:
     return tuple(zip(wi, wo))
 
 
-@functools.partial(jax.jit, compiler_options=BETWEEN_CALLS_OPTIONS)
+@jax.jit
 def _gather_rows(wi_banks, wo_banks, idx):
   """Row j of the result is expert idx[j] of wi_banks[j] / wo_banks[j] (host banks, one per row: a
   bank can repeat), copied to device memory. One program per row count, whichever the layers."""
