@@ -95,6 +95,29 @@ def test_pinned_store_built_as_banks_equals_rows_then_banks():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_swap_staging_writes_into_the_same_device_buffers():
+  """A swap's rows land in the store's own staging buffers, written in place (`reuse=True`): a swap
+  allocates no device memory, which on a GPU keeps the decode programs' buffer addresses, and so their
+  CUDA graphs, unchanged. The rows equal a fresh gather's, and the buffers number the most rows staged."""
+  rng = np.random.default_rng(3)
+  experts = [(rng.normal(size=(5, 3, 4)).astype(np.float32), rng.normal(size=(5, 4, 3)).astype(np.float32))
+             for _ in range(2)]
+  store = store_lib.HostExpertStore.from_numpy(experts, np.ones((2, 5)), jnp.float32, banks=True)
+  pointers = lambda rows: [x.unsafe_buffer_pointer() for row in rows for x in row]  # noqa: E731
+  first = pointers(store.stage_rows([(0, 3), (1, 1)], reuse=True))
+  fresh = store.stage_rows([(1, 4), (0, 0)])
+  again = store.stage_rows([(1, 4), (0, 0)], reuse=True)
+  assert pointers(again) == first and pointers(fresh) != first
+  for got, want in zip(again, fresh):
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (wi, wo), = store.stage_rows([(0, 2)], reuse=True)
+  assert pointers([(wi, wo)]) == first[:2]
+  np.testing.assert_array_equal(np.asarray(wi)[0], experts[0][0][2].T)
+  np.testing.assert_array_equal(np.asarray(wo)[0], experts[0][1][2].T)
+  assert store.staging_bytes == 2 * store.expert_bytes
+
+
 def test_needs_banks_for_exact_and_selective_routing_and_gather_staging():
   """Exact and selective routing and "gather" staging want banks; the others start as rows (pinned) or
   numpy (pageable)."""

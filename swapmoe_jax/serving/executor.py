@@ -86,10 +86,11 @@ class SwapExecutor:
 
   def stage(self, writes: Sequence[SlotWrite]) -> tuple:
     """Starts the host->device copies of the incoming experts, all in one batched operation
-    (asynchronous; `HostExpertStore.stage_rows`). Returns one row (wi [1, F, D], wo [1, D, F]) per write."""
+    (asynchronous; `HostExpertStore.stage_rows`, into the store's reused staging buffers where it has
+    them). Returns one row (wi [1, F, D], wo [1, D, F]) per write, valid until the next stage."""
     if len(writes) > self.max_writes:
       raise ValueError(f"{len(writes)} writes exceed max_writes={self.max_writes}")
-    return self.store.stage_rows([(w.layer, w.expert) for w in writes])
+    return self.store.stage_rows([(w.layer, w.expert) for w in writes], reuse=True)
 
   def commit(self, slots, staged, writes: Sequence[SlotWrite], index_maps: Sequence[np.ndarray]):
     """Writes each staged row into its slot (in place: the old buffers are donated) together with its

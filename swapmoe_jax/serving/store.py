@@ -6,6 +6,8 @@ device), otherwise in numpy. Swaps copy from here, never from disk.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,8 @@ class HostExpertStore:
     self.dtype = first[0].dtype
     self._num_layers = len(rows) if rows is not None else len(wi)
     self._num_experts = len(rows[0]) if rows is not None else int(wi[0].shape[0])
+    self._index = None  # device scalars 0..E-1 (`stage_rows`)
+    self._staging: list = []  # (wi [1, F, D], wo [1, D, F]) staging buffers (`stage_rows(..., reuse=True)`)
 
   @classmethod
   def from_numpy(cls, experts: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, dtype, device=None,
@@ -161,12 +165,18 @@ class HostExpertStore:
       return rows[0]
     return tuple(jnp.concatenate(x) for x in zip(*rows))
 
-  def stage_rows(self, pairs) -> tuple:
+  def stage_rows(self, pairs, reuse: bool = False) -> tuple:
     """Copies experts of any layers to the device in one batched operation (asynchronous): one
     `device_put` call for every array of the rows layout, one program for the banks layout.
 
     Args:
       pairs: (layer, expert) per row, at most a handful (a commit's writes).
+      reuse: (banks layout in pinned memory) land the rows in this store's staging buffers, made on
+        first use and written in place from then on, instead of in new device buffers. A swap's commit
+        reads its rows at once, so the swap path reuses them; the rows returned by one call are valid
+        until the next call with reuse. A swap then allocates no device memory: on a GPU, the decode
+        programs' own buffers keep their addresses from call to call, which XLA's CUDA graphs of those
+        programs need to run without being re-recorded.
     Returns:
       One (wi [1, F, D], wo [1, D, F]) per pair.
     """
@@ -178,16 +188,43 @@ class HostExpertStore:
       return tuple(jax.device_put([self._rows[l][e] for l, e in pairs], dev))
     if self.memory_kind is None:
       return tuple(jax.device_put([(self._wi[l][e:e + 1], self._wo[l][e:e + 1]) for l, e in pairs], dev))
-    idx = jax.device_put(np.asarray([e for _, e in pairs], np.int32), dev)
-    wi, wo = _gather_rows(tuple(self._wi[l] for l, _ in pairs), tuple(self._wo[l] for l, _ in pairs), idx)
+    if self._index is None:  # every expert index as an int32 device scalar, in one transfer, once
+      self._index = jax.device_put([np.int32(e) for e in range(self.num_experts)], dev)
+    idx = tuple(self._index[e] for _, e in pairs)
+    wi_banks, wo_banks = tuple(self._wi[l] for l, _ in pairs), tuple(self._wo[l] for l, _ in pairs)
+    if not reuse:
+      wi, wo = _gather_rows(wi_banks, wo_banks, idx)
+      return tuple(zip(wi, wo))
+    while len(self._staging) < len(pairs):
+      self._staging.append(tuple(jnp.zeros((1,) + shape, self.dtype, device=dev) for shape in self.expert_shapes))
+    n = len(pairs)
+    into = tuple(self._staging[:n])
+    wi, wo = _gather_rows_into(wi_banks, wo_banks, idx, tuple(r[0] for r in into), tuple(r[1] for r in into))
+    self._staging[:n] = list(zip(wi, wo))
     return tuple(zip(wi, wo))
+
+  @property
+  def staging_bytes(self) -> int:
+    """Device bytes held by the staging buffers that `stage_rows(..., reuse=True)` made."""
+    return len(self._staging) * self.expert_bytes
+
+
+def _take_rows(banks, idx):
+  """Row j: expert idx[j] of banks[j] (a host bank), copied to device memory."""
+  return tuple(jax.device_put(jax.lax.dynamic_index_in_dim(bank, i, keepdims=True), jax.memory.Space.Device)
+               for bank, i in zip(banks, idx))
 
 
 @jax.jit
 def _gather_rows(wi_banks, wo_banks, idx):
   """Row j of the result is expert idx[j] of wi_banks[j] / wo_banks[j] (host banks, one per row: a
   bank can repeat), copied to device memory. One program per row count, whichever the layers."""
-  take = lambda banks: tuple(  # noqa: E731
-      jax.device_put(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=True), jax.memory.Space.Device)
-      for j, bank in enumerate(banks))
-  return take(wi_banks), take(wo_banks)
+  return _take_rows(wi_banks, idx), _take_rows(wo_banks, idx)
+
+
+@functools.partial(jax.jit, donate_argnums=(3, 4))
+def _gather_rows_into(wi_banks, wo_banks, idx, wi_into, wo_into):
+  """`_gather_rows`, written into the donated rows wi_into / wo_into (updated in place)."""
+  put = lambda into, rows: tuple(jax.lax.dynamic_update_slice(a, r.astype(a.dtype), (0, 0, 0))  # noqa: E731
+                                 for a, r in zip(into, rows))
+  return put(wi_into, _take_rows(wi_banks, idx)), put(wo_into, _take_rows(wo_banks, idx))
