@@ -250,7 +250,7 @@ def test_24_swaps_between_decode_steps_never_recompile(folder, parts, layout):
       expert = int(rng.choice([e for e in range(E) if e not in resident[layer]]))
       writes.append(SlotWrite(int(layer), slot, expert, resident[layer][slot]))
       resident[layer][slot] = expert
-    slots = ex.commit(slots, ex.stage(writes), writes, [loader_index_map(r) for r in resident])
+    slots, _ = ex.apply(slots, writes, [loader_index_map(r) for r in resident])  # as the residency swaps
     swaps += len(writes)
   assert swaps >= 24
   assert _compiles() == before

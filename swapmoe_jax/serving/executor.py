@@ -84,13 +84,14 @@ class SwapExecutor:
     self._positions = None  # leaf positions of each layer's buffers, found on the first commit
     self._scalars = None  # int32 device scalars 0..max(E, K)-1: a write's slot and expert (`_scalar`)
 
-  def stage(self, writes: Sequence[SlotWrite]) -> tuple:
+  def stage(self, writes: Sequence[SlotWrite], reuse: bool = False) -> tuple:
     """Starts the host->device copies of the incoming experts, all in one batched operation
-    (asynchronous; `HostExpertStore.stage_rows`, into the store's reused staging buffers where it has
-    them). Returns one row (wi [1, F, D], wo [1, D, F]) per write, valid until the next stage."""
+    (asynchronous; `HostExpertStore.stage_rows`). Returns one row (wi [1, F, D], wo [1, D, F]) per write.
+    reuse: land the rows in the store's staging buffers, valid only until the next such stage (`apply`,
+    which commits them at once, reuses; a caller that holds staged rows across stages must not)."""
     if len(writes) > self.max_writes:
       raise ValueError(f"{len(writes)} writes exceed max_writes={self.max_writes}")
-    return self.store.stage_rows([(w.layer, w.expert) for w in writes], reuse=True)
+    return self.store.stage_rows([(w.layer, w.expert) for w in writes], reuse=reuse)
 
   def commit(self, slots, staged, writes: Sequence[SlotWrite], index_maps: Sequence[np.ndarray]):
     """Writes each staged row into its slot (in place: the old buffers are donated) together with its
@@ -134,16 +135,16 @@ class SwapExecutor:
         continue
       seen.add(k)
       w = SlotWrite(layer, 0, int(resident[layer][0]), int(resident[layer][0]))
-      slots = self.commit(slots, self.stage([w]), [w], index_maps)
+      slots = self.commit(slots, self.stage([w], reuse=True), [w], index_maps)
     # The staging program of the banks layout has one shape per row count: compile them all now.
     for n in range(2, self.max_writes + 1):
-      jax.block_until_ready(self.stage([SlotWrite(0, 0, int(resident[0][0]), -1)] * n))
+      jax.block_until_ready(self.stage([SlotWrite(0, 0, int(resident[0][0]), -1)] * n, reuse=True))
     self.experts_written = self.bytes_written = 0
     return slots
 
   def apply(self, slots, writes: Sequence[SlotWrite], index_maps: Sequence[np.ndarray]):
     """stage + commit; returns (new slots, host seconds spent dispatching)."""
     t0 = time.perf_counter()
-    staged = self.stage(writes)
+    staged = self.stage(writes, reuse=True)
     new = self.commit(slots, staged, writes, index_maps)
     return new, time.perf_counter() - t0

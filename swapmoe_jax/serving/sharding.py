@@ -197,7 +197,9 @@ class ShardedSwapExecutor(SwapExecutor):
     """(device index, slot within that device's shard) of a write."""
     return divmod(w.slot, self.slots_per_layer[w.layer] // len(self.devices))
 
-  def stage(self, writes: Sequence[SlotWrite]) -> tuple:
+  def stage(self, writes: Sequence[SlotWrite], reuse: bool = False) -> tuple:
+    """Gathers each write's expert to the device that owns its slot (`reuse` does not apply: each
+    write is its own gather)."""
     if len(writes) > self.max_writes:
       raise ValueError(f"{len(writes)} writes exceed max_writes={self.max_writes}")
     return tuple(self.store.gather_to(w.layer, w.expert, self.devices[self._owner(w)[0]]) for w in writes)
