@@ -174,9 +174,10 @@ class HostExpertStore:
       reuse: (banks layout in pinned memory) land the rows in this store's staging buffers, made on
         first use and written in place from then on, instead of in new device buffers. A swap's commit
         reads its rows at once, so the swap path reuses them; the rows returned by one call are valid
-        until the next call with reuse. A swap then allocates no device memory: on a GPU, the decode
-        programs' own buffers keep their addresses from call to call, which XLA's CUDA graphs of those
-        programs need to run without being re-recorded.
+        until the next call with reuse. A swap then allocates no device memory, so on a GPU the decode
+        programs' own buffers keep their addresses after a swap and XLA need not re-record its CUDA
+        graphs of them (with fresh rows, GPU soaks showed host memory climbing with swaps;
+        benchmarks/RESULTS.md, "A swap that allocates nothing").
     Returns:
       One (wi [1, F, D], wo [1, D, F]) per pair.
     """
