@@ -59,19 +59,23 @@ def folder(tmp_path_factory):
   return convert(save_hf(make_hf_model(cfg, seed=5, router_std=2.0), root / "hf"), root / "ours", progress=False)
 
 
-def per_device_budget(folder, devices, fallback=False):
+def per_device_budget(folder, devices, fallback=False, bank_reads=False):
   """Bytes per device that hold K slots per layer (K / devices on each device) and nothing more (with
-  `fallback`, plus each device's share of the int8 copies)."""
+  `fallback`, plus each device's share of the int8 copies; with `bank_reads`, plus the experts exact
+  routing copies from host memory in a step)."""
   cfg = ckpt.read_metadata(folder).config
+  reads = budget_lib.bank_read_experts(cfg, 4, SHAPE["max_batch_size"]) if bank_reads else 0
   return budget_lib.memory_breakdown(cfg, 4, [K] * cfg.num_moe_layers, SHAPE["max_batch_size"],
                                      SHAPE["max_source_len"], decode.cache_length(SHAPE["max_new_tokens"]),
-                                     staging_slots=2, devices=devices or 1, fallback=fallback).total
+                                     staging_slots=2, devices=devices or 1, fallback=fallback,
+                                     bank_reads=reads).total
 
 
 def _load(folder, policy, devices):
   if policy == "full":
     return swapmoe_jax.load(folder, devices=devices)
-  return swapmoe_jax.load(folder, budget=per_device_budget(folder, devices, policy == "fallback"), policy=policy,
+  budget = per_device_budget(folder, devices, policy == "fallback", bank_reads=policy in ("lru", "lfu"))
+  return swapmoe_jax.load(folder, budget=budget, policy=policy,
                           update_every=1,
                           max_swaps_per_step=2, devices=devices, **SHAPE)
 

@@ -132,3 +132,30 @@ def test_calibrated_planner_starts_from_the_calibration_importance(folder, cfg):
   by_norm = loader.initial_resident("pruned", store, model.plan.slots_per_layer)
   assert any(set(r.tolist()) != set(n.tolist()) for r, n in zip(resident, by_norm)), \
       "calibration chose the same sets as the norms: this test proves nothing on this model"
+
+
+def test_plans_count_the_experts_exact_routing_reads_in_a_step(folder, cfg):
+  """lru, lfu and selective copy missing experts from host memory inside a step: one per row of a decode
+  step (B·k rows) while those fit `reads_misses_by_row`, else one at a time (the prefill always). Their
+  plans count those copies; the other policies' do not; a budget in experts still holds K per layer."""
+  from swapmoe_jax.models.decoder.config import DecoderConfig
+  from swapmoe_jax.moe import experts as experts_lib
+
+  assert [budget_lib.bank_read_experts(cfg, 2, b) for b in (1, 8, 16, 17)] == [1, 8, 16, 1]
+  top2 = DecoderConfig(model_type="qwen2_moe", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, num_experts=6, top_k=2, moe_d_ff=24, sparse_layers=(0, 1))
+  assert [budget_lib.bank_read_experts(top2, 2, b) for b in (1, 8, 9)] == [2, 16, 1]
+  big = DecoderConfig(model_type="mixtral", vocab_size=64, hidden_size=4096, num_layers=2, num_heads=32,
+                      num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, moe_d_ff=14336, sparse_layers=(0, 1))
+  one = budget_lib.expert_bytes_each(big, 2)  # 336 MiB: two copies at once exceed MISS_ROWS_MAX_BYTES
+  assert 2 * one > experts_lib.MISS_ROWS_MAX_BYTES and budget_lib.bank_read_experts(big, 2, 1) == 1
+  assert experts_lib.reads_misses_by_row(16, 1, decode=True) and not experts_lib.reads_misses_by_row(2, 1, decode=False)
+
+  lfu = swapmoe_jax.load(folder, experts=3, policy="lfu", planner="uniform", **SHAPE)
+  swapmoe = swapmoe_jax.load(folder, experts=3, policy="swapmoe", planner="uniform", **SHAPE)
+  one = lfu.plan.breakdown.one_expert_bytes
+  assert lfu.plan.breakdown.bank_read_bytes == one and swapmoe.plan.breakdown.bank_read_bytes == 0
+  assert lfu.plan.slots_per_layer == swapmoe.plan.slots_per_layer == (3,) * cfg.num_moe_layers
+  assert lfu.plan.budget_bytes == swapmoe_jax.experts_budget(folder, 3, policy="lfu", **SHAPE)
+  assert lfu.plan.budget_bytes - swapmoe.plan.budget_bytes >= one  # the copy, plus its allocator share
+  assert "read from host memory in a step" in lfu.plan.reason

@@ -225,6 +225,25 @@ def test_gather_and_dispatch_agree_on_token_choice_pairs(glu):
   np.testing.assert_allclose(np.asarray(miss), np.where(keep[:, None], ref, 0), rtol=1e-5, atol=1e-5)
 
 
+def test_bank_misses_read_one_copy_per_row_only_in_a_decode_step():
+  """A decode step of few rows copies one expert per row at once (the plan counts B·k copies,
+  `budget.bank_read_experts`); a prefill of as few rows copies one missing expert at a time, in a scan
+  (the plan counts one). Both compute every missing row through its expert."""
+  rng = np.random.default_rng(4)
+  n, e = 6, 5
+  x = rng.normal(size=(n, D)).astype(np.float32)
+  wi, wo = rng.normal(size=(e, F, D)).astype(np.float32), rng.normal(size=(e, D, F)).astype(np.float32)
+  expert = rng.integers(0, e, n).astype(np.int32)
+  miss = np.array([True, False, True, True, False, True])
+  act = activations.expert_hidden("silu", "mlp")
+  ref = np.stack([_ref_ffn(x[j].astype(np.float64), wi[expert[j]], wo[expert[j]], False) for j in range(n)])
+  for decode in (True, False):
+    fn = lambda x, wi, wo, decode=decode: experts_lib.expert_ffn_misses(x, expert, miss, wi, wo, act, decode)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(fn(x, wi, wo)), np.where(miss[:, None], ref, 0), rtol=1e-5, atol=1e-5)
+    scans = [q for q in jax.make_jaxpr(fn)(x, wi, wo).jaxpr.eqns if q.primitive.name == "scan"]
+    assert len(scans) == (0 if decode else 1)
+
+
 @pytest.mark.parametrize("impl", ["rows", "branches", "all_slots"])
 @pytest.mark.parametrize("n", [1, 3, 7])
 @pytest.mark.parametrize("glu", [False, True])

@@ -45,6 +45,17 @@ from swapmoe_jax.moe import quant
 
 GATHER_MAX_TOKENS = 16
 BIG_EXPERT_BYTES = 64 << 20  # experts this large are read by static slot (branches / all slots), see above
+# Exact and selective routing read a decode step's misses from host memory one copy per row, all at
+# once, while those copies take at most this many bytes; else, and in the prefill, one expert at a time.
+MISS_ROWS_MAX_BYTES = 256 << 20
+
+
+def reads_misses_by_row(num_rows: int, expert_bytes: int, decode: bool) -> bool:
+  """Whether `expert_ffn_misses` copies one expert per row, all at once (a decode step of at most
+  `GATHER_MAX_TOKENS` rows whose experts take at most `MISS_ROWS_MAX_BYTES` together), rather than one
+  missing expert at a time, each once (the prefill; big experts). The device then holds `num_rows` or
+  one of the copies at once, which plans count (`budget.bank_read_experts`)."""
+  return decode and num_rows <= GATHER_MAX_TOKENS and num_rows * expert_bytes <= MISS_ROWS_MAX_BYTES
 
 
 def _rows(w, idx):
@@ -115,14 +126,14 @@ def _to_device(x: jax.Array) -> jax.Array:
   return jax.device_put(x, jax.memory.Space.Device)
 
 
-def _serve_misses(x, expert, miss, num_experts: int, rows_ffn, one_ffn):
+def _serve_misses(x, expert, miss, num_experts: int, rows_ffn, one_ffn, by_row: bool):
   """The tokens whose expert is not resident, each through its expert, the rest 0 ([N, D]).
 
-  Few tokens (decode): `rows_ffn(x, expert)` computes every row with its own expert, only when some row
-  misses (a `lax.cond`). Many tokens (prefill): a scan over the E experts, `one_ffn(x, e)` (every row
+  `by_row` (few tokens): `rows_ffn(x, expert)` computes every row with its own expert, only when some
+  row misses (a `lax.cond`). Else (many tokens): a scan over the E experts, `one_ffn(x, e)` (every row
   through expert e) only for the experts with a miss. The weights come from wherever the two functions
   read them: the host bank (`expert_ffn_misses`) or the int8 copies (`expert_ffn_fallback`)."""
-  if x.shape[0] <= GATHER_MAX_TOKENS:
+  if by_row:
     y = jax.lax.cond(jnp.any(miss), lambda _: rows_ffn(x, expert), lambda _: jnp.zeros_like(x), None)
     return jnp.where(miss[:, None], y, 0)
 
@@ -145,11 +156,14 @@ def expert_ffn_misses(
     bank_wi: jax.Array,
     bank_wo: jax.Array,
     act,
+    decode: bool = True,
 ) -> jax.Array:
   """Tokens whose expert is not resident, served from the host bank inside the step (exact routing).
 
   x: [N, D]; expert: int32[N]; miss: bool[N]; bank_wi: [E, F or 2F, D]; bank_wo: [E, D, F] (host memory,
-  e.g. `pinned_host`); act as in `expert_ffn`. With top-k routing the N rows are token-choice pairs. Only missing experts are copied: per token for few tokens, per expert otherwise.
+  e.g. `pinned_host`); act as in `expert_ffn`; decode: the N rows are one decode step's (False: a
+  prefill's). With top-k routing the N rows are token-choice pairs. Only missing experts are copied:
+  one per row in a decode step of few rows (`reads_misses_by_row`), one expert at a time otherwise.
   Returns [N, D], zero for tokens that are not misses.
   """
   def rows_ffn(x, expert):
@@ -164,7 +178,9 @@ def expert_ffn_misses(
     wo = _to_device(jax.lax.dynamic_index_in_dim(bank_wo, e, keepdims=False))
     return act(x @ wi.T) @ wo.T
 
-  return _serve_misses(x, expert, miss, bank_wi.shape[0], rows_ffn, one_ffn)
+  expert_bytes = (bank_wi[0].size * bank_wi.dtype.itemsize + bank_wo[0].size * bank_wo.dtype.itemsize)
+  by_row = reads_misses_by_row(x.shape[0], expert_bytes, decode)
+  return _serve_misses(x, expert, miss, bank_wi.shape[0], rows_ffn, one_ffn, by_row)
 
 
 def _int8_matmul(x, q, scale, spec):
@@ -206,4 +222,4 @@ def expert_ffn_fallback(
     h = act(_int8_matmul(x, one(wi_q), one(wi_s), "ni,oi->no"))
     return _int8_matmul(h.astype(x.dtype), one(wo_q), one(wo_s), "ni,oi->no")
 
-  return _serve_misses(x, expert, miss, wi_q.shape[0], rows_ffn, one_ffn)
+  return _serve_misses(x, expert, miss, wi_q.shape[0], rows_ffn, one_ffn, x.shape[0] <= GATHER_MAX_TOKENS)

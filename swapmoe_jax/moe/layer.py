@@ -296,8 +296,9 @@ class VirtualExpertMoE(nnx.Module):
       y = y + self._shared(x)
     return y, stats, routing
 
-  def _ffns(self, bank):
-    """(ffn over the slots, misses(x, expert, miss, act) -> [N, D]: the non-resident experts' outputs)."""
+  def _ffns(self, bank, decode: bool):
+    """(ffn over the slots, misses(x, expert, miss, act) -> [N, D]: the non-resident experts' outputs).
+    decode: the rows are one decode step's (one token per sequence), not a prefill's."""
     if self.expert_mesh is not None:
       ffn, ffn_misses = parallel.expert_parallel(self.expert_mesh)
       fallback = parallel.fallback_parallel(self.expert_mesh)
@@ -307,7 +308,7 @@ class VirtualExpertMoE(nnx.Module):
     if self.routing == "fallback":  # the copies are split on E like the bank (`sharding.py`)
       copies = (self.wi_q[...], self.wi_scale[...], self.wo_q[...], self.wo_scale[...])
       return ffn, lambda x, expert, miss, act: fallback(x, expert, miss, copies, act)
-    return ffn, lambda x, expert, miss, act: ffn_misses(x, expert, miss, bank[0], bank[1], act)
+    return ffn, lambda x, expert, miss, act: ffn_misses(x, expert, miss, bank[0], bank[1], act, decode)
 
   def _top1(self, x, token_mask, bank):
     """Switch: top-1 with HF's capacity rule; routing fields [B, T]. A token served from the bank (a
@@ -322,7 +323,7 @@ class VirtualExpertMoE(nnx.Module):
     flat_x = x.reshape(-1, d)
     slot = routing.slot.reshape(-1)
     hit = slot >= 0
-    ffn, ffn_misses = self._ffns(bank)
+    ffn, ffn_misses = self._ffns(bank, decode=t == 1)
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=routing.keep.reshape(-1) & hit,
             capacity=experts_lib.dispatch_capacity(bsz * t, bsz, self.capacity))
     if self.routing != "masked":
@@ -345,7 +346,7 @@ class VirtualExpertMoE(nnx.Module):
     flat_x = jnp.repeat(x.reshape(n, d), k, axis=0)  # [N k, D]
     slot = pairs.slot.reshape(-1)
     hit = slot >= 0
-    ffn, ffn_misses = self._ffns(bank)
+    ffn, ffn_misses = self._ffns(bank, decode=t == 1)
     # A token picks an expert at most once, so no slot gets more than N pairs: capacity N drops none.
     y = ffn(flat_x, jnp.maximum(slot, 0), self.wi[...], self.wo[...], act, keep=pairs.keep.reshape(-1) & hit,
             capacity=n)

@@ -90,8 +90,8 @@ def expert_parallel(mesh: Mesh):
     return _on_owners(mesh, lambda x, s, k, wi, wo: experts_lib.expert_ffn(
         x, s, wi, wo, act, keep=k, capacity=capacity, grouped=grouped), x, slot, keep, wi, wo)
 
-  def misses(x, expert, miss, bank_wi, bank_wo, act):
-    return _on_owners(mesh, lambda x, e, m, wi, wo: experts_lib.expert_ffn_misses(x, e, m, wi, wo, act),
+  def misses(x, expert, miss, bank_wi, bank_wo, act, decode=True):
+    return _on_owners(mesh, lambda x, e, m, wi, wo: experts_lib.expert_ffn_misses(x, e, m, wi, wo, act, decode),
                       x, expert, miss, bank_wi, bank_wo)
 
   return ffn, misses

@@ -2,7 +2,9 @@
 
 The budget bounds *everything this package puts on the accelerator*: dense weights, the resident expert
 slots, the KV caches, the staging buffers that incoming experts land in, an estimate of the
-activation workspace, and under policy "fallback" the int8 copies of every expert (`fallback_bytes`). The paper overshot its limits (3.58 GiB used for a 3.5 GiB limit, SWAPMOE.md §2);
+activation workspace, under policy "fallback" the int8 copies of every expert (`fallback_bytes`), and
+under exact and selective routing the experts a step copies from host memory at once
+(`bank_read_experts`). The paper overshot its limits (3.58 GiB used for a 3.5 GiB limit, SWAPMOE.md §2);
 here a plan whose `MemoryBreakdown.total` exceeds the budget is never produced.
 
 Axis letters: L MoE layers, E experts, K slots, B batch, S source length, T target length, D d_model,
@@ -95,10 +97,11 @@ class Budget:
     return int(decimal.Decimal(int(full_model_bytes)) * decimal.Decimal(repr(self.percent)) / 100)
 
   def resolve_for(self, config: SwitchConfig, dtype_bytes, *, batch: int, src_len: int, tgt_len: int,
-                  staging_slots: int, devices: int = 1, fallback: bool = False) -> int:
+                  staging_slots: int, devices: int = 1, fallback: bool = False, bank_reads: int = 0) -> int:
     """Bytes this budget allows for `config` at this request shape (per device with `devices`). With
     `fallback` (policy "fallback"), a budget in experts holds K full-precision experts per MoE layer plus
-    the int8 copies of all of them (`fallback_bytes`)."""
+    the int8 copies of all of them (`fallback_bytes`); with `bank_reads`, plus the experts that exact and
+    selective routing copy from host memory inside a step (`bank_read_experts`)."""
     if self.experts is None:
       return self.resolve(full_model_bytes(config, dtype_bytes, devices))
     if self.num_experts is not None and self.num_experts != config.num_experts:
@@ -112,7 +115,7 @@ class Budget:
       raise BudgetError(f"{self.experts} resident experts per MoE layer do not split over {devices} devices; "
                         f"give a multiple of {devices}")
     return budget_for_experts(config, dtype_bytes, self.experts, batch, src_len, tgt_len, staging_slots, devices,
-                              fallback=fallback)
+                              fallback=fallback, bank_reads=bank_reads)
 
   def __str__(self) -> str:
     if self.experts is not None:
@@ -255,6 +258,17 @@ def expert_bytes_each(config: SwitchConfig, dtype_bytes: int | str | np.dtype) -
   return config.expert_param_count() * dtype_size(dtype_bytes)
 
 
+def bank_read_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, batch: int) -> int:
+  """Experts that exact or selective routing (policies lru, lfu, selective) hold on the device at once
+  while reading missing experts from host memory inside a step: a decode step of B sequences has B·k
+  rows (k experts per token), and copies one expert per row while `reads_misses_by_row` says so; the
+  prefill, and a decode step of more rows or bigger experts, copies one expert at a time."""
+  from swapmoe_jax.moe.experts import reads_misses_by_row
+
+  rows = batch * getattr(config, "top_k", 1)
+  return rows if reads_misses_by_row(rows, expert_bytes_each(config, dtype_bytes), decode=True) else 1
+
+
 def fallback_bits(fallback) -> int:
   """The `fallback` argument of the functions below -> bits of the copies: False/None/0 -> 0 (none),
   True -> 8, 8 or 4 -> themselves (policy "fallback", `load(fallback_bits=)`)."""
@@ -302,9 +316,10 @@ def arrays_within(budget_bytes: int, one_expert_bytes: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class MemoryBreakdown:
   """Accelerator bytes of one plan, by kind. `fallback_bytes`: the int8 expert copies of policy "fallback"
-  (0 otherwise). `allocator_bytes` is `ALLOCATOR_MARGIN_PERCENT` of the others plus
-  `ALLOCATOR_MARGIN_EXPERTS` experts of `one_expert_bytes` (what the device allocator adds over the arrays
-  it holds); `total` is the sum of all seven."""
+  (0 otherwise). `bank_read_bytes`: the experts that exact and selective routing copy from host memory
+  inside a step, at once (0 for the other policies). `allocator_bytes` is `ALLOCATOR_MARGIN_PERCENT` of
+  the others plus `ALLOCATOR_MARGIN_EXPERTS` experts of `one_expert_bytes` (what the device allocator adds
+  over the arrays it holds); `total` is the sum of all eight."""
 
   dense_bytes: int
   expert_bytes: int
@@ -314,12 +329,13 @@ class MemoryBreakdown:
   fallback_bytes: int = 0
   fallback_bits: int = 8  # of the copies, when there are any
   one_expert_bytes: int = 0  # of one expert in the plan's dtype (the allocator margin's chunk term)
+  bank_read_bytes: int = 0
   allocator_bytes: int = dataclasses.field(init=False)
   total: int = dataclasses.field(init=False)
 
   def __post_init__(self):
     arrays = (self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.staging_bytes + self.workspace_bytes
-              + self.fallback_bytes)
+              + self.fallback_bytes + self.bank_read_bytes)
     object.__setattr__(self, "allocator_bytes", allocator_margin(arrays, self.one_expert_bytes))
     object.__setattr__(self, "total", arrays + self.allocator_bytes)
 
@@ -329,6 +345,8 @@ class MemoryBreakdown:
             f"{format_bytes(self.staging_bytes)} + workspace {format_bytes(self.workspace_bytes)} + "
             + (f"int{self.fallback_bits} fallback copies {format_bytes(self.fallback_bytes)} + "
                if self.fallback_bytes else "")
+            + (f"experts read from host memory in a step {format_bytes(self.bank_read_bytes)} + "
+               if self.bank_read_bytes else "")
             + f"allocator {format_bytes(self.allocator_bytes)}")
 
 
@@ -374,7 +392,7 @@ def workspace_bytes(config: SwitchConfig, batch: int, src_len: int, tgt_len: int
 
 def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, slots_per_layer: Sequence[int],
                      batch: int, src_len: int, tgt_len: int, staging_slots: int, devices: int = 1,
-                     fallback: bool = False) -> MemoryBreakdown:
+                     fallback: bool = False, bank_reads: int = 0) -> MemoryBreakdown:
   """Accelerator bytes of serving `config` with K_l = slots_per_layer[l] resident experts, on one device.
 
   Args:
@@ -390,6 +408,8 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
     fallback: policy "fallback": count the int8 copies of every expert (`fallback_bytes`; with `devices`,
       each device holds those of E / n experts per layer); 4 or 8: copies of that many bits
       (`fallback_bits`).
+    bank_reads: experts copied from host memory inside a step at once, under exact and selective routing
+      (`bank_read_experts`; 0 for the other policies): `bank_read_bytes`, on each device.
   """
   size = dtype_size(dtype_bytes)
   slots = [int(k) for k in slots_per_layer]
@@ -402,6 +422,8 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       raise ValueError(f"{name} must be positive, got {v}")
   if staging_slots < 0:
     raise ValueError(f"staging_slots must be >= 0, got {staging_slots}")
+  if bank_reads < 0:
+    raise ValueError(f"bank_reads must be >= 0, got {bank_reads}")
   if devices < 1 or any(k % devices for k in slots):
     raise ValueError(f"every K_l must be a multiple of the {devices} devices its slots are split over, got {slots}")
   bits = fallback_bits(fallback)
@@ -418,30 +440,35 @@ def memory_breakdown(config: SwitchConfig, dtype_bytes: int | str | np.dtype, sl
       fallback_bytes=fallback_bytes(config, bits) // devices if bits else 0,  # split on E like the bank
       fallback_bits=bits or 8,
       one_expert_bytes=one_expert,
+      bank_read_bytes=bank_reads * one_expert,
   )
 
 
 def min_budget_bytes(config: SwitchConfig, dtype_bytes: int | str | np.dtype, batch: int, src_len: int,
-                     tgt_len: int, staging_slots: int, devices: int = 1, fallback: bool = False) -> int:
+                     tgt_len: int, staging_slots: int, devices: int = 1, fallback: bool = False,
+                     bank_reads: int = 0) -> int:
   """The smallest budget that runs at all: dense + one expert per layer + caches + staging + workspace
-  (+ the int8 copies with `fallback`; per device with `devices` > 1: one slot per layer on each device)."""
+  (+ the int8 copies with `fallback`, the in-step copies with `bank_reads`; per device with `devices` >
+  1: one slot per layer on each device)."""
   return memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging_slots, devices, fallback).total
+                          staging_slots, devices, fallback, bank_reads).total
 
 
 def budget_for_experts(config: SwitchConfig, dtype_bytes: int | str | np.dtype, experts_per_layer: int, batch: int,
                        src_len: int, tgt_len: int, staging_slots: int, devices: int = 1,
-                       fallback: bool = False) -> int:
+                       fallback: bool = False, bank_reads: int = 0) -> int:
   """The budget in bytes whose uniform plan holds exactly `experts_per_layer` experts in every MoE layer
   (1 <= K <= E; K = E is the full model, which needs no staging): for sweeps over K instead of bytes,
   e.g. on a tiny model, whose every percentage of its weights is below the runtime reserve. With
   `devices`, per device (K a multiple of the device count). With `fallback`, K full-precision experts
-  per layer plus the int8 copies of every expert (policy "fallback")."""
+  per layer plus the int8 copies of every expert (policy "fallback"); with `bank_reads`, plus the experts
+  exact and selective routing copy from host memory inside a step."""
   if not 1 <= experts_per_layer <= config.num_experts:
     raise ValueError(f"experts_per_layer must be in [1, {config.num_experts}], got {experts_per_layer}")
   staging = 0 if experts_per_layer == config.num_experts else staging_slots
+  reads = 0 if experts_per_layer == config.num_experts else bank_reads  # nothing is missing
   return memory_breakdown(config, dtype_bytes, [experts_per_layer] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging, devices, fallback).total
+                          staging, devices, fallback, reads).total
 
 
 def device_memory_bytes(device) -> int | None:
@@ -472,12 +499,13 @@ def check_fits_device(total_bytes: int, device) -> None:
 
 
 def check_min_budget(budget_bytes: int, config: SwitchConfig, dtype_bytes, batch: int, src_len: int,
-                     tgt_len: int, staging_slots: int, devices: int = 1, fallback: bool = False) -> None:
+                     tgt_len: int, staging_slots: int, devices: int = 1, fallback: bool = False,
+                     bank_reads: int = 0) -> None:
   """Raises BudgetError, stating the minimum, when `budget_bytes` cannot hold one expert per layer
   (on each of `devices` devices, `budget_bytes` then being per device), plus the int8 copies of every
   expert with `fallback`."""
   parts = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
-                           staging_slots, devices, fallback)
+                           staging_slots, devices, fallback, bank_reads)
   if budget_bytes < parts.total:
     where = "" if devices == 1 else f" per device ({devices} devices, one slot per MoE layer on each)"
     raise BudgetError(

@@ -398,11 +398,16 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     cadence["update_every"] = update_every
   if max_swaps_per_step is not None:
     cadence["max_swaps_per_step"] = max_swaps_per_step
+  # Exact and selective routing copy missing experts from host memory inside a step: planned too.
+  bank_reads = budget_lib.bank_read_experts(cfg, dbytes, shape["batch"]) if reads_bank(policy) else 0
   budget_bytes = None
+  in_experts = False  # a budget of K < E experts per layer: K per layer even if every expert would fit
   if budget is not None:
+    parsed = budget_lib.parse_budget(budget)
+    in_experts = parsed.experts is not None and parsed.experts < cfg.num_experts
     staging_slots = cadence.get("max_swaps_per_step", planner_lib.DEFAULT_MAX_SWAPS_PER_STEP)
-    budget_bytes = budget_lib.parse_budget(budget).resolve_for(cfg, dbytes, **shape, staging_slots=staging_slots,
-                                                               devices=n, fallback=fallback)
+    budget_bytes = parsed.resolve_for(cfg, dbytes, **shape, staging_slots=staging_slots, devices=n, fallback=fallback,
+                                      bank_reads=bank_reads)
   staging = resolve_staging(staging, cfg, dbytes, mesh=mesh)
   # Before the weights are read: a damaged calibration file fails fast.
   stored, allocations = None, {}
@@ -416,7 +421,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
                      f"stored with the checkpoint (calibrate_checkpoint); {folder} has none")
   if explicit is not None and policy != "full":  # slots that do not fit fail before the weights are read
     explicit = planner_lib.plan_explicit(cfg, budget_bytes, dbytes, **shape, slots_per_layer=explicit, devices=n,
-                                         fallback=fallback, **cadence)
+                                         fallback=fallback, bank_reads=bank_reads, **cadence)
   dense = ckpt.restore_dense(meta)
   experts = ckpt.restore_all_experts(meta, progress=progress)
   if mesh is None:
@@ -434,10 +439,12 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
   elif explicit is not None:
     plan = explicit
   elif planner == "uniform":
-    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback, **cadence)
+    plan = planner_lib.plan_uniform(cfg, budget_bytes, dbytes, **shape, devices=n, fallback=fallback,
+                                    bank_reads=bank_reads, all_resident_if_fits=not in_experts, **cadence)
   else:
     plan = planner_lib.plan_calibrated(cfg, budget_bytes, dbytes, **shape, importance=importance, devices=n,
-                                       fallback=fallback, allocations=allocations, **cadence)
+                                       fallback=fallback, allocations=allocations, bank_reads=bank_reads,
+                                       all_resident_if_fits=not in_experts, **cadence)
   # Per-device plans: every device of a mesh holds the same bytes.
   budget_lib.check_fits_device(plan.breakdown.total, mesh.devices.flat[0] if mesh is not None else store.device)
   return assemble(cfg, dense, store, plan, policy=policy, gate_mode=gate_mode, dtype=jdtype,
@@ -469,7 +476,8 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
   """The budget in bytes that `load` (uniform planner, same dtype and request shape) turns into exactly
   `experts_per_layer` resident experts per MoE layer; K = E is the full model. Under `policy` "fallback"
   the bytes also hold the int8 copies of every expert (the budget of `load(..., policy="fallback",
-  experts=K)`); every other policy's K experts cost the same.
+  experts=K)`), and under "lru", "lfu" and "selective" the experts they copy from host memory inside a
+  step (`budget.bank_read_experts`); every other policy's K experts cost the same.
 
   For sweeps over K, which mean the same on every model, where a percentage of a tiny model's weights
   is below the runtime reserve (`load(..., experts=K)` does the same in one step). `devices`: a count,
@@ -487,10 +495,13 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
   shape = request_shape(meta.config, max_batch_size, max_source_len, max_new_tokens)
   if policy is not None and policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
-  return budget_lib.budget_for_experts(meta.config, jnp.dtype(DTYPES[dtype_name]).itemsize, experts_per_layer,
+  dbytes = jnp.dtype(DTYPES[dtype_name]).itemsize
+  reads = budget_lib.bank_read_experts(meta.config, dbytes, shape["batch"]) if policy and reads_bank(policy) else 0
+  return budget_lib.budget_for_experts(meta.config, dbytes, experts_per_layer,
                                        shape["batch"], shape["src_len"], shape["tgt_len"], staging,
                                        1 if devices is None else devices,
-                                       fallback=0 if policy is None else check_fallback_bits(policy, fallback_bits))
+                                       fallback=0 if policy is None else check_fallback_bits(policy, fallback_bits),
+                                       bank_reads=reads)
 
 
 def check_fallback_bits(policy: str, bits) -> int:

@@ -93,12 +93,13 @@ def _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devic
 
 
 def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices,
-                   fallback=False) -> int:
+                   fallback=False, bank_reads=0) -> int:
   """How many expert slots (over all layers) fit on each device, after the minimum; raises BudgetError
   below it."""
-  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices, fallback)
+  check_min_budget(budget_bytes, config, dtype_bytes, batch, src_len, tgt_len, staging_slots, devices, fallback,
+                   bank_reads)
   base = memory_breakdown(config, dtype_bytes, [devices] * config.num_moe_layers, batch, src_len, tgt_len,
-                          staging_slots, devices, fallback)
+                          staging_slots, devices, fallback, bank_reads)
   # A plan's total is its arrays plus the allocator margin on them (`MemoryBreakdown`): the arrays may
   # take the largest A with A + allocator_margin(A) <= budget.
   one_expert = expert_bytes_each(config, dtype_bytes)
@@ -108,10 +109,10 @@ def _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, s
 
 
 def _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
-               max_swaps_per_step, method, reason, devices, fallback=False) -> Plan:
-  """A Plan with one staging buffer per write in flight."""
+               max_swaps_per_step, method, reason, devices, fallback=False, bank_reads=0) -> Plan:
+  """A Plan with one staging buffer per write in flight (and `bank_reads` experts read in a step)."""
   breakdown = memory_breakdown(config, dtype_bytes, slots, batch, src_len, tgt_len, max_swaps_per_step, devices,
-                               fallback)
+                               fallback, bank_reads)
   if budget_bytes is not None and breakdown.total > budget_bytes:  # the invariant, not a user error
     raise AssertionError(f"plan exceeds its budget: {breakdown.total} > {budget_bytes}")
   use = f"uses {format_bytes(breakdown.total)}"
@@ -152,9 +153,14 @@ def plan_full(config: SwitchConfig, budget_bytes: int | None, dtype_bytes, batch
 def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                  tgt_len: int, update_every: int = DEFAULT_UPDATE_EVERY,
                  max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
-                 fallback: bool = False) -> Plan:
+                 fallback: bool = False, bank_reads: int = 0, all_resident_if_fits: bool = True) -> Plan:
   """The largest equal K <= E that fits; leftover slots go to layers in order (one per device each, so
-  that every K_l stays a multiple of `devices`). `fallback`: the int8 copies are counted first.
+  that every K_l stays a multiple of `devices`). `fallback`: the int8 copies are counted first;
+  `bank_reads`: the experts exact and selective routing copy from host memory in a step
+  (`budget.bank_read_experts`), likewise. `all_resident_if_fits`: a budget that holds every expert
+  makes them all resident (False for a budget in experts, K < E, which asks for K per layer even where
+  its bytes, with the staging and in-step copies that K < E needs, would hold every expert of a tiny
+  model).
 
   Raises:
     BudgetError: when the budget is below `min_budget_bytes` (the message states the minimum).
@@ -162,18 +168,19 @@ def plan_uniform(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: in
   _check_cadence(update_every, max_swaps_per_step)
   _check_devices(config, devices)
   num_layers, e = config.num_moe_layers, config.num_experts
-  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices, fallback):
+  if all_resident_if_fits and _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, devices,
+                                        fallback):
     return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "uniform",
                          devices, fallback)
   capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step,
-                            devices, fallback)
+                            devices, fallback, bank_reads)
   k, leftover = divmod(capacity, num_layers)
   slots = [devices * (k + (1 if layer < leftover else 0)) for layer in range(num_layers)]
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "uniform",
                     f"equal K={devices * k} of {e} experts per MoE layer, +{devices} for the first {leftover} "
                     "layer(s)" + (f", int{fallback_bits(fallback)} copies of all" if fallback else ""), devices,
-                    fallback)
+                    fallback, bank_reads)
 
 
 def layer_coverage(importance: np.ndarray, slots_per_layer) -> np.ndarray:
@@ -198,7 +205,8 @@ def _normalised(importance: np.ndarray) -> np.ndarray:
 def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int,
                     tgt_len: int, importance: np.ndarray, update_every: int = DEFAULT_UPDATE_EVERY,
                     max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
-                    fallback: bool = False, allocations=None) -> Plan:
+                    fallback: bool = False, allocations=None, bank_reads: int = 0,
+                    all_resident_if_fits: bool = True) -> Plan:
   """K_l from calibration importance: each next slot to the layer whose coverage grows most.
 
   With `allocations` ({total slots: K per layer}, found by `allocation.search_allocations` on
@@ -216,6 +224,8 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
   Args:
     importance: float[L,E], Eq. 1 importance summed over calibration inputs with the unmasked router.
     fallback: count the int8 copies of every expert first (policy "fallback").
+    bank_reads: count the experts exact and selective routing copy from host memory in a step first.
+    all_resident_if_fits: as in `plan_uniform`.
 
   Raises:
     BudgetError: when the budget is below `min_budget_bytes`.
@@ -229,11 +239,11 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
     raise ValueError(f"importance must be [L={num_layers}, E={e}], got shape {imp.shape}")
   if not np.all(np.isfinite(imp)) or np.any(imp < 0):
     raise ValueError("importance must be finite and non-negative")
-  if _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, n, fallback):
+  if all_resident_if_fits and _full_fits(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, n, fallback):
     return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every,
                          "calibrated", n, fallback)
   capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n,
-                            fallback)
+                            fallback, bank_reads)
   ranked = -np.sort(-_normalised(imp), axis=1)
   searched = _searched_start(allocations, capacity, num_layers, e) if n == 1 else None
   slots = list(searched) if searched else [n] * num_layers
@@ -254,7 +264,7 @@ def plan_calibrated(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch:
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
                     max_swaps_per_step, "calibrated",
                     f"K per layer {slots} of {e} experts, {how}; "
-                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n, fallback)
+                    f"coverage per layer [{cov}] (mean {coverage.mean():.3f})", n, fallback, bank_reads)
 
 
 def _searched_start(allocations, capacity: int, num_layers: int, num_experts: int) -> tuple[int, ...] | None:
@@ -323,7 +333,7 @@ def local_search(start, score, *, num_experts: int, max_rounds: int = 6, min_gai
 def plan_explicit(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: int, src_len: int, tgt_len: int,
                   slots_per_layer, update_every: int = DEFAULT_UPDATE_EVERY,
                   max_swaps_per_step: int = DEFAULT_MAX_SWAPS_PER_STEP, devices: int = 1,
-                  fallback: bool = False) -> Plan:
+                  fallback: bool = False, bank_reads: int = 0) -> Plan:
   """K_l as given, one per MoE layer, checked against the budget: for comparing allocations at equal
   bytes (the planners above choose K_l; this one only checks it). With `devices` = n every K_l must be
   a multiple of n.
@@ -348,9 +358,10 @@ def plan_explicit(config: SwitchConfig, budget_bytes: int, dtype_bytes, batch: i
     return _all_resident(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, update_every, "explicit", n,
                          fallback)
   capacity = _slot_capacity(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, max_swaps_per_step, n,
-                            fallback)
+                            fallback, bank_reads)
   if sum(slots) // n > capacity:
     raise BudgetError(f"slots per layer {slots} ({sum(slots)} experts) do not fit the budget of "
                       f"{format_bytes(budget_bytes)}: it holds {capacity * n} over the {num_layers} MoE layers")
   return _make_plan(config, budget_bytes, dtype_bytes, batch, src_len, tgt_len, slots, update_every,
-                    max_swaps_per_step, "explicit", f"K per layer {slots} of {e} experts, as given", n, fallback)
+                    max_swaps_per_step, "explicit", f"K per layer {slots} of {e} experts, as given", n, fallback,
+                    bank_reads)
