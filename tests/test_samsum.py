@@ -34,8 +34,11 @@ def rows(folder, pairs):
 
 def test_rows_are_full_then_each_policy_at_each_budget(folder, rows):
   cfg = ckpt.read_metadata(folder).config
-  budget = experts_budget(folder, 2, max_batch_size=2, max_source_len=16, max_new_tokens=6)
-  assert [(r.policy, r.budget_bytes) for r in rows] == [("full", None), ("lru", budget), ("swapmoe", budget)]
+  shape = dict(max_batch_size=2, max_source_len=16, max_new_tokens=6)
+  # K per layer for each policy: lru's bytes also hold the experts its steps copy from host memory.
+  lru, swapmoe = (experts_budget(folder, 2, policy=p, **shape) for p in ("lru", "swapmoe"))
+  assert lru > swapmoe
+  assert [(r.policy, r.budget_bytes) for r in rows] == [("full", None), ("lru", lru), ("swapmoe", swapmoe)]
   assert rows[0].slots_per_layer == (cfg.num_experts,) * cfg.num_moe_layers
   assert rows[1].slots_per_layer == rows[2].slots_per_layer == (2,) * cfg.num_moe_layers
 

@@ -96,8 +96,9 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
     folder: a converted checkpoint (`swapmoe_jax.generate.resolve_model` converts a hub id once).
     pairs: the sources and references.
     policies: residency policies to run under each budget ("swapmoe", "pruned", "lru", "lfu").
-    experts_per_layer: budgets given as K experts per MoE layer (converted to bytes with
-      `loader.experts_budget` for this request shape), or
+    experts_per_layer: budgets given as K experts per MoE layer ("K/E", as `load` takes it: each
+      policy's plan holds exactly K per layer at this request shape, `lru`, `lfu` and `selective` in a
+      few more bytes, for the experts their steps copy from host memory; `loader.experts_budget`), or
     budgets: budgets as `load` takes them ("4GiB", "40%", bytes). Exactly one of the two.
     include_full: also one row of policy "full" without a budget (the reference).
     max_new_tokens, max_source_len, batch_size: the request shape the budgets are planned for.
@@ -109,7 +110,8 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
   """
   from swapmoe_jax.eval import rouge
   from swapmoe_jax.eval.requests import make_requests, run_stream
-  from swapmoe_jax.serving.loader import experts_budget, load
+  from swapmoe_jax import checkpoint as ckpt
+  from swapmoe_jax.serving.loader import load
 
   if not pairs:
     raise ValueError("no pairs to evaluate")
@@ -117,7 +119,11 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
     raise ValueError("give exactly one of budgets= and experts_per_layer=")
   shape = dict(max_batch_size=batch_size, max_source_len=max_source_len, max_new_tokens=max_new_tokens)
   if budgets is None:
-    budgets = [experts_budget(folder, int(k), dtype=dtype, **shape) for k in experts_per_layer]
+    num_experts = ckpt.read_metadata(folder).config.num_experts
+    for k in experts_per_layer:  # before any point runs
+      if not 1 <= int(k) <= num_experts:
+        raise ValueError(f"experts_per_layer must be in [1, {num_experts}], got {k}")
+    budgets = [f"{int(k)}/{num_experts}" for k in experts_per_layer]
   points = [("full", None)] if include_full else []
   for b in budgets:
     points.extend((policy, b) for policy in policies)
