@@ -108,9 +108,9 @@ def rouge_sweep(folder: str | os.PathLike, pairs: Sequence[Pair], *, policies: S
   Each point loads the model afresh and makes one untimed warm-up call on the first batch (it compiles
   the encoder and the decode step); its routing counts in the row's telemetry.
   """
+  from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.eval import rouge
   from swapmoe_jax.eval.requests import make_requests, run_stream
-  from swapmoe_jax import checkpoint as ckpt
   from swapmoe_jax.serving.loader import load
 
   if not pairs:

@@ -178,7 +178,8 @@ def expert_ffn_misses(
     wo = _to_device(jax.lax.dynamic_index_in_dim(bank_wo, e, keepdims=False))
     return act(x @ wi.T) @ wo.T
 
-  expert_bytes = (bank_wi[0].size * bank_wi.dtype.itemsize + bank_wo[0].size * bank_wo.dtype.itemsize)
+  expert_bytes = (bank_wi.size // bank_wi.shape[0]) * bank_wi.dtype.itemsize + (
+      bank_wo.size // bank_wo.shape[0]) * bank_wo.dtype.itemsize  # shapes only: no op on the host bank
   by_row = reads_misses_by_row(x.shape[0], expert_bytes, decode)
   return _serve_misses(x, expert, miss, bank_wi.shape[0], rows_ffn, one_ffn, by_row)
 

@@ -238,6 +238,14 @@ def reads_bank(policy: str) -> bool:
   return policy in EXACT_POLICIES + SELECTIVE_POLICIES
 
 
+def _bank_reads(cfg, dtype_bytes: int, batch: int, policy: str) -> int:
+  """Experts a step of `policy` copies from host memory at once, which its plan holds
+  (`budget.bank_read_experts`; 0 unless the policy reads the banks inside the step)."""
+  from swapmoe_jax.serving import budget as budget_lib
+
+  return budget_lib.bank_read_experts(cfg, dtype_bytes, batch) if reads_bank(policy) else 0
+
+
 def routing_of(policy: str) -> str:
   """The MoE layers' routing mode (`VirtualExpertMoE`) under a policy."""
   from swapmoe_jax.serving.residency import EXACT_POLICIES, FALLBACK_POLICIES, SELECTIVE_POLICIES
@@ -398,8 +406,7 @@ def load(folder: str | os.PathLike, *, budget=None, experts: int | None = None, 
     cadence["update_every"] = update_every
   if max_swaps_per_step is not None:
     cadence["max_swaps_per_step"] = max_swaps_per_step
-  # Exact and selective routing copy missing experts from host memory inside a step: planned too.
-  bank_reads = budget_lib.bank_read_experts(cfg, dbytes, shape["batch"]) if reads_bank(policy) else 0
+  bank_reads = _bank_reads(cfg, dbytes, shape["batch"], policy)
   budget_bytes = None
   in_experts = False  # a budget of K < E experts per layer: K per layer even if every expert would fit
   if budget is not None:
@@ -496,7 +503,7 @@ def experts_budget(folder: str | os.PathLike, experts_per_layer: int, *, dtype: 
   if policy is not None and policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; supported: {', '.join(POLICIES)}")
   dbytes = jnp.dtype(DTYPES[dtype_name]).itemsize
-  reads = budget_lib.bank_read_experts(meta.config, dbytes, shape["batch"]) if policy and reads_bank(policy) else 0
+  reads = _bank_reads(meta.config, dbytes, shape["batch"], policy) if policy else 0
   return budget_lib.budget_for_experts(meta.config, dbytes, experts_per_layer,
                                        shape["batch"], shape["src_len"], shape["tgt_len"], staging,
                                        1 if devices is None else devices,
