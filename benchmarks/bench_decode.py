@@ -149,8 +149,10 @@ def run_one(args) -> dict:
   import random_model
   from shapes import SHAPES
   from swapmoe_jax.serving import budget as budget_lib
+  from swapmoe_jax.moe import router as router_lib
   from swapmoe_jax.serving import loader, sharding, swap
 
+  router_lib.ROUTER_SUM_ON_GPU = not args.router_dot
   policy, budget, staging = (args.run.split(":") + [loader.DEFAULT_STAGING])[:3]
   policy, _, option = policy.partition("@")  # selective@0.1 (threshold), fallback@4 (bits)
   if option and policy not in ("selective", "fallback"):
@@ -264,7 +266,7 @@ def run_one(args) -> dict:
       "prefill_refit": args.prefill_refit,
       "fallback_bits": args.fallback_bits if policy == "fallback" else None,
       "refits": model.residency.refits if model.residency is not None else None,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "router_logits": "dot" if args.router_dot else "auto",
       "swaps_per_token": swapped / decoded, "expert_bytes": store.expert_bytes,
       "stage_bandwidth": _stage_bandwidth(model), "stage_bandwidth_8": _stage_bandwidth(model, 8),
   }
@@ -414,6 +416,8 @@ def main(argv=None):
                  help="also time one prompt ending at EOS after about N tokens against requests of n and n + 16 "
                       "tokens without EOS (issue 17's EOS target; batch 1)")
   p.add_argument("--trace-dir", help="also trace one request of each run (after the timed ones) into this folder")
+  p.add_argument("--router-dot", action="store_true", help="router logits as a HIGHEST matmul on the GPU too "
+                 "(the library before `router.ROUTER_SUM_ON_GPU`), for side-by-side runs")
   p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
   args = p.parse_args(argv)
   if args.run:
@@ -433,7 +437,7 @@ def main(argv=None):
                 ["--eos-at", str(args.eos_at)] if args.eos_at else []) + (
                 [] if args.prefill_refit is None else ["--prefill-refit", str(args.prefill_refit)]) + (
                 [] if args.trace_dir is None else ["--trace-dir", os.path.abspath(args.trace_dir)]) + [
-                "--fallback-bits", str(args.fallback_bits)]
+                "--fallback-bits", str(args.fallback_bits)] + (["--router-dot"] if args.router_dot else [])
   runs = []
   for shape in args.shape:
     for dtype in args.dtype:

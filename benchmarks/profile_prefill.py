@@ -173,16 +173,13 @@ def phase_rows(model, ids, mask, new_tokens, repeats, trace_dir=None, tag=""):
   return {"what": "phase", "new_tokens": new_tokens} | {f"{k}_ms": v for k, v in ms.items()}
 
 
-def dispatch_rows(cfg, dtype, budgets_k, src_lens, repeats):
-  """The expert FFN of one MoE layer alone at each (K, N)."""
-  import jax
+def _ffn_cases(cfg, dtype, budgets_k, src_lens):
+  """(K, N, x, slot, wi, wo, keep, C) for one MoE layer's expert FFN at each K and N: random weights,
+  tokens spread uniformly over the slots, HF's capacity C for batch 1."""
   import jax.numpy as jnp
 
   from swapmoe_jax.moe import experts as experts_lib
-  from swapmoe_jax.moe.activations import expert_hidden
 
-  rows = []
-  act = expert_hidden("relu", "mlp")
   rng = np.random.default_rng(0)
   for k in budgets_k:
     wi = jnp.asarray(rng.standard_normal((k, cfg.d_ff, cfg.d_model), np.float32) * 0.03, dtype)
@@ -190,16 +187,145 @@ def dispatch_rows(cfg, dtype, budgets_k, src_lens, repeats):
     for n in src_lens:
       x = jnp.asarray(rng.standard_normal((n, cfg.d_model), np.float32), dtype)
       slot = jnp.asarray(rng.integers(0, k, n), jnp.int32)
-      keep = jnp.ones((n,), bool)
-      cap = experts_lib.dispatch_capacity(n, 1, cfg.expert_capacity)
-      fn = jax.jit(lambda x, slot, wi, wo, keep: experts_lib.expert_ffn(
-          x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True))
+      yield k, n, x, slot, wi, wo, jnp.ones((n,), bool), experts_lib.dispatch_capacity(n, 1, cfg.expert_capacity)
+
+
+def dispatch_rows(cfg, dtype, budgets_k, src_lens, repeats):
+  """The expert FFN of one MoE layer alone at each (K, N)."""
+  import jax
+
+  from swapmoe_jax.moe import experts as experts_lib
+  from swapmoe_jax.moe.activations import expert_hidden
+
+  rows = []
+  act = expert_hidden("relu", "mlp")
+  for k, n, x, slot, wi, wo, keep, cap in _ffn_cases(cfg, dtype, budgets_k, src_lens):
+    fn = jax.jit(lambda x, slot, wi, wo, keep: experts_lib.expert_ffn(
+        x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True))
+    ma = fn.lower(x, slot, wi, wo, keep).compile().memory_analysis()
+    ms = _median_ms(lambda: fn(x, slot, wi, wo, keep), repeats)
+    rows.append({"what": "ffn", "impl": "dispatch", "slots": k, "tokens": n, "capacity": cap, "ms": ms,
+                 "temp_bytes": None if ma is None else ma.temp_size_in_bytes})
+    print(f"ffn dispatch K={k:<3} N={n:<4} C={cap:<4} {ms:8.3f} ms  temp "
+          f"{(ma.temp_size_in_bytes if ma else 0) / 2**20:8.1f} MiB", flush=True)
+  return rows
+
+
+def ffn_variant_rows(cfg, dtype, budgets_k, src_lens, repeats):
+  """Exploration: one MoE layer's expert FFN (dispatch path) and router, timed alone, implementation
+  by implementation, at each (K, N):
+    current     `experts.expert_ffn` (buffer of C = HF capacity rows per slot);
+    rows=R      the same with a buffer of R rows per slot (tokens past R dropped: timing only);
+    kfc         the products written with the slot's F (then D) as the leading axis of the output;
+    bucketed    a `lax.switch` over buffers of 8, 16, 32 ... C rows, the smallest that holds the most
+                tokens any slot keeps (exact: the same tokens kept as `current`);
+    router_dot  the float32 router logits as a HIGHEST-precision matmul (`router._logits_dot`);
+    router_sum  the same logits as a broadcast multiply and a sum (`router._logits_sum`: a reduction
+                fusion, no GEMM)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from swapmoe_jax.moe import experts as experts_lib
+  from swapmoe_jax.moe import router as router_lib
+  from swapmoe_jax.moe.activations import expert_hidden
+
+  act = expert_hidden("relu", "mlp")
+  rng = np.random.default_rng(0)
+  rows_out = []
+
+  def dispatch(x, slot, wi, wo, keep, capacity, rows, order="kcf"):
+    num_slots = wi.shape[0]
+    one_hot = jax.nn.one_hot(slot, num_slots, dtype=jnp.int32) * keep[:, None].astype(jnp.int32)
+    pos = jnp.sum(jnp.cumsum(one_hot, axis=0) * one_hot, axis=-1) - 1
+    pos = jnp.where(keep & (pos >= 0) & (pos < min(capacity, rows)), pos, rows)
+    buf = jnp.zeros((num_slots, rows, x.shape[1]), x.dtype).at[slot, pos].set(x, mode="drop")
+    if order == "kcf":
+      h = act(jnp.einsum("kcd,kfd->kcf", buf, wi))
+      y = jnp.einsum("kcf,kdf->kcd", h.astype(wo.dtype), wo)
+    else:
+      h = act(jnp.einsum("kfd,kcd->kfc", wi, buf))
+      y = jnp.swapaxes(jnp.einsum("kdf,kfc->kdc", wo, h.astype(wo.dtype)), 1, 2)
+    return y.at[slot, pos].get(mode="fill", fill_value=0)
+
+  def bucketed(x, slot, wi, wo, keep, capacity):
+    num_slots = wi.shape[0]
+    sizes = []
+    c = 8
+    while c < capacity:
+      sizes.append(c)
+      c *= 2
+    sizes.append(capacity)
+    counts = jnp.sum(jax.nn.one_hot(slot, num_slots, dtype=jnp.int32) * keep[:, None], axis=0)
+    need = jnp.minimum(jnp.max(counts), capacity)
+    idx = jnp.sum(need > jnp.asarray(sizes[:-1], jnp.int32))
+    branches = [functools.partial(dispatch, capacity=capacity, rows=r) for r in sizes]
+    return jax.lax.switch(idx, branches, x, slot, wi, wo, keep)
+
+  for k, n, x, slot, wi, wo, keep, cap in _ffn_cases(cfg, dtype, budgets_k, src_lens):
+    variants = {"current": lambda x, slot, wi, wo, keep: experts_lib.expert_ffn(
+        x, slot, wi, wo, act, keep=keep, capacity=cap, grouped=True)}
+    for r in (8, 16, 32):
+      if r < cap:
+        variants[f"rows={r}"] = functools.partial(dispatch, capacity=cap, rows=r)
+    variants["kfc"] = functools.partial(dispatch, capacity=cap, rows=cap, order="kfc")
+    variants["bucketed"] = functools.partial(bucketed, capacity=cap)
+    ref = None
+    for name, f in variants.items():
+      fn = jax.jit(f)
       ma = fn.lower(x, slot, wi, wo, keep).compile().memory_analysis()
       ms = _median_ms(lambda: fn(x, slot, wi, wo, keep), repeats)
-      rows.append({"what": "ffn", "impl": "dispatch", "slots": k, "tokens": n, "capacity": cap, "ms": ms,
-                   "temp_bytes": None if ma is None else ma.temp_size_in_bytes})
-      print(f"ffn dispatch K={k:<3} N={n:<4} C={cap:<4} {ms:8.3f} ms  temp "
-            f"{(ma.temp_size_in_bytes if ma else 0) / 2**20:8.1f} MiB", flush=True)
+      out = np.asarray(fn(x, slot, wi, wo, keep), np.float32)
+      ref = out if ref is None else ref
+      err = float(np.max(np.abs(out - ref)))
+      rows_out.append({"what": "ffn_variant", "impl": name, "slots": k, "tokens": n, "capacity": cap,
+                       "max_load": int(np.bincount(np.asarray(slot), minlength=k).max()), "ms": ms,
+                       "temp_bytes": None if ma is None else ma.temp_size_in_bytes, "max_abs_diff": err})
+      print(f"ffn {name:<9} K={k:<3} N={n:<4} C={cap:<4} {ms:8.3f} ms  temp "
+            f"{(ma.temp_size_in_bytes if ma else 0) / 2**20:7.1f} MiB  |diff| {err:.3g}", flush=True)
+  for n in src_lens:
+    xr = jnp.asarray(rng.standard_normal((n, cfg.d_model), np.float32), dtype)
+    wr = jnp.asarray(rng.standard_normal((cfg.d_model, cfg.num_experts), np.float32) * 0.02, jnp.float32)
+    routers = {"router_dot": router_lib._logits_dot, "router_sum": router_lib._logits_sum}
+    ref = None
+    for name, f in routers.items():
+      fn = jax.jit(f)
+      ms = _median_ms(lambda: fn(xr, wr), repeats)
+      out = np.asarray(fn(xr, wr))
+      ref = out if ref is None else ref
+      rows_out.append({"what": "router_variant", "impl": name, "tokens": n, "experts": cfg.num_experts,
+                       "ms": ms, "max_abs_diff": float(np.max(np.abs(out - ref)))})
+      print(f"{name:<10} N={n:<4} E={cfg.num_experts} {ms:8.4f} ms  |diff| {np.max(np.abs(out - ref)):.3g}",
+            flush=True)
+  return rows_out
+
+
+def encode_variants(model, ids, mask, repeats):
+  """The encode (numpy prompt, as `generate` passes it) compiled three ways, each a fresh jit of
+  `decode.encode`'s function: as the library does; with the router as a HIGHEST matmul on the GPU too
+  (`router.ROUTER_SUM_ON_GPU` off while it traces); without XLA command buffers for this program."""
+  import jax
+
+  from swapmoe_jax.moe import router as router_lib
+  from swapmoe_jax.serving import decode
+
+  fn = decode.encode.__wrapped__
+  variants = {"library": {}, "router_dot": {}, "no_command_buffers": {"xla_gpu_enable_command_buffer": ""}}
+  rows = []
+  for name, options in variants.items():
+    jitted = jax.jit(fn, static_argnums=(0, 5), compiler_options=options or None)
+    call = lambda: jitted(model._graphdef, model._params, model._slots, ids, mask,  # noqa: E731
+                          decode.cache_length(64), model._banks)
+    router_lib.ROUTER_SUM_ON_GPU = name != "router_dot"
+    try:
+      jax.block_until_ready(call())  # traces and compiles with the flag as set
+    finally:
+      router_lib.ROUTER_SUM_ON_GPU = True
+    ms = _median_ms(call, repeats)
+    host_ms, _ = _dispatch_ms(call, repeats)
+    rows.append({"what": "encode_variant", "impl": name, "encode_ms": ms, "encode_host_ms": host_ms})
+    print(f"  encode {name:<20} {ms:8.3f} ms (host {host_ms:.3f})", flush=True)
   return rows
 
 
@@ -216,6 +342,10 @@ def main(argv=None):
   p.add_argument("--phases", action="store_true", help="time a request's first-token path call by call "
                  "(`phase_rows`) at the first input length, for each budget")
   p.add_argument("--out", default=None)
+  p.add_argument("--encode-variants", action="store_true", help="also time the encode compiled other ways "
+                 "(`encode_variants`)")
+  p.add_argument("--ffn-variants", action="store_true", help="also time alternative implementations of one "
+                 "layer's expert FFN and router (`ffn_variant_rows`)")
   p.add_argument("--summarize", default=None, help="a Perfetto trace: print device time per kernel and exit")
   args = p.parse_args(argv)
   if args.summarize:
@@ -264,6 +394,9 @@ def main(argv=None):
                                       decode.cache_length(64), model._banks)
       dev_ms = _median_ms(enc_dev, args.repeats)
       dev_host_ms, _ = _dispatch_ms(enc_dev, args.repeats)
+      if args.encode_variants:
+        for row in encode_variants(model, ids, mask, args.repeats):
+          emit({"policy": policy, "budget": budget, "slots": ks[-1], "tokens": n} | row)
       first_ms = _median_ms(lambda: model.generate(ids, max_new_tokens=1), max(3, args.repeats // 4))
       emit({"what": "prefill", "policy": policy, "budget": budget, "slots": ks[-1], "tokens": n,
             "encode_ms": enc_ms, "encode_host_ms": enc_host_ms, "encode_device_inputs_ms": dev_ms,
@@ -284,6 +417,9 @@ def main(argv=None):
             print(f"  {ms:8.3f} ms {cnt:5d}x {name[:120]}")
   for row in dispatch_rows(cfg, jdtype, sorted(set(ks)), args.src_lens, args.repeats):
     emit(row)
+  if args.ffn_variants:
+    for row in ffn_variant_rows(cfg, jdtype, sorted(set(ks), reverse=True), args.src_lens, args.repeats):
+      emit(row)
   if args.out:
     with open(args.out, "a") as f:
       for r in results:
