@@ -31,6 +31,13 @@ if (_gpu_plugin_installed() and "xla_gpu_autotune_level" not in _os.environ.get(
   if "xla_gpu_enable_triton_gemm" not in _os.environ["XLA_FLAGS"]:
     _os.environ["XLA_FLAGS"] += " --xla_gpu_enable_triton_gemm=false"
 
+# XLA's dot merger fuses products that share an input into one GEMM over concatenated weights. Weights
+# are arguments of every program here, so the concatenation is a copy made on every call: on an H200 a
+# switch-base-64 prefill copied its decoder's 24 cross-attention projections (28 MB, 68 us) and each
+# encoder layer's k and v weights on every request (benchmarks/RESULTS.md). Off unless set.
+if _gpu_plugin_installed() and "xla_gpu_dot_merger_threshold_mb" not in _os.environ.get("XLA_FLAGS", ""):
+  _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_dot_merger_threshold_mb=0").strip()
+
 # XLA caps pinned host memory at 64 GB on a GPU by default; exact policies keep every expert there, and
 # a Mixtral-8x7B has 87 GiB of experts. Raised to the host's physical memory unless set (same caveats).
 if _gpu_plugin_installed() and "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ and hasattr(_os, "sysconf"):

@@ -42,20 +42,33 @@ def test_gpu_autotune_flag_only_where_a_gpu_plugin_is_installed(tmp_path):
   # A GPU plugin, but JAX_PLATFORMS keeps JAX off the GPU: untouched too.
   assert _xla_flags_after_import(tmp_path / "b", "cpu", fake_plugin=True) == ""
   assert _xla_flags_after_import(tmp_path / "c", "cuda,cpu", fake_plugin=True) == (
-      "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false")
+      "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0")
 
 
 def test_router_logits_use_full_float32_precision():
-  """XLA's default precision is one bfloat16 pass on TPUs: the router must ask for HIGHEST."""
-  x = jnp.zeros((1, 3, 8), jnp.bfloat16)
-  w = jnp.zeros((8, 4), jnp.float32)
+  """XLA's default precision is one bfloat16 pass on TPUs: off NVIDIA GPUs the router must ask for
+  HIGHEST; on them it sums float32 products in a reduction (no GEMM, no TF32). Both equal float64."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 3, 8)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda x, w: router_lib.route(x, w, None, jnp.arange(4, dtype=jnp.int32), 4,
                                                        exact=False))(x, w)
-  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-  assert len(dots) == 1, dots
+  conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond" and "branches_platforms" in e.params]
+  assert len(conds) == 1, jaxpr
+  branches = dict(zip(conds[0].params["branches_platforms"], conds[0].params["branches"]))
+  gpu, other = branches[("cuda",)].jaxpr, branches[None].jaxpr
+  dots = [e for e in other.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 1, other
   precision = dots[0].params["precision"]
   assert precision is not None and all(p == jax.lax.Precision.HIGHEST for p in precision), precision
   assert dots[0].invars[0].aval.dtype == jnp.float32
+  prims = [e.primitive.name for e in gpu.eqns]
+  assert "dot_general" not in prims and "reduce_sum" in prims
+  assert all(v.aval.dtype == jnp.float32 for e in gpu.eqns if e.primitive.name in ("mul", "reduce_sum")
+             for v in e.outvars)
+  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  for fn in (router_lib._logits_sum, router_lib._logits_dot):
+    np.testing.assert_allclose(np.asarray(fn(x, w)), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_host_store_falls_back_to_numpy_without_pinned_host(monkeypatch):
