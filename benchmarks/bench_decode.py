@@ -148,8 +148,8 @@ def run_one(args) -> dict:
 
   import random_model
   from shapes import SHAPES
-  from swapmoe_jax.serving import budget as budget_lib
   from swapmoe_jax.moe import router as router_lib
+  from swapmoe_jax.serving import budget as budget_lib
   from swapmoe_jax.serving import loader, sharding, swap
 
   router_lib.ROUTER_SUM_ON_GPU = not args.router_dot

@@ -10,7 +10,9 @@ token, whole call). Then, at the same shapes, the expert FFN of one MoE layer (`
 dispatch into a [K, C, D] buffer) timed alone, with XLA's temporary bytes for it. (A sort-by-slot
 dispatch through `lax.ragged_dot_general`, tried in this script on an H200 with Triton GEMMs, took 2.6x
 to 10x as long with 8x to 16x the temporaries, so it is not in the library.)
-With `--trace-dir`, a profiler trace of a few encodes of the first budget (a Perfetto JSON, readable
+`--ffn-variants` also times other ways of computing that FFN and the router (`ffn_variant_rows`), and
+`--encode-variants` the encode compiled other ways (`encode_variants`): benchmarks/RESULTS.md, "The
+prefill's kernels". With `--trace-dir`, a profiler trace of a few encodes of the first budget (a Perfetto JSON, readable
 by `python benchmarks/profile_prefill.py --summarize FILE`: device time per kernel name).
 Results as JSON lines on stdout (prefixed "RESULT ") and in `--out`.
 """

@@ -90,15 +90,15 @@ def _distinct(experts: jax.Array, mask: jax.Array, num_experts: int) -> jax.Arra
 
 def _logits_dot(x, w):
   # HIGHEST: XLA's default precision multiplies float32 in one bfloat16 pass on TPUs (and in TF32 on
-  # recent NVIDIA GPUs), which flips near-tied routing decisions; HF routes in float32. The router is
-  # [D, E]: full precision costs nothing measurable. On the CPU it changes nothing.
+  # recent NVIDIA GPUs), which flips near-tied routing decisions; HF routes in float32. On the CPU it
+  # changes nothing; on an NVIDIA GPU `_logits_sum` is used instead (faster, as exact).
   return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def _logits_sum(x, w):
   """The same float32 products summed over D by a reduction XLA fuses with the cast, no GEMM: on an
   H200 cuBLAS ran the HIGHEST-precision [N, D] x [D, E] product as a float32 FFMA kernel of 32 x 32
-  tiles, 8 blocks for a 128-token switch-base prefill, 28 us a layer (a sixth of the prefill's 1.97 ms
+  tiles, 8 blocks for a 128-token switch-base prefill, 28 us a layer (0.17 ms of the prefill's 1.97 ms
   of kernels; benchmarks/RESULTS.md). Float32 throughout, as HIGHEST: only the summation order differs."""
   return jnp.sum(x.astype(jnp.float32)[..., :, None] * w.astype(jnp.float32), axis=-2)
 
