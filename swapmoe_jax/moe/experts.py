@@ -65,6 +65,12 @@ def _rows(w, idx):
   return jnp.stack([jax.lax.dynamic_index_in_dim(w, idx[i], keepdims=False) for i in range(idx.shape[0])])
 
 
+def _expert_bytes(wi, wo) -> int:
+  """Bytes of one expert of stacked buffers wi [K, ...], wo [K, ...] (slots or a host bank), from their
+  shapes alone: no op on the arrays (a host bank stays untouched)."""
+  return sum((w.size // w.shape[0]) * w.dtype.itemsize for w in (wi, wo))
+
+
 def gather_impl(num_rows: int, num_slots: int, expert_bytes: int) -> str:
   """How `_ffn_gather` reads the rows' experts (module docstring): "rows", "branches" or "all_slots"."""
   if expert_bytes < BIG_EXPERT_BYTES:
@@ -77,7 +83,7 @@ def _ffn_gather(x, slot, wi, wo, act, impl: str | None = None):
   `gather_impl` (default: chosen by the expert's size)."""
   n, k = x.shape[0], wi.shape[0]
   if impl is None:
-    impl = gather_impl(n, k, (wi.size // k) * wi.dtype.itemsize + (wo.size // k) * wo.dtype.itemsize)
+    impl = gather_impl(n, k, _expert_bytes(wi, wo))
   if impl == "rows":
     return jnp.stack([act(jax.lax.dynamic_index_in_dim(wi, slot[i], keepdims=False) @ x[i])
                       @ jax.lax.dynamic_index_in_dim(wo, slot[i], keepdims=False).T for i in range(n)])
@@ -178,9 +184,7 @@ def expert_ffn_misses(
     wo = _to_device(jax.lax.dynamic_index_in_dim(bank_wo, e, keepdims=False))
     return act(x @ wi.T) @ wo.T
 
-  expert_bytes = (bank_wi.size // bank_wi.shape[0]) * bank_wi.dtype.itemsize + (
-      bank_wo.size // bank_wo.shape[0]) * bank_wo.dtype.itemsize  # shapes only: no op on the host bank
-  by_row = reads_misses_by_row(x.shape[0], expert_bytes, decode)
+  by_row = reads_misses_by_row(x.shape[0], _expert_bytes(bank_wi, bank_wo), decode)
   return _serve_misses(x, expert, miss, bank_wi.shape[0], rows_ffn, one_ffn, by_row)
 
 
