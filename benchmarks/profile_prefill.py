@@ -48,14 +48,16 @@ def _median_ms(fn, repeats):
   return 1e3 * float(np.median(times))
 
 
-def _dispatch_ms(fn, repeats):
+def _dispatch_ms(fn, repeats, release=False):
   """Median host time until `fn()` returns (XLA enqueues a program's kernels on the calling thread),
   and median wall time until its outputs are ready, in ms: when the two are close, the GPU may be
   waiting on the host (its launches, XLA's update of the program's CUDA graph); RESULTS.md, session 34,
-  found the host's excess there but the wall time set by the GPU."""
+  found the host's excess there but the wall time set by the GPU. release: free each call's outputs
+  before the next call (as a request's are gone before the next request), after two warm-up calls."""
   import jax
 
-  jax.block_until_ready(fn())
+  for _ in range(2 if release else 1):
+    jax.block_until_ready(fn())
   host, wall = [], []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -64,6 +66,8 @@ def _dispatch_ms(fn, repeats):
     jax.block_until_ready(out)
     host.append(t1 - t0)
     wall.append(time.perf_counter() - t0)
+    if release:
+      del out
   return 1e3 * float(np.median(host)), 1e3 * float(np.median(wall))
 
 
