@@ -17,7 +17,7 @@ returns and the wall time until its outputs are ready:
               the cross-attention keys and values only;
   trivial     a program of 300 small inputs and 60 outputs that adds one to each: the runtime's own
               cost per call for arguments and outputs, on the same machine.
-`--trace DIR` also traces three calls of four of them and prints their kernels (`profile_prefill.summarize`).
+`--trace DIR` also traces three calls of four of them (dev, enc_only, h_stats, h_cache) and prints their kernels (`profile_prefill.summarize`).
 Phase markers go to stderr, so that a run under XLA's command-buffer logging (the second command) can be
 split by phase: `--vlog-summary` counts, per phase, the graph executions, the updates (re-recordings) and
 their host time. In the `--generate` phase each device call of a request is marked too (`CALL encode`,
@@ -60,7 +60,7 @@ def vlog_summary(path: str) -> dict:
         row = out[phase]
         if "Execute command buffer" in line:
           row["executes"] += 1
-        if "Update command buffer" in line or "Create/Update command buffer" in line:
+        if "Update command buffer" in line:  # "Create/Update command buffer ..." in some XLA versions
           row["updates"] += 1
           m = re.search(r"updated_allocs=(\d+)", line)
           if m and len(row["updated_allocs"]) < 8:
@@ -176,7 +176,7 @@ def main(argv=None):
   if a.trace:
     from profile_prefill import summarize, trace_to
 
-    for name, fn in variants[:1] + variants[4:7]:
+    for name, fn in variants[1:2] + variants[4:7]:  # dev, enc_only, h_stats, h_cache
       dest = trace_to(os.path.join(a.trace, f"{name}_{a.budget.replace('%', '')}.json.gz"),
                       lambda: [jax.block_until_ready(fn()) for _ in range(3)])
       rows = summarize(dest, top=0) if dest else []
