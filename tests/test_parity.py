@@ -197,34 +197,6 @@ def test_steps_after_every_rows_eos_skip_the_model(pairs):
   assert not np.array_equal(jax.device_get(ran.self_k[0])[:, :, :4], before[:, :, :4]), "the model ran"
 
 
-def test_decoder_cache_is_stacked_and_written_in_place(pairs):
-  """The decoder cache is five arrays (each an output of every device call: fewer outputs, less host
-  time a call), blocks stacked in front; a step writes its position of every block and nothing else."""
-  from swapmoe_jax.serving import decode
-  from swapmoe_jax.serving.sampling import Sampling
-
-  _, ours = pairs["step1_e4_tied", "gen"]
-  ids, mask, _ = _inputs(seed=2)
-  cfg = ours.config
-  model = swapmoe_jax.SwitchModel(cfg, ours.graphdef, ours.params, ours.slots, dtype=ours.dtype)
-  b, s = 2, ids.shape[1]
-  cache, _ = decode.encode(model._graphdef, model._params, model._slots, ids[:b], mask[:b].astype(bool), 64, None)
-  assert len(jax.tree.leaves(cache)) == 5
-  layers, heads = cfg.num_decoder_layers, cfg.num_heads
-  assert cache.self_k.shape == cache.self_v.shape == (layers, b, heads, 64, cfg.d_kv)
-  assert cache.cross_k.shape == cache.cross_v.shape == (layers, b, heads, s, cfg.d_kv)
-  zeros = decode.zero_stats(len(cfg.decoder_sparse_layers), cfg.num_experts)
-  args = (model._graphdef, model._params, model._slots, np.full((b,), 5, np.int32), np.zeros((b,), bool))
-  rest = (np.int32(3), jax.random.key(0), None, zeros, Sampling(), cfg.pad_token_id, (-1,), 1, True)
-  _, _, _, after, _, _ = decode.decode_steps(*args, jax.tree.map(jnp.copy, cache), *rest, None)
-  for kind in ("self_k", "self_v"):
-    new = np.asarray(jax.device_get(getattr(after, kind)), np.float32)
-    assert np.all(np.abs(new[:, :, :, 3]).sum(axis=(1, 2, 3)) > 0), f"{kind}: position 3 of every block written"
-    assert not np.any(np.delete(new, 3, axis=3)), f"{kind}: nothing else written"
-  for kind in ("cross_k", "cross_v"):
-    np.testing.assert_array_equal(jax.device_get(getattr(after, kind)), jax.device_get(getattr(cache, kind)))
-
-
 def test_steps_past_the_requested_tokens_skip_the_model(pairs):
   """`remaining` (traced): a call's steps from that index on skip the model as finished rows do, so the
   last call of a request runs only the steps it needs; generate's tokens are unchanged."""

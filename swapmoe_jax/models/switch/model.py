@@ -23,16 +23,12 @@ Banks = tuple | None  # per MoE layer (in config.moe_layers order): (wi [E,D,F],
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeCache:
-  """Decoder caches, one array per kind with the decoder blocks stacked in front: self_k/self_v
-  [L, B, H, T, C]; cross_k/cross_v [L, B, H, S, C] (`cache.self_k[i]` is block i's). Stacked rather
-  than a tuple per block because every array is an output of the encode and of each decode call, and
-  on an H200 each output costs the host microseconds per call (benchmarks/RESULTS.md, "The encode's
-  host time")."""
+  """Decoder caches. self_k/self_v: per decoder block [B, H, T, C]; cross_k/cross_v: [B, H, S, C]."""
 
-  self_k: jax.Array
-  self_v: jax.Array
-  cross_k: jax.Array
-  cross_v: jax.Array
+  self_k: tuple
+  self_v: tuple
+  cross_k: tuple
+  cross_v: tuple
   enc_mask: jax.Array  # bool [B, S]
 
 
@@ -189,10 +185,10 @@ class SwitchTransformer(nnx.Module):
     b = enc_h.shape[0]
     shape = (b, self.cfg.num_heads, max_len, self.cfg.d_kv)
     n = self.cfg.num_decoder_layers
+    zeros = tuple(jnp.zeros(shape, enc_h.dtype) for _ in range(n))
     ckv = self.cross_kv(enc_h)
-    return DecodeCache(self_k=jnp.zeros((n,) + shape, enc_h.dtype), self_v=jnp.zeros((n,) + shape, enc_h.dtype),
-                       cross_k=jnp.stack([k for k, _ in ckv]), cross_v=jnp.stack([v for _, v in ckv]),
-                       enc_mask=enc_mask)
+    return DecodeCache(self_k=zeros, self_v=tuple(jnp.zeros(shape, enc_h.dtype) for _ in range(n)),
+                       cross_k=tuple(k for k, _ in ckv), cross_v=tuple(v for _, v in ckv), enc_mask=enc_mask)
 
   def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: DecodeCache, banks: Banks = None,
                   live: jax.Array | None = None):
@@ -203,21 +199,17 @@ class SwitchTransformer(nnx.Module):
     Returns float32 logits [B, V], the updated cache and stacked decoder LayerStats.
     """
     x = self.embed(self.decoder, tokens)[:, None, :]  # [B, 1, D]
-    max_len = cache.self_k.shape[3]
+    max_len = cache.self_k[0].shape[2]
     bias = self._bias(self.decoder, pos[None].astype(jnp.int32), max_len, False)
     self_mask = (jnp.arange(max_len) <= pos)[None, None, None, :]
 
-    kv = [cache.self_k, cache.self_v]
-
     def self_kv(i, k, v):
-      # Block i's new position written into the stacked arrays in place (the cache is donated).
-      kv[0] = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), (i, 0, 0, pos, 0))
-      kv[1] = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), (i, 0, 0, pos, 0))
-      return kv[0][i], kv[1][i]
+      k = jax.lax.dynamic_update_slice_in_dim(cache.self_k[i], k.astype(cache.self_k[i].dtype), pos, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.self_v[i], v.astype(cache.self_v[i].dtype), pos, axis=2)
+      return k, v
 
-    cross = [(cache.cross_k[i], cache.cross_v[i]) for i in range(cache.cross_k.shape[0])]
+    cross = list(zip(cache.cross_k, cache.cross_v))
     token_mask = None if live is None else live[:, None]
     h, new_kv, stats = self._decoder_blocks(x, self_kv, bias, self_mask, cross, cache.enc_mask, token_mask, banks)
-    del new_kv  # the blocks' views of kv, written above
-    cache = dataclasses.replace(cache, self_k=kv[0], self_v=kv[1])
+    cache = dataclasses.replace(cache, self_k=tuple(k for k, _ in new_kv), self_v=tuple(v for _, v in new_kv))
     return self.logits(h[:, 0]), cache, stats
