@@ -88,7 +88,10 @@ def test_the_built_in_calibration_is_reproducible():
                                             loader.DTYPES[meta.dtype], pinned=True, banks=True)
   again = loader.calibrate(meta.config, ckpt.restore_dense(meta), store, calibration_prompts(tok),
                            dtype=loader.DTYPES[meta.dtype])
-  np.testing.assert_allclose(again, shipped, rtol=1e-9, atol=0)
+  # rtol 1e-6, not bit-exact: on another machine the same code and checkpoint give float32 sums that differ
+  # by up to 1.6e-7 (an AMD EPYC with jax 0.10.2, session 37; every layer's ranking unchanged), as XLA's
+  # CPU code is built for the processor; a hand-tuned calibration would differ by far more.
+  np.testing.assert_allclose(again, shipped, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("policy", ["swapmoe", "pruned"])
