@@ -289,10 +289,11 @@ class Residency:
     predicted = self._prompt.predict(self._prompt_tokens)
     if predicted is None:
       return slots
-    resident = self.controller.state.resident_mask()
-    targets = [self._ranked(l, predicted[l], resident[l]) for l in range(self.controller.num_layers)]
+    # every layer ranked in one call (`_ranked` ranks one)
+    order = rank_by_score(predicted, self.controller.state.resident_mask(), self.controller.hysteresis)
+    targets = [order[l, :k] for l, k in enumerate(self.controller.state.slots_per_layer)]
     before = self._swap["experts_swapped"]
-    slots = self.pin(slots, targets)
+    slots = self._pin_checked(slots, targets)  # `rank_by_score` gives K_l distinct ids per layer
     if self._swap["experts_swapped"] > before:
       self.prompt_pins += 1
       self.controller.hold_resident(predicted)  # its old targets and scores would move them straight back
@@ -380,12 +381,21 @@ class Residency:
     targets = self._check_pin(resident)
     if self.controller.pending:
       raise ResidencyError(f"{len(self.controller.pending)} slot writes are in flight: pin between requests")
+    return self._pin_checked(slots, targets, store, max_writes)
+
+  def _pin_checked(self, slots, targets, store=None, max_writes: int = 1):
+    """`pin` for targets known to be valid (K_l distinct ids in range per layer) with no writes in
+    flight: `before_request` calls it on every request, on the host before the encode, while the device
+    waits (as Python sets: `e not in target` on a numpy array cost ~1 ms a request at 64 experts)."""
     writes = []
     for layer, target in enumerate(targets):
-      held = self.controller.state.slot_expert[layer]
-      incoming = sorted(set(target.tolist()) - set(held.tolist()))
-      free = [s for s, e in enumerate(held.tolist()) if e not in target]  # empty slots (-1) included
-      writes += [SlotWrite(layer, s, e, int(held[s])) for s, e in zip(free, incoming)]
+      held = self.controller.state.slot_expert[layer].tolist()
+      want = set(target.tolist())
+      incoming = sorted(want.difference(held))
+      if not incoming:
+        continue
+      free = [s for s, e in enumerate(held) if e not in want]  # empty slots (-1) included
+      writes += [SlotWrite(layer, s, e, held[s]) for s, e in zip(free, incoming)]
     if not writes:
       return slots
     executor = self.executor or self._pin_executor or self._make_pin_executor(store, max_writes)
