@@ -12,6 +12,9 @@ Measures, each synchronised and repeated (median):
   * batched staging, the executor's way (`HostExpertStore.stage_rows`): n experts by one `device_put`
     call over n pinned arrays, and by one program gathering n rows out of pinned banks, for n = 2 (a
     commit's writes by default) and n = --copies; as bytes/s against the pinned bandwidth;
+  * copies beside compute, n = 1, 2, 4 and --copies rows: gathered inside the compute program, or by a
+    program of their own right behind it — what each adds to the compute alone — and pinned rows
+    `device_put` then committed by a donated write, issued behind the compute program or before it;
   * a slot commit: one donated `dynamic_update_slice` of an expert into a [K, D, F] buffer.
 Prints a table and, with --json, writes the figures as one JSON object.
 """
@@ -99,6 +102,52 @@ def measure(expert_shape=(768, 3072), dtype="bfloat16", num_experts=16, slots=16
                             ("gather", "gathers_alone_s", "together_gather_s")):
     extra = out[both] - out["compute_s"]
     out[f"hidden_share_{name}"] = float(np.clip(1.0 - extra / out[alone], 0.0, 1.0))
+
+  # Copies beside compute, the ways a swap could run them: n rows gathered out of the pinned bank inside
+  # the compute program (XLA free to schedule them beside the loop), or by a program of their own issued
+  # right behind it; against the compute alone (each line's "extra" is what the copies added). And the
+  # "transfer" path as a swap uses it: device_put of pinned rows, then a donated write of each into a
+  # slot buffer on the compute stream, issued after the compute program or before it.
+  if host is not None:
+    def take(bank, idx, n):
+      return [jax.device_put(jax.lax.dynamic_index_in_dim(bank, idx[j], keepdims=False), jax.memory.Space.Device)
+              for j in range(n)]
+
+    @functools.partial(jax.jit, static_argnums=(1, 3))
+    def compute_and_gather(x, iters, idx, n, bank):
+      return compute.__wrapped__(x, iters), take(bank, idx, n)
+
+    gather_n = jax.jit(take, static_argnums=2)
+    for n in sorted({1, 2, 4, copies}):
+      idx_n = jax.device_put(np.arange(n, dtype=np.int32) % num_experts, dev)
+      alone = _median_s(lambda: gather_n(bank, idx_n, n), repeats)
+      inside = _median_s(lambda: compute_and_gather(x, iters, idx_n, n, bank), repeats)
+      behind = _median_s(lambda: (compute(x, iters), gather_n(bank, idx_n, n)), repeats)
+      out[f"rows_{n}_gather_alone_s"] = alone
+      out[f"rows_{n}_in_program_extra_s"] = inside - out["compute_s"]
+      out[f"rows_{n}_program_behind_extra_s"] = behind - out["compute_s"]
+    slot_buf = {"b": jax.device_put(np.zeros((copies,) + tuple(expert_shape), jdt), dev)}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def put_rows(buf, rows):
+      for j, r in enumerate(rows):
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, r[None], j, axis=0)
+      return buf
+
+    def transfer_and_commit(copy_first):
+      if copy_first:
+        rows = [jax.device_put(e, dev) for e in experts]
+        y = compute(x, iters)
+      else:
+        y = compute(x, iters)
+        rows = [jax.device_put(e, dev) for e in experts]
+      slot_buf["b"] = put_rows(slot_buf["b"], rows)
+      return y, slot_buf["b"]
+
+    for name, first in (("transfer_behind_commit", False), ("transfer_first_commit", True)):
+      t = _median_s(lambda: transfer_and_commit(first), repeats)
+      out[f"{name}_extra_s"] = t - out["compute_s"]
+      out[f"hidden_share_{name}"] = float(np.clip(1.0 - (t - out["compute_s"]) / out["copies_alone_s"], 0.0, 1.0))
 
   # Batched staging: what `HostExpertStore.stage_rows` does for a commit's writes.
   from swapmoe_jax.serving.store import _gather_rows
