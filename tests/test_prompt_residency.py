@@ -51,6 +51,26 @@ def test_the_predictor_follows_the_tokens_that_mark_a_task():
   assert p.requests == 8 and p.predict([9]) is None
 
 
+def test_a_token_is_known_when_it_was_seen_not_when_its_bucket_was():
+  """With a vocabulary larger than the buckets, a prompt of tokens never seen predicts nothing though
+  their buckets were seen (the ids below share buckets with the learned ones); a prompt of the learned
+  tokens predicts from their rows alone, as a predictor without token ids does. Token ids below BUCKETS
+  (the built-in model's 176) are buckets of their own, so there nothing changes."""
+  B = PromptPredictor.BUCKETS
+  by_id, by_bucket = PromptPredictor(2, 6, vocab_size=4 * B), PromptPredictor(2, 6)
+  for p in (by_id, by_bucket):
+    p.learn([10, 11, 12], _shares([0, 1]))
+    p.learn([20, 21, 22], _shares([4, 5]))
+  aliases = [10 + B, 11 + 2 * B, 12 + 3 * B]  # the buckets of 10, 11 and 12
+  assert by_id.predict(aliases) is None
+  np.testing.assert_allclose(by_bucket.predict(aliases), by_bucket.predict([10, 11, 12]))
+  np.testing.assert_allclose(by_id.predict([10, 11, 12]), by_bucket.predict([10, 11, 12]))
+  # Half the distinct tokens known is enough (MIN_KNOWN); the unknown half adds no row.
+  np.testing.assert_allclose(by_id.predict([10, 11, aliases[0], aliases[1]]), by_id.predict([10, 11]))
+  assert by_id.predict([10, aliases[0], aliases[1]]) is None  # 1 of 3
+  assert by_id.predict([-1, 5 * B]) is None  # ids outside the vocabulary are never known
+
+
 def _ask(model, prompt):
   ids = model.tokenizer(prompt, return_tensors="np").input_ids
   return model.generate(ids, max_new_tokens=12)

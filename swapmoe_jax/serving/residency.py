@@ -165,7 +165,8 @@ class Residency:
     self.swap_between_requests = bool(swap_between_requests)
     self.prefill_refit = check_prefill_refit(controller.policy, prefill_refit, executor is not None)
     self.prompt_residency = check_prompt_residency(controller.policy, prompt_residency)
-    self._prompt = None if not self.prompt_residency else PromptPredictor(cfg.num_moe_layers, cfg.num_experts)
+    self._prompt = None if not self.prompt_residency else PromptPredictor(cfg.num_moe_layers, cfg.num_experts,
+                                                                         cfg.vocab_size)
     self._prompt_tokens = None  # this request's prompt token ids (prompt residency learns from them)
     self.prompt_pins = 0  # requests whose residents were moved to their prompt's prediction
     self.refits = 0  # requests whose encoder was refitted and run again
@@ -467,7 +468,11 @@ class PromptPredictor:
   serving loop already reads. Returns None (no prediction) unless at least `MIN_KNOWN` of a prompt's
   distinct tokens were seen before: a prediction from a few known tokens of a prompt otherwise new is
   noise, and acting on it moves experts on the first token's path for nothing (on one H200, random-token
-  prompts each re-pinned ~12 experts: time to first token 13 ms against 4.3).
+  prompts each re-pinned ~12 experts: time to first token 13 ms against 4.3). A token is known when it
+  was itself in a learned prompt (`vocab_size` given: a bit per token id), not when another token of its
+  bucket was: with a vocabulary larger than `BUCKETS` every bucket is soon seen, and random prompts of
+  switch-base's 32k tokens were all "known" after some 70 requests, predicted the mean of past requests
+  and moved ~2 experts each (RESULTS.md, session 39). Only known tokens' rows enter a prediction.
 
   Host memory: one float32 [L, E] row per bucket, all `BUCKETS` of them allocated and written when the
   policy is made (12.6 MB for switch-base-64's 12 MoE layers of 64 experts, 50 MB for
@@ -480,11 +485,15 @@ class PromptPredictor:
   MEMORY = 32  # requests a token's row averages over (a running mean, then exponential)
   MIN_KNOWN = 0.5  # the least fraction of a prompt's distinct tokens seen before that predicts
 
-  def __init__(self, num_layers: int, num_experts: int):
+  def __init__(self, num_layers: int, num_experts: int, vocab_size: int | None = None):
     self.shares = np.empty((self.BUCKETS, num_layers, num_experts), np.float32)  # a bucket's running mean
     self.shares.fill(0.0)  # written now, so its pages are resident from the start (np.zeros maps them lazily)
     self.seen = np.zeros(self.BUCKETS, np.int64)  # requests whose prompt had the token
     self.requests = 0
+    # token ids seen in a learned prompt (None: a token is known when its bucket is); allocated now, too
+    self.token_seen = None if vocab_size is None else np.ones(int(vocab_size), bool)
+    if self.token_seen is not None:
+      self.token_seen.fill(False)
 
   def _buckets(self, tokens) -> np.ndarray:
     return np.unique(np.asarray(tokens, np.int64).ravel() % self.BUCKETS)
@@ -499,6 +508,9 @@ class PromptPredictor:
     b = self._buckets(tokens)
     if not b.size:
       return
+    if self.token_seen is not None:
+      ids = np.asarray(tokens, np.int64).ravel()
+      self.token_seen[ids[(ids >= 0) & (ids < self.token_seen.size)]] = True
     self.seen[b] += 1
     n = np.minimum(self.seen[b], self.MEMORY).astype(np.float32)[:, None, None]
     self.shares[b] += (share - self.shares[b]) / n
@@ -507,9 +519,16 @@ class PromptPredictor:
   def predict(self, tokens) -> np.ndarray | None:
     """float [L, E] predicted importance shares for a prompt, or None when under `MIN_KNOWN` of its
     distinct tokens are known."""
-    b = self._buckets(tokens)
-    known = b[self.seen[b] > 0]
-    if not known.size or known.size < self.MIN_KNOWN * b.size:
+    if self.token_seen is None:
+      b = self._buckets(tokens)
+      known = b[self.seen[b] > 0]
+      n_known, distinct = known.size, b.size
+    else:
+      ids = np.unique(np.asarray(tokens, np.int64).ravel())
+      ids_in = ids[(ids >= 0) & (ids < self.token_seen.size)]
+      seen_ids = ids_in[self.token_seen[ids_in]]
+      known, n_known, distinct = self._buckets(seen_ids), seen_ids.size, ids.size
+    if not n_known or n_known < self.MIN_KNOWN * distinct:
       return None
     b = known
     idf = np.log((1.0 + self.requests) / self.seen[b])  # near 0 for a token in every request
