@@ -13,7 +13,8 @@ to 10x as long with 8x to 16x the temporaries, so it is not in the library.)
 `--ffn-variants` also times other ways of computing that FFN and the router (`ffn_variant_rows`), and
 `--encode-variants` the encode compiled other ways (`encode_variants`): benchmarks/RESULTS.md, "The
 prefill's kernels". With `--trace-dir`, a profiler trace of a few encodes of the first budget (a Perfetto JSON, readable
-by `python benchmarks/profile_prefill.py --summarize FILE`: device time per kernel name).
+by `python benchmarks/profile_prefill.py --summarize FILE`: device time per kernel name, then per GPU
+stream its events, time and largest kernels, and the time in which some stream was busy).
 Results as JSON lines on stdout (prefixed "RESULT ") and in `--out`.
 """
 
@@ -71,26 +72,65 @@ def _dispatch_ms(fn, repeats, release=False):
   return 1e3 * float(np.median(host)), 1e3 * float(np.median(wall))
 
 
-def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
-  """Device time per kernel name in a Perfetto trace written by `jax.profiler.trace(...,
-  create_perfetto_trace=True)`: [(name, total ms, count)], largest first (events on GPU streams only)."""
+def _gpu_events(path: str) -> tuple[list[dict], dict]:
+  """The complete ("X") events on GPU streams of a Perfetto trace written by `jax.profiler.trace(...,
+  create_perfetto_trace=True)`, and {(pid, tid): stream name} of their threads."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {}  # pid -> process name
+  names, threads = {}, {}  # pid -> process name; (pid, tid) -> thread name
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
       names[e["pid"]] = e["args"].get("name", "")
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
   gpu = {pid for pid, n in names.items() if "/device:GPU" in n or "GPU" in n and "Host" not in n}
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu], threads
+
+
+def summarize(path: str, top: int = 25) -> list[tuple[str, float, int]]:
+  """Device time per kernel name in a Perfetto trace written by `jax.profiler.trace(...,
+  create_perfetto_trace=True)`: [(name, total ms, count)], largest first (events on GPU streams only)."""
   total = collections.defaultdict(float)
   count = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu:
-      total[e["name"]] += e.get("dur", 0) / 1e3
-      count[e["name"]] += 1
+  for e in _gpu_events(path)[0]:
+    total[e["name"]] += e.get("dur", 0) / 1e3
+    count[e["name"]] += 1
   rows = sorted(((n, t, count[n]) for n, t in total.items()), key=lambda r: -r[1])
   return rows[:top] if top else rows
+
+
+def summarize_streams(path: str, top: int = 5) -> dict:
+  """Per GPU stream of a Perfetto trace: its events, their device ms and its `top` kernel names by time;
+  with the trace's span on the GPU (first start to last end) and the time in which some stream was busy
+  (the union of all events), in ms. A second stream's kernels are what the device did beside the main
+  one; their names say which program issued them."""
+  events, threads = _gpu_events(path)
+  per = collections.defaultdict(list)
+  for e in events:
+    per[(e["pid"], e.get("tid"))].append(e)
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events)
+  busy, end = 0.0, None
+  for lo, hi in spans:
+    if end is None or lo > end:
+      busy += hi - lo
+      end = hi
+    elif hi > end:
+      busy += hi - end
+      end = hi
+  streams = []
+  for key, evs in per.items():
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in evs:
+      by_name[e["name"]][0] += e.get("dur", 0) / 1e3
+      by_name[e["name"]][1] += 1
+    names = sorted(((n, t, c) for n, (t, c) in by_name.items()), key=lambda r: -r[1])[:top]
+    streams.append({"stream": threads.get(key, f"{key[0]}/{key[1]}"), "events": len(evs),
+                    "ms": sum(e.get("dur", 0) for e in evs) / 1e3, "top": names})
+  streams.sort(key=lambda s: -s["ms"])
+  return {"span_ms": (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0, "busy_ms": busy / 1e3,
+          "streams": streams}
 
 
 def trace_to(dest: str, fn) -> str | None:
@@ -352,7 +392,8 @@ def main(argv=None):
                  "(`encode_variants`)")
   p.add_argument("--ffn-variants", action="store_true", help="also time alternative implementations of one "
                  "layer's expert FFN and router (`ffn_variant_rows`)")
-  p.add_argument("--summarize", default=None, help="a Perfetto trace: print device time per kernel and exit")
+  p.add_argument("--summarize", default=None, help="a Perfetto trace: print device time per kernel, "
+                 "then per GPU stream, and exit")
   args = p.parse_args(argv)
   if args.summarize:
     rows = summarize(args.summarize, top=40)
@@ -360,6 +401,12 @@ def main(argv=None):
     print(f"device time in kernels: {all_ms:.3f} ms")
     for name, ms, n in rows:
       print(f"{ms:9.3f} ms {n:6d}x  {name[:140]}")
+    s = summarize_streams(args.summarize)
+    print(f"GPU span {s['span_ms']:.3f} ms, some stream busy {s['busy_ms']:.3f} ms; per stream:")
+    for st in s["streams"]:
+      print(f"  {st['stream']}: {st['events']} events, {st['ms']:.3f} ms")
+      for name, ms, n in st["top"]:
+        print(f"    {ms:9.3f} ms {n:6d}x  {name[:120]}")
     return
 
   import jax
