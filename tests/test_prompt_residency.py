@@ -116,6 +116,32 @@ def test_a_prompt_of_a_known_task_starts_on_that_tasks_experts_without_recompili
   assert len(compiles) == before, "a prompt-residency swap recompiled"
 
 
+def test_a_batch_of_several_prompts_neither_pins_nor_learns():
+  """Its statistics are summed over its rows: each prompt's tokens would learn the other rows' experts,
+  and a prediction for the mix pins towards the mean of past requests (RESULTS.md, session 40)."""
+  model = load(default_checkpoint(), experts=3, policy="swapmoe", prompt_residency=True, planner="uniform",
+               **dict(LIMITS, max_batch_size=2))
+  res = model.residency
+  for prompt in ("sort: 7 3 9 1 4", "sort: 8 2 6 5", "reverse: cat dog sun", "reverse: moon star tree"):
+    _ask(model, prompt)
+  assert res._prompt.requests == 4 and res.prompt_batches_skipped == 0
+  prompts = ["sort: 7 3 9 1 4", "reverse: moon star tree"]
+  # Each prompt alone has a prediction, ...
+  one = model.tokenizer(prompts[0], return_tensors="np").input_ids
+  assert res._prompt.predict(one.ravel()) is not None
+  batch = model.tokenizer(prompts, return_tensors="np", padding=True)
+  pins, swapped = res.prompt_pins, res._swap["experts_swapped"]
+  slots = res.before_request(model._slots, batch.input_ids, batch.attention_mask)
+  assert slots is model._slots and res._swap["experts_swapped"] == swapped and res.prompt_pins == pins
+  model._flush()  # ends the request begun by hand
+  assert res._prompt.requests == 4
+  # ... and through `generate`: nothing pinned, nothing learned.
+  model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=12)
+  assert res.prompt_pins == pins and res._prompt.requests == 4 and res.prompt_batches_skipped == 2
+  _ask(model, prompts[1])  # one prompt: learned again
+  assert res._prompt.requests == 5
+
+
 def test_the_pinned_set_is_what_the_first_call_runs_on():
   """The tokens of a request equal those of a `pruned` model pinned to the predicted set (the swaps
   landed before the encoder call, in the device's slots)."""

@@ -169,6 +169,7 @@ class Residency:
                                                                          cfg.vocab_size)
     self._prompt_tokens = None  # this request's prompt token ids (prompt residency learns from them)
     self.prompt_pins = 0  # requests whose residents were moved to their prompt's prediction
+    self.prompt_batches_skipped = 0  # requests of several prompts, which prompt residency leaves alone
     self.refits = 0  # requests whose encoder was refitted and run again
     self.refit_matches = 0  # refits whose decoder layers followed a past request (`refit_to_prefill`)
     # Past requests' routing for prefill-informed residency: (encoder signature, decoder importance).
@@ -280,10 +281,21 @@ class Residency:
     """Prompt residency, before a request's first device call: moves the resident sets to the experts
     that past requests sharing this prompt's tokens wanted (`PromptPredictor`), so that a request
     after a change of task does not run its whole prefill on the previous task's experts. Nothing is
-    read from the device, and nothing moves while writes are in flight. Returns the slots."""
+    read from the device, and nothing moves while writes are in flight. A request of several prompts
+    (a batch of rows) is left alone, and its end teaches the predictor nothing (`prompt_batches_skipped`
+    counts them). Returns the slots."""
     if self._prompt is None:
       return slots
     ids = np.asarray(input_ids)
+    if ids.ndim > 1 and ids.shape[0] > 1:
+      # A batch of several prompts neither predicts nor learns: its routing statistics are summed over
+      # its rows, so each prompt's tokens would learn the other rows' experts, and a prediction for the
+      # mix pins towards the mean of past requests. On an H200 at batch 8 (random prompts) the pins and
+      # the predictor's host work cost 14 % per request once most tokens were known (RESULTS.md,
+      # session 40); every accuracy figure of prompt residency is of requests of one prompt.
+      self._prompt_tokens = None
+      self.prompt_batches_skipped += 1
+      return slots
     self._prompt_tokens = ids[np.asarray(attention_mask, bool)] if attention_mask is not None else ids.ravel()
     if self.controller.pending:
       return slots
