@@ -23,8 +23,9 @@ Spec of a run: POLICY:BUDGET[:STAGING[:KEY=VALUE,...]], e.g. `swapmoe:33%`, `swa
 `residency.NAME=VALUE` sets an attribute of the loaded model's residency instead).
 Reports per run the median request time and tail, experts swapped per request, and against the first
 run the ratio of mean request times with its 95 % interval from a bootstrap over rounds (rounds
-resampled whole, so each request stays paired with the others of its round); appends one JSON row per
-run to --out.
+resampled whole, so each request stays paired with the others of its round), over all rounds and over
+their last half (a policy still learning — prompt residency knows more tokens as requests pass — has a
+trend that the mean hides: RESULTS.md, "Batch 8 paired"); appends one JSON row per run to --out.
 """
 
 from __future__ import annotations
@@ -136,21 +137,28 @@ def main(argv=None) -> int:
   rows = []
   print(f"\n{args.shape} {args.dtype} batch {args.batch}, {args.src_len} in, {args.new_tokens} out, "
         f"{args.rounds} rounds ({jax.devices()[0].device_kind})")
-  print(f"{'run':<44}{'request ms':>11}{'tail ms':>9}{'swaps/req':>10}   × {args.runs[0]} (mean, 95 % CI)")
+  print(f"{'run':<44}{'request ms':>11}{'tail ms':>9}{'swaps/req':>10}   × {args.runs[0]} (mean, 95 % CI)"
+        f"   last half of the rounds")
+  half = args.rounds // 2
   for j, spec in enumerate(args.runs):
     ratio, lo, hi = ratio_interval(wall[:, 0], wall[:, j]) if j else (1.0, 1.0, 1.0)
+    # A policy that learns (prompt residency's known tokens, the controller's scores) may not be in its
+    # steady state in the first rounds: the last half alone shows a trend that the mean hides.
+    late = ratio_interval(wall[half:, 0], wall[half:, j]) if j and args.rounds - half >= 2 else (1.0, 1.0, 1.0)
     row = {"what": "paired", "run": spec, "shape": args.shape, "dtype": args.dtype, "batch": args.batch,
            "src_len": args.src_len, "new_tokens": args.new_tokens, "rounds": args.rounds, "warmup": args.warmup,
            "request_ms_median": 1e3 * float(np.median(wall[:, j])), "request_ms_mean": 1e3 * float(wall[:, j].mean()),
            "tail_ms_median": 1e3 * float(np.median(tail[:, j])), "swaps_per_request": float(swapped[:, j].mean()),
            "ratio_to_first": ratio, "ratio_ci95": [lo, hi], "first": args.runs[0],
+           "ratio_last_half": late[0], "ratio_last_half_ci95": list(late[1:]),
+           "swaps": [int(x) for x in swapped[:, j]],
            "request_ms": [round(1e3 * x, 3) for x in wall[:, j]], "device": jax.devices()[0].device_kind,
            "staging": loader.resolve_staging(runs[j][2] or loader.DEFAULT_STAGING, cfg,
                                              np.dtype(loader.DTYPES[args.dtype]).itemsize),
            "commit": os.environ.get("SWAPMOE_COMMIT", ""), "note": args.note}
     rows.append(row)
     print(f"{spec:<44}{row['request_ms_median']:11.2f}{row['tail_ms_median']:9.2f}{row['swaps_per_request']:10.2f}"
-          f"   {ratio:.3f} [{lo:.3f}, {hi:.3f}]")
+          f"   {ratio:.3f} [{lo:.3f}, {hi:.3f}]   {late[0]:.3f} [{late[1]:.3f}, {late[2]:.3f}]")
   with open(args.out, "a") as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
